@@ -1,0 +1,171 @@
+//! The messages a request is answered with: their topics and exact JSON payloads.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+use crate::document::{ShadowState, Timestamp};
+use crate::engine::{Outcome, Snapshot};
+use crate::error::Rejection;
+use crate::topic::{AnswerKind, Operation, ShadowKey};
+
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// Everything a request produced: the reply (`/accepted` or `/rejected`) first,
+/// then `/documents` and `/delta` for an accepted update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub result: Result<u64, Rejection>,
+    pub messages: Vec<Message>,
+}
+
+impl Answer {
+    /// The `/accepted` or `/rejected` message.
+    pub fn reply(&self) -> &Message {
+        // Both constructors below put the reply first, so this cannot be empty.
+        &self.messages[0]
+    }
+
+    /// The reply's payload as JSON.
+    pub fn reply_json(&self) -> Value {
+        serde_json::from_slice(&self.reply().payload).unwrap_or(Value::Null)
+    }
+
+    /// Builds the answer to an accepted command.
+    pub fn accepted(
+        key: &ShadowKey,
+        op: Operation,
+        outcome: &Outcome,
+        client_token: Option<&str>,
+    ) -> Answer {
+        let mut messages = Vec::with_capacity(3);
+        let mut push = |kind: AnswerKind, body: Map<String, Value>| {
+            messages.push(message(key.answer_topic(op, kind), body, client_token));
+        };
+        match outcome {
+            Outcome::Updated {
+                request,
+                previous,
+                current,
+                timestamp,
+            } => {
+                let mut state = Map::new();
+                let mut metadata = Map::new();
+                for (name, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
+                    if let Some(patch) = patch {
+                        state.insert(name.into(), patch.to_value());
+                        metadata.insert(name.into(), patch.metadata(*timestamp));
+                    }
+                }
+                push(
+                    AnswerKind::Accepted,
+                    body([
+                        ("state", Value::Object(state)),
+                        ("metadata", Value::Object(metadata)),
+                        ("version", current.version.into()),
+                        ("timestamp", (*timestamp).into()),
+                    ]),
+                );
+                push(
+                    AnswerKind::Documents,
+                    body([
+                        ("previous", snapshot(previous)),
+                        ("current", snapshot(current)),
+                        ("timestamp", (*timestamp).into()),
+                    ]),
+                );
+                if let Some(delta) = current.state.delta() {
+                    let delta_metadata = current.state.delta_metadata(&delta);
+                    push(
+                        AnswerKind::Delta,
+                        body([
+                            ("state", Value::Object(delta)),
+                            ("metadata", Value::Object(delta_metadata)),
+                            ("version", current.version.into()),
+                            ("timestamp", (*timestamp).into()),
+                        ]),
+                    );
+                }
+            }
+            Outcome::Read { current, timestamp } => {
+                push(
+                    AnswerKind::Accepted,
+                    body([
+                        ("state", state_document(&current.state)),
+                        ("metadata", current.state.metadata_value()),
+                        ("version", current.version.into()),
+                        ("timestamp", (*timestamp).into()),
+                    ]),
+                );
+            }
+            Outcome::Deleted { version, timestamp } => push(
+                AnswerKind::Accepted,
+                body([("version", (*version).into()), ("timestamp", (*timestamp).into())]),
+            ),
+        }
+        Answer {
+            result: Ok(outcome.version()),
+            messages,
+        }
+    }
+
+    /// Builds the answer to a refused command.
+    pub fn rejected(
+        key: &ShadowKey,
+        op: Operation,
+        rejection: Rejection,
+        client_token: Option<&str>,
+        now: Timestamp,
+    ) -> Answer {
+        let payload = body([
+            ("code", rejection.code().into()),
+            ("message", rejection.to_string().into()),
+            ("timestamp", now.into()),
+        ]);
+        Answer {
+            messages: vec![message(
+                key.answer_topic(op, AnswerKind::Rejected),
+                payload,
+                client_token,
+            )],
+            result: Err(rejection),
+        }
+    }
+}
+
+/// The full document of a shadow at one version (`/update/documents` and the change log).
+pub fn snapshot(s: &Snapshot) -> Value {
+    json!({
+        "state": s.state.state_value(),
+        "metadata": s.state.metadata_value(),
+        "version": s.version,
+    })
+}
+
+/// A state as the `/get` answer and the HTTP API show it.
+pub fn state_document(state: &ShadowState) -> Value {
+    let mut value = state.state_value();
+    if let (Some(delta), Value::Object(map)) = (state.delta(), &mut value) {
+        map.insert("delta".into(), Value::Object(delta));
+    }
+    value
+}
+
+fn body<const N: usize>(fields: [(&str, Value); N]) -> Map<String, Value> {
+    fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn message(topic: String, mut body: Map<String, Value>, client_token: Option<&str>) -> Message {
+    if let Some(token) = client_token {
+        body.insert("clientToken".into(), token.into());
+    }
+    let payload = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+    Message {
+        topic,
+        payload: payload.into(),
+    }
+}

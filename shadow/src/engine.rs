@@ -1,0 +1,180 @@
+//! The shadow rules as one pure function: a command applied to the stored
+//! shadow gives the shadow to store and the outcome to answer with.
+
+use crate::document::{ShadowState, Timestamp};
+use crate::error::Rejection;
+use crate::limits::Limits;
+use crate::request::{PlainRequest, UpdateRequest};
+use crate::topic::{Operation, ShadowKey};
+
+/// A shadow as stored. A deleted shadow keeps its version so that
+/// recreating it continues the numbering.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredShadow {
+    pub state: ShadowState,
+    pub version: u64,
+    pub deleted: bool,
+    pub updated_at: Timestamp,
+}
+
+impl StoredShadow {
+    fn live(stored: Option<&StoredShadow>) -> Option<&StoredShadow> {
+        stored.filter(|s| !s.deleted)
+    }
+}
+
+/// A validated request for one shadow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Update(UpdateRequest),
+    Get(PlainRequest),
+    Delete(PlainRequest),
+}
+
+impl Command {
+    pub fn operation(&self) -> Operation {
+        match self {
+            Command::Update(_) => Operation::Update,
+            Command::Get(_) => Operation::Get,
+            Command::Delete(_) => Operation::Delete,
+        }
+    }
+
+    pub fn client_token(&self) -> Option<&str> {
+        match self {
+            Command::Update(u) => u.client_token.as_deref(),
+            Command::Get(p) | Command::Delete(p) => p.client_token.as_deref(),
+        }
+    }
+
+    fn version(&self) -> Option<u64> {
+        match self {
+            Command::Update(u) => u.version,
+            Command::Get(p) | Command::Delete(p) => p.version,
+        }
+    }
+}
+
+/// A shadow's state at one version, as `/update/documents` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: ShadowState,
+    pub version: u64,
+}
+
+/// What an accepted command did.
+// Outcomes are moved, not copied, once per request; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Updated {
+        request: UpdateRequest,
+        previous: Snapshot,
+        current: Snapshot,
+        timestamp: Timestamp,
+    },
+    Read {
+        current: Snapshot,
+        timestamp: Timestamp,
+    },
+    Deleted {
+        version: u64,
+        timestamp: Timestamp,
+    },
+}
+
+impl Outcome {
+    /// The shadow's version after the command.
+    pub fn version(&self) -> u64 {
+        match self {
+            Outcome::Updated { current, .. } | Outcome::Read { current, .. } => current.version,
+            Outcome::Deleted { version, .. } => *version,
+        }
+    }
+}
+
+/// The result of applying a command: what to store (if anything changed) and the outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub store: Option<StoredShadow>,
+    pub outcome: Outcome,
+}
+
+/// Applies `command` to the stored shadow `stored` at time `now`.
+pub fn apply(
+    key: &ShadowKey,
+    stored: Option<&StoredShadow>,
+    command: &Command,
+    now: Timestamp,
+    limits: &Limits,
+) -> Result<Applied, Rejection> {
+    let live = StoredShadow::live(stored);
+    let current_version = stored.map_or(0, |s| s.version);
+    let not_found = || Rejection::NotFound {
+        name: key.display_name().to_string(),
+    };
+    if matches!(command, Command::Get(_) | Command::Delete(_)) && live.is_none() {
+        return Err(not_found());
+    }
+    if command.version().is_some_and(|v| v != current_version) {
+        return Err(Rejection::VersionConflict);
+    }
+    match command {
+        Command::Update(request) => {
+            let before = live.map(|s| s.state.clone()).unwrap_or_default();
+            let mut state = before.clone();
+            if let Some(patch) = &request.desired {
+                ShadowState::apply(&mut state.desired, patch, now);
+            }
+            if let Some(patch) = &request.reported {
+                ShadowState::apply(&mut state.reported, patch, now);
+            }
+            if state.state_size() > limits.max_state_bytes {
+                return Err(Rejection::TooLarge);
+            }
+            let version = current_version + 1;
+            Ok(Applied {
+                store: Some(StoredShadow {
+                    state: state.clone(),
+                    version,
+                    deleted: false,
+                    updated_at: now,
+                }),
+                outcome: Outcome::Updated {
+                    request: request.clone(),
+                    previous: Snapshot {
+                        state: before,
+                        version: current_version,
+                    },
+                    current: Snapshot { state, version },
+                    timestamp: now,
+                },
+            })
+        }
+        Command::Get(_) => {
+            let live = live.ok_or_else(not_found)?;
+            Ok(Applied {
+                store: None,
+                outcome: Outcome::Read {
+                    current: Snapshot {
+                        state: live.state.clone(),
+                        version: live.version,
+                    },
+                    timestamp: now,
+                },
+            })
+        }
+        Command::Delete(_) => Ok(Applied {
+            store: Some(StoredShadow {
+                state: ShadowState::default(),
+                version: current_version,
+                deleted: true,
+                updated_at: now,
+            }),
+            outcome: Outcome::Deleted {
+                version: current_version,
+                timestamp: now,
+            },
+        }),
+    }
+}

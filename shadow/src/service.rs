@@ -1,0 +1,286 @@
+//! The shadow service: one request path for MQTT and HTTP alike.
+//!
+//! parse -> validate -> throttle -> store (serialized per shadow, group
+//! commit) -> answers. Every message leaves through the outbox in commit
+//! order, and only after its transaction committed.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, warn};
+
+use crate::answer::{Answer, Message};
+use crate::document::Timestamp;
+use crate::engine::Command;
+use crate::error::Rejection;
+use crate::limits::Limits;
+use crate::request::{parse_plain, parse_update, Refused};
+use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError};
+use crate::throttle::Throttle;
+use crate::topic::{Operation, ShadowKey};
+
+/// A shadow request, whatever transport it came on.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub key: ShadowKey,
+    pub op: Operation,
+    pub payload: Bytes,
+    /// Who sent it (an MQTT client id or an API token's name), for logs.
+    pub client: String,
+}
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub limits: Limits,
+    /// Messages that may wait to be published before the service waits.
+    pub outbox_capacity: usize,
+    /// Changes a slow change-stream subscriber may fall behind by.
+    pub change_buffer: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> ServiceConfig {
+        ServiceConfig {
+            limits: Limits::default(),
+            outbox_capacity: 65_536,
+            change_buffer: 4096,
+        }
+    }
+}
+
+/// The shadow service.
+pub struct ShadowService {
+    limits: Limits,
+    store: Arc<dyn ShadowStore>,
+    throttle: Arc<Throttle>,
+    outbox: mpsc::Sender<Message>,
+    changes: broadcast::Sender<Change>,
+    publisher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ShadowService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowService").finish_non_exhaustive()
+    }
+}
+
+impl ShadowService {
+    /// Starts the service over `store`, taking the store's committed batches.
+    /// The returned receiver yields every message to publish, in order; the
+    /// caller must drain it (or drop it to discard messages).
+    pub fn start(
+        config: ServiceConfig,
+        store: Arc<dyn ShadowStore>,
+        committed: mpsc::Receiver<CommittedBatch>,
+    ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
+        let (outbox, outbox_rx) = mpsc::channel(config.outbox_capacity.max(1));
+        let (changes, _) = broadcast::channel(config.change_buffer.max(1));
+        let publisher = tokio::spawn(publish_committed(
+            committed,
+            outbox.clone(),
+            changes.clone(),
+        ));
+        let service = ShadowService {
+            throttle: Throttle::new(
+                config.limits.requests_per_second,
+                config.limits.max_in_flight,
+            ),
+            limits: config.limits,
+            store,
+            outbox,
+            changes,
+            publisher: Mutex::new(Some(publisher)),
+        };
+        (Arc::new(service), outbox_rx)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn store(&self) -> &Arc<dyn ShadowStore> {
+        &self.store
+    }
+
+    /// Every committed change from now on, in commit order.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Handles one request and returns its answer once it is durable. Every
+    /// message of the answer has also been queued on the outbox.
+    pub async fn handle(&self, request: Request) -> Answer {
+        let key = &request.key;
+        let op = request.op;
+        if let Err(rejection) = self.check_names(key) {
+            return self.reject(key, op, rejection.into()).await;
+        }
+        let Some(_permit) = self.throttle.acquire(&key.thing) else {
+            debug!(thing = %key.thing, "throttled");
+            return self.reject(key, op, Rejection::Throttled.into()).await;
+        };
+        let command = match self.parse(op, &request.payload) {
+            Ok(command) => command,
+            Err(refused) => return self.reject(key, op, refused).await,
+        };
+        let token = command.client_token().map(str::to_string);
+        let (ticket, answer) = oneshot::channel();
+        let job = Job::Shadow {
+            key: key.clone(),
+            command,
+            ticket: Some(ticket),
+        };
+        let refused = |rejection| Refused {
+            rejection,
+            client_token: token.clone(),
+        };
+        match self.store.submit(job) {
+            Ok(()) => {}
+            Err(StoreError::Busy) => {
+                warn!(thing = %key.thing, "store queue full");
+                return self.reject(key, op, refused(Rejection::Throttled)).await;
+            }
+            Err(err) => {
+                error!(cause = %err, thing = %key.thing, "could not queue a shadow request");
+                return self.reject(key, op, refused(Rejection::Internal)).await;
+            }
+        }
+        match answer.await {
+            Ok(answer) => answer,
+            Err(_) => {
+                error!(thing = %key.thing, "store dropped a request");
+                self.reject(key, op, refused(Rejection::Internal)).await
+            }
+        }
+    }
+
+    /// Records that a thing connected or disconnected (in the change log and
+    /// the things table). Returns `false` when the store could not take it.
+    pub fn record_presence(&self, thing: &str, connected: bool, at_ms: i64, reason: Option<String>) -> bool {
+        let job = Job::Presence {
+            thing: thing.to_string(),
+            connected,
+            at_ms,
+            reason,
+        };
+        match self.store.submit(job) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(cause = %err, thing, "presence not recorded");
+                false
+            }
+        }
+    }
+
+    /// Finishes what is queued, publishes its answers, and stops.
+    pub async fn close(&self) {
+        let store = Arc::clone(&self.store);
+        match tokio::task::spawn_blocking(move || store.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => error!(cause = %err, "store did not close cleanly"),
+            Err(err) => error!(cause = %err, "store close panicked"),
+        }
+        let publisher = self.publisher.lock().ok().and_then(|mut p| p.take());
+        if let Some(publisher) = publisher {
+            if let Err(err) = publisher.await {
+                error!(cause = %err, "answer publisher failed");
+            }
+        }
+    }
+
+    fn check_names(&self, key: &ShadowKey) -> Result<(), Rejection> {
+        self.limits.check_thing_name(&key.thing)?;
+        match &key.name {
+            Some(name) => self.limits.check_shadow_name(name),
+            None => Ok(()),
+        }
+    }
+
+    fn parse(&self, op: Operation, payload: &[u8]) -> Result<Command, Refused> {
+        Ok(match op {
+            Operation::Update => Command::Update(parse_update(payload, &self.limits)?),
+            Operation::Get => Command::Get(parse_plain(payload, &self.limits)?),
+            Operation::Delete => Command::Delete(parse_plain(payload, &self.limits)?),
+        })
+    }
+
+    async fn reject(&self, key: &ShadowKey, op: Operation, refused: Refused) -> Answer {
+        let answer = Answer::rejected(
+            key,
+            op,
+            refused.rejection,
+            refused.client_token.as_deref(),
+            now_secs(),
+        );
+        for message in &answer.messages {
+            if self.outbox.send(message.clone()).await.is_err() {
+                debug!("outbox closed; rejection not published");
+            }
+        }
+        answer
+    }
+}
+
+/// Turns committed results into answers, in commit order: queues their
+/// messages on the outbox, broadcasts their changes and wakes their callers.
+async fn publish_committed(
+    mut committed: mpsc::Receiver<CommittedBatch>,
+    outbox: mpsc::Sender<Message>,
+    changes: broadcast::Sender<Change>,
+) {
+    let mut outbox = Some(outbox);
+    while let Some(batch) = committed.recv().await {
+        for done in batch {
+            let (change, answer_to) = match done {
+                Committed::Presence { change } => (change, None),
+                Committed::Shadow {
+                    key,
+                    command,
+                    result,
+                    change,
+                    ticket,
+                } => {
+                    let op = command.operation();
+                    let token = command.client_token();
+                    let answer = match &result {
+                        Ok(outcome) => Answer::accepted(&key, op, outcome, token),
+                        Err(rejection) => {
+                            Answer::rejected(&key, op, rejection.clone(), token, now_secs())
+                        }
+                    };
+                    (change, Some((answer, ticket)))
+                }
+            };
+            if let Some((answer, ticket)) = answer_to {
+                for message in &answer.messages {
+                    let sent = match &outbox {
+                        Some(tx) => tx.send(message.clone()).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent && outbox.take().is_some() {
+                        debug!("outbox closed; answers are no longer published");
+                    }
+                }
+                if let Some(ticket) = ticket {
+                    // The caller may have gone away; its answer was published anyway.
+                    let _ = ticket.send(answer);
+                }
+            }
+            if let Some(change) = change {
+                // No subscribers is fine: the change log keeps it for catch-up.
+                let _ = changes.send(change);
+            }
+        }
+    }
+}
+
+/// Epoch seconds now.
+pub fn now_secs() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

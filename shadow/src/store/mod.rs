@@ -1,0 +1,152 @@
+//! Durable storage of shadows, the change log and thing connectivity.
+//!
+//! A store applies [`Job`]s in the order they were submitted, commits them in
+//! groups, and only after each commit hands the batch's results, in order, to
+//! the channel returned when it was opened. Nothing leaves before it is durable.
+
+mod sqlite;
+
+pub use sqlite::{SqliteStore, StoreConfig, Synchronous};
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::answer::Answer;
+use crate::document::Timestamp;
+use crate::engine::{Command, Outcome, StoredShadow};
+use crate::error::Rejection;
+use crate::topic::ShadowKey;
+
+/// Where the caller waits for its answer; the service's publisher fills it.
+pub type Ticket = oneshot::Sender<Answer>;
+
+/// A unit of work for the store's writer.
+#[derive(Debug)]
+pub enum Job {
+    /// A validated shadow request.
+    Shadow {
+        key: ShadowKey,
+        command: Command,
+        ticket: Option<Ticket>,
+    },
+    /// A thing connected or disconnected (`at_ms`: epoch milliseconds).
+    Presence {
+        thing: String,
+        connected: bool,
+        at_ms: i64,
+        reason: Option<String>,
+    },
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub seq: u64,
+    pub thing: String,
+    pub name: Option<String>,
+    pub version: u64,
+    pub kind: ChangeKind,
+    pub time: Timestamp,
+    pub document: Value,
+}
+
+/// What a change log entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Update,
+    Delete,
+    Connect,
+    Disconnect,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Update => "update",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Connect => "connect",
+            ChangeKind::Disconnect => "disconnect",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChangeKind> {
+        [
+            ChangeKind::Update,
+            ChangeKind::Delete,
+            ChangeKind::Connect,
+            ChangeKind::Disconnect,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// The result of one job, released after its batch committed.
+#[allow(clippy::large_enum_variant)] // moved once per job; see `Outcome`
+#[derive(Debug)]
+pub enum Committed {
+    Shadow {
+        key: ShadowKey,
+        command: Command,
+        result: Result<Outcome, Rejection>,
+        /// The change log entry this job wrote, if it changed anything.
+        change: Option<Change>,
+        ticket: Option<Ticket>,
+    },
+    Presence {
+        change: Option<Change>,
+    },
+}
+
+/// A group of results in commit order.
+pub type CommittedBatch = Vec<Committed>;
+
+/// A thing's connectivity as last recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connectivity {
+    pub thing: String,
+    pub connected: bool,
+    pub last_seen_ms: i64,
+}
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored document is not valid json: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("store queue is full")]
+    Busy,
+    #[error("store is closed")]
+    Closed,
+    #[error("store writer failed")]
+    WriterFailed,
+}
+
+/// A shadow store. The SQLite store is the one implementation today; the trait
+/// is the seam for a PostgreSQL store shared by several Umbra nodes.
+pub trait ShadowStore: Send + Sync {
+    /// Queues a job without waiting. `Busy` when the queue is full.
+    fn submit(&self, job: Job) -> Result<(), StoreError>;
+
+    /// Reads one shadow as last committed (deleted shadows included).
+    fn load(&self, key: &ShadowKey) -> Result<Option<StoredShadow>, StoreError>;
+
+    /// Names of a thing's named shadows, after `after`, at most `limit`.
+    fn named_shadows(
+        &self,
+        thing: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// A thing's connectivity, if it was ever seen.
+    fn connectivity(&self, thing: &str) -> Result<Option<Connectivity>, StoreError>;
+
+    /// Change log entries with `seq > after`, oldest first, at most `limit`.
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+
+    /// Stops taking jobs, finishes and commits what is queued, and waits for the writer.
+    fn close(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,504 @@
+//! The SQLite store: WAL mode, one writer thread with group commit, readers on
+//! their own connections.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use super::{
+    Change, ChangeKind, Committed, CommittedBatch, Connectivity, Job, ShadowStore, StoreError,
+};
+use crate::document::{ShadowState, Timestamp};
+use crate::engine::{self, Command, Outcome, StoredShadow};
+use crate::error::Rejection;
+use crate::limits::Limits;
+use crate::topic::ShadowKey;
+
+/// How hard SQLite syncs each commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync the WAL on every commit: an acknowledged update survives power loss.
+    #[default]
+    Full,
+    /// fsync only at checkpoints: survives a process crash, not power loss.
+    Normal,
+}
+
+/// Settings of the SQLite store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The database file.
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// Most jobs committed in one transaction.
+    pub max_batch: usize,
+    /// Jobs that may wait for the writer; beyond that `submit` answers `Busy`.
+    pub queue_capacity: usize,
+    /// How long change log entries are kept.
+    pub change_retention: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            path: path.into(),
+            synchronous: Synchronous::Full,
+            max_batch: 256,
+            queue_capacity: 16_384,
+            change_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// How many committed batches may wait for the publisher before the writer waits.
+const COMMITTED_BACKLOG: usize = 64;
+/// How often the writer trims the change log to the retention window.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS shadows (
+    thing      TEXT NOT NULL,
+    name       TEXT NOT NULL,          -- '' is the classic shadow
+    version    INTEGER NOT NULL,
+    deleted    INTEGER NOT NULL,
+    state      TEXT NOT NULL,          -- {\"desired\":..,\"reported\":..}
+    metadata   TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (thing, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    thing    TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    version  INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    time     INTEGER NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_shadow ON changes (thing, name, version);
+CREATE INDEX IF NOT EXISTS changes_by_time ON changes (time);
+CREATE TABLE IF NOT EXISTS things (
+    thing        TEXT PRIMARY KEY,
+    connected    INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// The SQLite implementation of [`ShadowStore`].
+pub struct SqliteStore {
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and starts the writer thread.
+    /// The receiver yields every committed batch in commit order.
+    pub fn open(
+        config: StoreConfig,
+        limits: Limits,
+    ) -> Result<(SqliteStore, mpsc::Receiver<CommittedBatch>), StoreError> {
+        let conn = Connection::open(&config.path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = match config.synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+
+        let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (committed_tx, committed_rx) = mpsc::channel(COMMITTED_BACKLOG);
+        let writer = Writer {
+            conn,
+            limits,
+            max_batch: config.max_batch.max(1),
+            retention: config.change_retention,
+        };
+        let handle = std::thread::Builder::new()
+            .name("umbra-store-writer".into())
+            .spawn(move || writer.run(queue_rx, committed_tx))
+            .map_err(|_| StoreError::WriterFailed)?;
+        Ok((
+            SqliteStore {
+                queue: Mutex::new(Some(queue_tx)),
+                writer: Mutex::new(Some(handle)),
+                readers: Mutex::new(Vec::new()),
+                path: config.path,
+            },
+            committed_rx,
+        ))
+    }
+
+    fn with_reader<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().map_err(|_| StoreError::WriterFailed)?.pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(Duration::from_secs(5))?;
+                conn
+            }
+        };
+        let result = read(&conn);
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.push(conn);
+        }
+        result
+    }
+}
+
+impl ShadowStore for SqliteStore {
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let queue = self.queue.lock().map_err(|_| StoreError::WriterFailed)?;
+        let queue = queue.as_ref().ok_or(StoreError::Closed)?;
+        queue.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        })
+    }
+
+    fn load(&self, key: &ShadowKey) -> Result<Option<StoredShadow>, StoreError> {
+        self.with_reader(|conn| load(conn, key))
+    }
+
+    fn named_shadows(
+        &self,
+        thing: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name FROM shadows WHERE thing = ?1 AND name > ?2 AND deleted = 0
+                 ORDER BY name LIMIT ?3",
+            )?;
+            let names = stmt
+                .query_map(params![thing, after.unwrap_or(""), limit as i64], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(names)
+        })
+    }
+
+    fn connectivity(&self, thing: &str) -> Result<Option<Connectivity>, StoreError> {
+        self.with_reader(|conn| {
+            let row = conn
+                .prepare_cached("SELECT connected, last_seen_ms FROM things WHERE thing = ?1")?
+                .query_row(params![thing], |r| {
+                    Ok(Connectivity {
+                        thing: thing.to_string(),
+                        connected: r.get::<_, i64>(0)? != 0,
+                        last_seen_ms: r.get(1)?,
+                    })
+                })
+                .optional()?;
+            Ok(row)
+        })
+    }
+
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, thing, name, version, kind, time, document FROM changes
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?;
+            let mut changes = Vec::new();
+            for row in rows {
+                let (seq, thing, name, version, kind, time, document) = row?;
+                changes.push(Change {
+                    seq: seq as u64,
+                    thing,
+                    name: (!name.is_empty()).then_some(name),
+                    version: version as u64,
+                    kind: ChangeKind::parse(&kind).unwrap_or(ChangeKind::Update),
+                    time,
+                    document: serde_json::from_str(&document)?,
+                });
+            }
+            Ok(changes)
+        })
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        // Dropping the sender lets the writer drain the queue and stop.
+        drop(self.queue.lock().map_err(|_| StoreError::WriterFailed)?.take());
+        let handle = self.writer.lock().map_err(|_| StoreError::WriterFailed)?.take();
+        match handle {
+            Some(handle) => handle.join().map_err(|_| StoreError::WriterFailed),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Err(err) = self.close() {
+            error!(cause = %err, "store writer did not stop cleanly");
+        }
+    }
+}
+
+/// What one job did: a shadow job's result (none for presence) and its change log entry.
+type Done = (Option<Result<Outcome, Rejection>>, Option<Change>);
+
+/// The writer thread: owns the only write connection.
+struct Writer {
+    conn: Connection,
+    limits: Limits,
+    max_batch: usize,
+    retention: Duration,
+}
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::Receiver<Job>, committed: mpsc::Sender<CommittedBatch>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        let mut last_trim = std::time::Instant::now();
+        while let Some(job) = queue.blocking_recv() {
+            batch.push(job);
+            while batch.len() < self.max_batch {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit(std::mem::take(&mut batch));
+            if committed.blocking_send(results).is_err() {
+                warn!("nobody takes committed answers any more");
+            }
+            if last_trim.elapsed() >= RETENTION_EVERY {
+                last_trim = std::time::Instant::now();
+                if let Err(err) = self.trim() {
+                    error!(cause = %err, "could not trim the change log");
+                }
+            }
+        }
+    }
+
+    /// Applies a batch in one transaction. If the transaction fails, every
+    /// shadow job in it is answered 500 and nothing of it is kept.
+    fn commit(&mut self, jobs: Vec<Job>) -> CommittedBatch {
+        let now_ms = now_ms();
+        let now = now_ms / 1000;
+        let outcomes = match self.apply_all(&jobs, now) {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                error!(cause = %err, jobs = jobs.len(), "store commit failed");
+                jobs.iter().map(|_| (None, None)).collect()
+            }
+        };
+        jobs.into_iter()
+            .zip(outcomes)
+            .map(|(job, (result, change))| match job {
+                Job::Shadow {
+                    key,
+                    command,
+                    ticket,
+                } => Committed::Shadow {
+                    key,
+                    command,
+                    result: result.unwrap_or(Err(Rejection::Internal)),
+                    change,
+                    ticket,
+                },
+                Job::Presence { .. } => Committed::Presence { change },
+            })
+            .collect()
+    }
+
+    fn apply_all(&mut self, jobs: &[Job], now: Timestamp) -> Result<Vec<Done>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            outcomes.push(match job {
+                Job::Shadow { key, command, .. } => {
+                    let (result, change) = apply_shadow(&tx, key, command, now, &self.limits)?;
+                    (Some(result), change)
+                }
+                Job::Presence {
+                    thing,
+                    connected,
+                    at_ms,
+                    reason,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO things (thing, connected, last_seen_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (thing) DO UPDATE SET connected = excluded.connected,
+                         last_seen_ms = excluded.last_seen_ms",
+                    )?
+                    .execute(params![thing, *connected as i64, at_ms])?;
+                    let kind = if *connected {
+                        ChangeKind::Connect
+                    } else {
+                        ChangeKind::Disconnect
+                    };
+                    let mut document = json!({ "connected": connected, "timestamp": at_ms });
+                    if let (Some(reason), Value::Object(map)) = (reason, &mut document) {
+                        map.insert("disconnectReason".into(), reason.clone().into());
+                    }
+                    let key = ShadowKey::classic(thing.clone());
+                    let change = log_change(&tx, &key, 0, kind, now, document)?;
+                    (None, Some(change))
+                }
+            });
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    fn trim(&self) -> Result<(), StoreError> {
+        let cutoff = now_ms() / 1000 - self.retention.as_secs() as i64;
+        self.conn
+            .execute("DELETE FROM changes WHERE time < ?1", params![cutoff])?;
+        Ok(())
+    }
+}
+
+fn apply_shadow(
+    tx: &Transaction<'_>,
+    key: &ShadowKey,
+    command: &Command,
+    now: Timestamp,
+    limits: &Limits,
+) -> Result<(Result<Outcome, Rejection>, Option<Change>), StoreError> {
+    let stored = load(tx, key)?;
+    let applied = match engine::apply(key, stored.as_ref(), command, now, limits) {
+        Ok(applied) => applied,
+        Err(rejection) => return Ok((Err(rejection), None)),
+    };
+    let change = match &applied.store {
+        None => None,
+        Some(shadow) => {
+            let state = serde_json::to_string(&shadow.state.state_value())?;
+            let metadata = serde_json::to_string(&shadow.state.metadata_value())?;
+            tx.prepare_cached(
+                "INSERT INTO shadows (thing, name, version, deleted, state, metadata, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (thing, name) DO UPDATE SET version = excluded.version,
+                 deleted = excluded.deleted, state = excluded.state,
+                 metadata = excluded.metadata, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                key.thing,
+                key.name.as_deref().unwrap_or(""),
+                shadow.version as i64,
+                shadow.deleted as i64,
+                state,
+                metadata,
+                shadow.updated_at,
+            ])?;
+            let (kind, document) = if shadow.deleted {
+                (ChangeKind::Delete, json!({ "version": shadow.version }))
+            } else {
+                (
+                    ChangeKind::Update,
+                    crate::answer::snapshot(&crate::engine::Snapshot {
+                        state: shadow.state.clone(),
+                        version: shadow.version,
+                    }),
+                )
+            };
+            Some(log_change(tx, key, shadow.version, kind, now, document)?)
+        }
+    };
+    Ok((Ok(applied.outcome), change))
+}
+
+fn log_change(
+    tx: &Transaction<'_>,
+    key: &ShadowKey,
+    version: u64,
+    kind: ChangeKind,
+    now: Timestamp,
+    document: Value,
+) -> Result<Change, StoreError> {
+    let text = serde_json::to_string(&document)?;
+    tx.prepare_cached(
+        "INSERT INTO changes (thing, name, version, kind, time, document)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        key.thing,
+        key.name.as_deref().unwrap_or(""),
+        version as i64,
+        kind.as_str(),
+        now,
+        text
+    ])?;
+    Ok(Change {
+        seq: tx.last_insert_rowid() as u64,
+        thing: key.thing.clone(),
+        name: key.name.clone(),
+        version,
+        kind,
+        time: now,
+        document,
+    })
+}
+
+fn load(conn: &Connection, key: &ShadowKey) -> Result<Option<StoredShadow>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, deleted, state, metadata, updated_at FROM shadows
+             WHERE thing = ?1 AND name = ?2",
+        )?
+        .query_row(params![key.thing, key.name.as_deref().unwrap_or("")], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .optional()?;
+    let Some((version, deleted, state, metadata, updated_at)) = row else {
+        return Ok(None);
+    };
+    let state: Value = serde_json::from_str(&state)?;
+    let metadata: Value = serde_json::from_str(&metadata)?;
+    Ok(Some(StoredShadow {
+        state: ShadowState::from_values(&state, &metadata),
+        version: version as u64,
+        deleted: deleted != 0,
+        updated_at,
+    }))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
