@@ -55,7 +55,10 @@ impl Answer {
             } => {
                 let mut state = Map::new();
                 let mut metadata = Map::new();
-                for (name, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
+                for (name, patch) in [
+                    ("desired", &request.desired),
+                    ("reported", &request.reported),
+                ] {
                     if let Some(patch) = patch {
                         state.insert(name.into(), patch.to_value());
                         metadata.insert(name.into(), patch.metadata(*timestamp));
@@ -104,7 +107,10 @@ impl Answer {
             }
             Outcome::Deleted { version, timestamp } => push(
                 AnswerKind::Accepted,
-                body([("version", (*version).into()), ("timestamp", (*timestamp).into())]),
+                body([
+                    ("version", (*version).into()),
+                    ("timestamp", (*timestamp).into()),
+                ]),
             ),
         }
         Answer {
@@ -156,7 +162,10 @@ pub fn state_document(state: &ShadowState) -> Value {
 }
 
 fn body<const N: usize>(fields: [(&str, Value); N]) -> Map<String, Value> {
-    fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    fields
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 fn message(topic: String, mut body: Map<String, Value>, client_token: Option<&str>) -> Message {

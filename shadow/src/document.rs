@@ -252,7 +252,11 @@ mod tests {
     #[test]
     fn metadata_mirrors_the_state_tree() {
         let s = with_desired(json!({"a": 1, "b": {"c": "x"}, "l": [1, {"k": 2}]}));
-        let meta = &s.desired.as_ref().map(|d| d.metadata.clone()).unwrap_or_default();
+        let meta = &s
+            .desired
+            .as_ref()
+            .map(|d| d.metadata.clone())
+            .unwrap_or_default();
         assert_eq!(
             Value::Object(meta.clone()),
             json!({"a": {"timestamp": 10}, "b": {"c": {"timestamp": 10}},
@@ -289,21 +293,33 @@ mod tests {
     #[test]
     fn numbers_equal_by_value_make_no_delta() {
         let mut s = with_desired(json!({"t": 20}));
-        ShadowState::apply(&mut s.reported, &SectionPatch::Merge(obj(json!({"t": 20.0}))), 1);
+        ShadowState::apply(
+            &mut s.reported,
+            &SectionPatch::Merge(obj(json!({"t": 20.0}))),
+            1,
+        );
         assert_eq!(s.delta(), None);
     }
 
     #[test]
     fn empty_section_disappears() {
         let mut s = with_desired(json!({"a": 1}));
-        ShadowState::apply(&mut s.desired, &SectionPatch::Merge(obj(json!({"a": null}))), 1);
+        ShadowState::apply(
+            &mut s.desired,
+            &SectionPatch::Merge(obj(json!({"a": null}))),
+            1,
+        );
         assert_eq!(s.desired, None);
     }
 
     #[test]
     fn values_round_trip() {
         let mut s = with_desired(json!({"a": {"b": [1, 2]}}));
-        ShadowState::apply(&mut s.reported, &SectionPatch::Merge(obj(json!({"x": 1}))), 2);
+        ShadowState::apply(
+            &mut s.reported,
+            &SectionPatch::Merge(obj(json!({"x": 1}))),
+            2,
+        );
         let back = ShadowState::from_values(&s.state_value(), &s.metadata_value());
         assert_eq!(back, s);
     }

@@ -26,8 +26,7 @@ pub fn same_value(a: &Value, b: &Value) -> bool {
 /// [`same_value`] for two objects.
 pub fn same_object(x: &Map<String, Value>, y: &Map<String, Value>) -> bool {
     x.len() == y.len()
-        && x
-            .iter()
+        && x.iter()
             .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
 }
 

@@ -160,7 +160,13 @@ impl ShadowService {
 
     /// Records that a thing connected or disconnected (in the change log and
     /// the things table). Returns `false` when the store could not take it.
-    pub fn record_presence(&self, thing: &str, connected: bool, at_ms: i64, reason: Option<String>) -> bool {
+    pub fn record_presence(
+        &self,
+        thing: &str,
+        connected: bool,
+        at_ms: i64,
+        reason: Option<String>,
+    ) -> bool {
         let job = Job::Presence {
             thing: thing.to_string(),
             connected,

@@ -154,10 +154,12 @@ mod tests {
 
     #[test]
     fn parses_classic_and_named() {
-        let t = parse_request_topic("$aws/things/lamp-1/shadow/update").unwrap_or_else(|e| panic!("{e}"));
+        let t = parse_request_topic("$aws/things/lamp-1/shadow/update")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.key, ShadowKey::classic("lamp-1"));
         assert_eq!(t.op, Operation::Update);
-        let t = parse_request_topic("$aws/things/lamp-1/shadow/name/cfg/get").unwrap_or_else(|e| panic!("{e}"));
+        let t = parse_request_topic("$aws/things/lamp-1/shadow/name/cfg/get")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.key, ShadowKey::named("lamp-1", "cfg"));
         assert_eq!(t.op, Operation::Get);
     }

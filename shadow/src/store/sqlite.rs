@@ -102,7 +102,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -150,7 +152,11 @@ impl SqliteStore {
         &self,
         read: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().map_err(|_| StoreError::WriterFailed)?.pop();
+        let pooled = self
+            .readers
+            .lock()
+            .map_err(|_| StoreError::WriterFailed)?
+            .pop();
         let conn = match pooled {
             Some(conn) => conn,
             None => {
@@ -196,7 +202,9 @@ impl ShadowStore for SqliteStore {
                  ORDER BY name LIMIT ?3",
             )?;
             let names = stmt
-                .query_map(params![thing, after.unwrap_or(""), limit as i64], |r| r.get(0))?
+                .query_map(params![thing, after.unwrap_or(""), limit as i64], |r| {
+                    r.get(0)
+                })?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(names)
         })
@@ -254,8 +262,17 @@ impl ShadowStore for SqliteStore {
 
     fn close(&self) -> Result<(), StoreError> {
         // Dropping the sender lets the writer drain the queue and stop.
-        drop(self.queue.lock().map_err(|_| StoreError::WriterFailed)?.take());
-        let handle = self.writer.lock().map_err(|_| StoreError::WriterFailed)?.take();
+        drop(
+            self.queue
+                .lock()
+                .map_err(|_| StoreError::WriterFailed)?
+                .take(),
+        );
+        let handle = self
+            .writer
+            .lock()
+            .map_err(|_| StoreError::WriterFailed)?
+            .take();
         match handle {
             Some(handle) => handle.join().map_err(|_| StoreError::WriterFailed),
             None => Ok(()),
