@@ -13,7 +13,7 @@ fn leaf() -> impl Strategy<Value = Value> {
         (-5i64..5).prop_map(Value::from),
         (-5i64..5).prop_map(|n| Value::from(n as f64)),
         "[ab]{0,2}".prop_map(Value::from),
-        prop::collection::vec(0i64..3, 0..3).prop_map(|v| Value::from(v)),
+        prop::collection::vec(0i64..3, 0..3).prop_map(Value::from),
     ]
 }
 

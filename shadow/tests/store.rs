@@ -6,8 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use umbra_shadow::store::{ChangeKind, ShadowStore};
-use umbra_shadow::topic::AnswerKind;
+use umbra_shadow::store::ChangeKind;
 use umbra_shadow::{
     Limits, Message, Operation, Request, ServiceConfig, ShadowKey, ShadowService, SqliteStore,
     StoreConfig,
