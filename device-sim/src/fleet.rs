@@ -1,0 +1,555 @@
+//! `fleet`: N simulated devices that keep their shadow in sync (get on connect, apply the delta
+//! after an actuation delay, report), send telemetry, reconnect with backoff and back off on 429.
+
+use crate::backoff::Backoff;
+use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
+use crate::operator::{drive, thing_name, OperatorPlan, PendingChanges};
+use crate::report::{progress, Summary};
+use crate::stats::{LatencySeries, RunStats};
+use crate::telemetry::TelemetryModel;
+use crate::Error;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio::time::Instant as TokioInstant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// One entry per broker address; device i uses `clients[i % len]`.
+    pub clients: Vec<ClientSettings>,
+    pub devices: usize,
+    pub first: usize,
+    pub prefix: String,
+    /// Connections started per second.
+    pub ramp: f64,
+    pub actuation_delay: Duration,
+    pub telemetry_interval: Option<Duration>,
+    pub duration: Duration,
+    pub operator: Option<OperatorPlan>,
+    pub quiet: bool,
+}
+
+/// What a device still has to send once it may (after a 429 backoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Get,
+    Report,
+}
+
+/// The parts of a shadow answer a device acts on.
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    code: Option<u64>,
+    client_token: Option<String>,
+    /// `state` of a delta; `state.delta` of a get.
+    delta: Option<Map<String, Value>>,
+    /// `state.reported` of a get or of an update/accepted.
+    reported: Option<Map<String, Value>>,
+}
+
+fn parse_answer(kind: ShadowAnswer, payload: &[u8]) -> Option<Answer> {
+    let value: Value = serde_json::from_slice(payload).ok()?;
+    let object = value.as_object()?;
+    let state = object.get("state").and_then(Value::as_object);
+    let section = |name: &str| {
+        state
+            .and_then(|s| s.get(name))
+            .and_then(Value::as_object)
+            .cloned()
+    };
+    Some(Answer {
+        code: object.get("code").and_then(Value::as_u64),
+        client_token: object
+            .get("clientToken")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        delta: match kind {
+            ShadowAnswer::UpdateDelta => state.cloned(),
+            ShadowAnswer::GetAccepted => section("delta"),
+            _ => None,
+        },
+        reported: section("reported"),
+    })
+}
+
+/// One simulated device's state between events.
+struct Device {
+    thing: String,
+    topics: ShadowTopics,
+    client: AsyncClient,
+    rng: SmallRng,
+    telemetry: TelemetryModel,
+    telemetry_topic: String,
+    /// What the device believes it has reported.
+    reported: Map<String, Value>,
+    /// Desired values waiting for the actuator, and when they are applied.
+    actuation: Option<(TokioInstant, Map<String, Value>)>,
+    /// Values applied but not yet confirmed by update/accepted.
+    unconfirmed: Map<String, Value>,
+    retry: Option<(TokioInstant, Retry)>,
+    throttle: Backoff,
+    token_seq: u64,
+    stats: Arc<RunStats>,
+    pending: Option<Arc<PendingChanges>>,
+    actuation_delay: Duration,
+}
+
+impl Device {
+    fn token(&mut self) -> String {
+        self.token_seq += 1;
+        format!("{}:{}", self.thing, self.token_seq)
+    }
+
+    fn publish(&self, topic: &str, qos: QoS, body: String, what: &str) {
+        if self.client.try_publish(topic, qos, false, body).is_err() {
+            // The client's bounded channel is full: the device is backlogged; drop and count.
+            self.stats.errors.add(what);
+        }
+    }
+
+    fn on_connected(&mut self) {
+        let filters: Vec<_> = self
+            .topics
+            .answers()
+            .iter()
+            .map(|t| SubscribeFilter::new((*t).to_owned(), QoS::AtLeastOnce))
+            .collect();
+        if self.client.try_subscribe_many(filters).is_err() {
+            self.stats.errors.add("subscribe not queued");
+        }
+        self.send_get();
+    }
+
+    fn send_get(&mut self) {
+        let body = serde_json::json!({ "clientToken": self.token() }).to_string();
+        self.publish(
+            &self.topics.get.clone(),
+            QoS::AtLeastOnce,
+            body,
+            "get not queued",
+        );
+    }
+
+    fn send_report(&mut self) {
+        if self.unconfirmed.is_empty() {
+            return;
+        }
+        let body = serde_json::json!({
+            "state": { "reported": Value::Object(self.unconfirmed.clone()) },
+            "clientToken": self.token(),
+        })
+        .to_string();
+        self.publish(
+            &self.topics.update.clone(),
+            QoS::AtLeastOnce,
+            body,
+            "report not queued",
+        );
+    }
+
+    fn send_telemetry(&mut self) {
+        let sample = self.telemetry.step(&mut self.rng);
+        match serde_json::to_string(&sample) {
+            Ok(body) => self.publish(
+                &self.telemetry_topic.clone(),
+                QoS::AtMostOnce,
+                body,
+                "telemetry not queued",
+            ),
+            Err(_) => self.stats.errors.add("telemetry encoding"),
+        }
+    }
+
+    /// Schedules the actuator for the desired values of a delta (or a get's delta).
+    fn on_delta(&mut self, delta: Map<String, Value>) {
+        if let (Some(pending), Some(setpoint)) =
+            (&self.pending, delta.get("setpoint").and_then(Value::as_f64))
+        {
+            pending.delta_received(&self.thing, setpoint);
+        }
+        let due = TokioInstant::now() + self.actuation_delay;
+        match &mut self.actuation {
+            // A newer delta carries all outstanding differences: it replaces the older one.
+            Some((_, waiting)) => *waiting = delta,
+            None => self.actuation = Some((due, delta)),
+        }
+    }
+
+    fn actuate(&mut self) {
+        let Some((_, desired)) = self.actuation.take() else {
+            return;
+        };
+        for (key, value) in desired {
+            if key == "setpoint" {
+                if let Some(setpoint) = value.as_f64() {
+                    self.telemetry.set_setpoint(setpoint);
+                }
+            }
+            self.unconfirmed.insert(key, value);
+        }
+        if self.retry.is_none() {
+            self.send_report();
+        }
+    }
+
+    fn on_answer(&mut self, kind: ShadowAnswer, payload: &[u8]) {
+        let Some(answer) = parse_answer(kind, payload) else {
+            self.stats.errors.add("malformed shadow answer");
+            return;
+        };
+        match kind {
+            ShadowAnswer::GetAccepted => {
+                self.throttle.reset();
+                if let Some(reported) = answer.reported {
+                    self.reported = reported;
+                }
+                if let Some(delta) = answer.delta {
+                    self.on_delta(delta);
+                }
+            }
+            ShadowAnswer::UpdateDelta => {
+                if let Some(delta) = answer.delta {
+                    self.on_delta(delta);
+                }
+            }
+            ShadowAnswer::UpdateAccepted => {
+                self.throttle.reset();
+                if let Some(reported) = answer.reported {
+                    for (key, value) in reported {
+                        if key == "setpoint" {
+                            if let (Some(pending), Some(setpoint)) = (&self.pending, value.as_f64())
+                            {
+                                pending.reported(&self.thing, setpoint);
+                            }
+                        }
+                        if self.unconfirmed.get(&key) == Some(&value) {
+                            self.unconfirmed.remove(&key);
+                        }
+                        self.reported.insert(key, value);
+                    }
+                }
+            }
+            ShadowAnswer::GetRejected | ShadowAnswer::UpdateRejected => {
+                let code = answer.code.unwrap_or(0);
+                self.stats.rejected.add(&code.to_string());
+                let what = if kind == ShadowAnswer::GetRejected {
+                    Retry::Get
+                } else {
+                    Retry::Report
+                };
+                match code {
+                    429 => {
+                        let delay = self.throttle.next_delay(&mut self.rng);
+                        self.retry = Some((TokioInstant::now() + delay, what));
+                    }
+                    404 if what == Retry::Get => {
+                        // No shadow yet: the device reports its initial state.
+                        self.unconfirmed.insert(
+                            "setpoint".to_owned(),
+                            Value::from(self.telemetry.setpoint()),
+                        );
+                        self.unconfirmed
+                            .insert("firmware".to_owned(), Value::from("1.0.0"));
+                        self.send_report();
+                    }
+                    _ => {}
+                }
+            }
+            ShadowAnswer::Other => {}
+        }
+    }
+
+    fn on_retry(&mut self) {
+        match self.retry.take() {
+            Some((_, Retry::Get)) => self.send_get(),
+            Some((_, Retry::Report)) => self.send_report(),
+            None => {}
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<TokioInstant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_device(
+    mut device: Device,
+    mut eventloop: EventLoop,
+    telemetry_interval: Option<Duration>,
+    stop: CancellationToken,
+) {
+    let mut reconnect = Backoff::reconnect();
+    let mut connected = false;
+    // Devices start their telemetry at random phases so a fleet does not publish in lockstep.
+    let mut telemetry = telemetry_interval.map(|period| {
+        let phase = device.rng.gen_range(Duration::ZERO..period);
+        let mut ticker = tokio::time::interval_at(TokioInstant::now() + phase, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    loop {
+        let actuation_at = device.actuation.as_ref().map(|(at, _)| *at);
+        let retry_at = device.retry.map(|(at, _)| at);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    reconnect.reset();
+                    device.stats.connects.incr();
+                    device.stats.connected.up();
+                    device.on_connected();
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    device.stats.messages_in.incr();
+                    device.on_answer(ShadowAnswer::of(&publish.topic), &publish.payload);
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(_))) => device.stats.messages_out.incr(),
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        connected = false;
+                        device.stats.connected.down();
+                    }
+                    device.stats.errors.add(&error_kind(&e));
+                    let delay = reconnect.next_delay(&mut device.rng);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            },
+            _ = async { match telemetry.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } }, if connected => {
+                device.send_telemetry();
+            }
+            _ = sleep_until_opt(actuation_at), if connected && actuation_at.is_some() => device.actuate(),
+            _ = sleep_until_opt(retry_at), if connected && retry_at.is_some() => device.on_retry(),
+        }
+    }
+    if connected {
+        disconnect(&device.client, &mut eventloop, Duration::from_secs(2)).await;
+        device.stats.connected.down();
+    }
+}
+
+/// Soft limit of open files, read from /proc (Linux); `None` elsewhere.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Size of the local ephemeral port range (ports per source/destination address pair).
+fn ephemeral_ports() -> Option<u64> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = range.split_whitespace().map(|p| p.parse::<u64>().ok());
+    let (low, high) = (parts.next()??, parts.next()??);
+    Some(high.saturating_sub(low) + 1)
+}
+
+/// Runs the fleet (and the in-process operator, if configured) for `duration`.
+pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Summary, Error> {
+    if config.clients.is_empty() {
+        return Err(Error::Config("at least one --broker is needed"));
+    }
+    if config.devices == 0 {
+        return Err(Error::Config("--devices must be at least 1"));
+    }
+    if !(config.ramp.is_finite() && config.ramp > 0.0) {
+        return Err(Error::Config(
+            "--ramp must be a positive number of connections per second",
+        ));
+    }
+    let mut notes = Vec::new();
+    if let Some(limit) = open_files_limit() {
+        if (config.devices as u64) + 64 > limit {
+            return Err(Error::Config(
+                "open-files limit too low for this many devices (raise `ulimit -n`)",
+            ));
+        }
+    }
+    // rumqttc 0.24 cannot bind a local address (only a device), so every socket to one broker
+    // address draws from the same ephemeral range; several --broker addresses multiply it.
+    if let Some(ports) = ephemeral_ports() {
+        let per_broker = (config.devices as u64).div_ceil(config.clients.len() as u64);
+        if per_broker > ports {
+            return Err(Error::Config(
+                "more devices per broker address than local ephemeral ports; add --broker addresses",
+            ));
+        }
+        notes.push(format!(
+            "{per_broker} sockets per broker address, {ports} ephemeral ports available"
+        ));
+    }
+
+    let names: &[&'static str] = if config.operator.is_some() {
+        &["desired->delta", "desired->reported", "operator request"]
+    } else {
+        &[]
+    };
+    let stats = RunStats::new(names);
+    let pending = match (
+        stats.latency("desired->delta"),
+        stats.latency("desired->reported"),
+    ) {
+        (Some(delta), Some(converged)) => Some(Arc::new(PendingChanges::new(delta, converged))),
+        _ => None,
+    };
+    let stop = shutdown.child_token();
+    let progress_stop = CancellationToken::new();
+    let started = Instant::now();
+    let progress_task = tokio::spawn(progress(
+        Arc::clone(&stats),
+        started,
+        config.quiet,
+        progress_stop.clone(),
+    ));
+
+    let operator_task = match (&config.operator, &pending) {
+        (Some(plan), Some(pending)) => {
+            let things = (config.first..config.first + config.devices)
+                .map(|i| thing_name(&config.prefix, i))
+                .collect();
+            let request_latency = stats
+                .latency("operator request")
+                .unwrap_or_else(|| Arc::new(LatencySeries::new("operator request")));
+            let mut client = config.clients[0].clone();
+            client.channel_capacity = 64;
+            client.inflight = 100;
+            Some(tokio::spawn(drive(
+                plan.clone(),
+                client,
+                things,
+                Some(Arc::clone(pending)),
+                Arc::clone(&stats),
+                request_latency,
+                stop.clone(),
+            )))
+        }
+        _ => None,
+    };
+
+    let deadline = TokioInstant::now() + config.duration;
+    let mut devices = JoinSet::new();
+    let spacing = Duration::from_secs_f64(1.0 / config.ramp);
+    let ramp_start = TokioInstant::now();
+    for n in 0..config.devices {
+        let start_at = ramp_start + spacing.mul_f64(n as f64);
+        tokio::select! {
+            _ = tokio::time::sleep_until(start_at) => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = stop.cancelled() => break,
+        }
+        let index = config.first + n;
+        let thing = thing_name(&config.prefix, index);
+        let settings = &config.clients[n % config.clients.len()];
+        let (client, eventloop) = settings.client(&thing);
+        let mut rng = SmallRng::from_entropy();
+        let device = Device {
+            topics: ShadowTopics::new(&thing),
+            telemetry_topic: format!("devices/{thing}/telemetry"),
+            telemetry: TelemetryModel::new(&mut rng),
+            rng,
+            thing,
+            client,
+            reported: Map::new(),
+            actuation: None,
+            unconfirmed: Map::new(),
+            retry: None,
+            throttle: Backoff::throttled(),
+            token_seq: 0,
+            stats: Arc::clone(&stats),
+            pending: pending.clone(),
+            actuation_delay: config.actuation_delay,
+        };
+        devices.spawn(run_device(
+            device,
+            eventloop,
+            config.telemetry_interval,
+            stop.clone(),
+        ));
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(deadline) => {}
+        _ = stop.cancelled() => {}
+    }
+    stop.cancel();
+    let window = started.elapsed();
+    let mut operator_confirmed = None;
+    if let Some(task) = operator_task {
+        match task.await {
+            Ok(Ok(n)) => operator_confirmed = Some(n),
+            Ok(Err(e)) => return Err(e),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    while let Some(joined) = devices.join_next().await {
+        if let Err(e) = joined {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+    progress_stop.cancel();
+    let _ = progress_task.await;
+
+    let broker = config
+        .clients
+        .iter()
+        .map(|c| c.broker.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut summary = Summary::from_stats("fleet", &broker, &stats, window);
+    summary
+        .counts
+        .insert("devices".to_owned(), config.devices as u64);
+    if let Some(n) = operator_confirmed {
+        summary
+            .counts
+            .insert("operator_changes_confirmed".to_owned(), n);
+    }
+    if let Some(pending) = &pending {
+        summary.counts.insert(
+            "changes_not_converged".to_owned(),
+            pending.outstanding() as u64,
+        );
+    }
+    summary.notes = notes;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_parsed() {
+        let delta = br#"{"state":{"setpoint":21.5},"metadata":{},"version":3}"#;
+        let answer = parse_answer(ShadowAnswer::UpdateDelta, delta);
+        assert_eq!(
+            answer
+                .and_then(|a| a.delta)
+                .and_then(|d| d.get("setpoint").cloned()),
+            Some(Value::from(21.5))
+        );
+        let get =
+            br#"{"state":{"desired":{"a":1},"reported":{"a":0},"delta":{"a":1}},"version":2}"#;
+        let answer = parse_answer(ShadowAnswer::GetAccepted, get).unwrap_or_default();
+        assert_eq!(answer.delta.map(|d| d.len()), Some(1));
+        assert_eq!(answer.reported.map(|r| r.len()), Some(1));
+        let rejected = br#"{"code":429,"message":"Too Many Requests","clientToken":"t"}"#;
+        let answer = parse_answer(ShadowAnswer::UpdateRejected, rejected).unwrap_or_default();
+        assert_eq!(answer.code, Some(429));
+        assert_eq!(answer.client_token.as_deref(), Some("t"));
+        assert_eq!(parse_answer(ShadowAnswer::UpdateDelta, b"not json"), None);
+    }
+}
