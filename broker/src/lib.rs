@@ -1,1 +1,30 @@
-//! Broker.
+//! Umbra's embedded MQTT broker: rumqttd run under Umbra's control, with the
+//! `$aws` topic space, per-device authorization, presence and shadow request
+//! hand-off added at the connection edge.
+//!
+//! # Layout
+//!
+//! - [`embedded`]: settings and their guard, starting the router, listeners
+//!   and answer publisher on free ports, shutdown.
+//! - [`edge`]: the per-connection protocol wrapper (keep-alive 0, `$aws`
+//!   mapping, authorization, presence, synthetic acks, packet counters).
+//! - [`topics`]: pure rules of the `$aws` topic space (mapping, shadow request
+//!   parsing, who may publish/subscribe where).
+//! - [`requests`]: how shadow requests leave the edge (sink trait, bounded
+//!   channels, overload path for 429 answers).
+//! - [`publisher`]: publishing answers into the broker through a local link.
+//! - [`metrics`]: atomic counters for Umbra's metrics endpoint.
+
+#![forbid(unsafe_code)]
+
+pub mod edge;
+pub mod embedded;
+pub mod metrics;
+pub mod publisher;
+pub mod requests;
+pub mod topics;
+
+pub use edge::{EdgeHooks, EdgeSettings, PresenceEvent};
+pub use embedded::{start, BrokerSettings, ListenerAddrs, ListenerSettings, RunningBroker};
+pub use publisher::AnswerPublisher;
+pub use requests::{ChannelShadowSink, Overloaded, ShadowInbox, ShadowPublish, ShadowRequestSink};

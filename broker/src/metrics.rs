@@ -1,0 +1,146 @@
+//! Plain atomic counters kept by the connection edge and the answer
+//! publisher; Umbra's Prometheus registry reads them (no labels by device).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rumqttd::protocol::Packet;
+
+/// MQTT control packet types, for per-type packet counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PacketKind {
+    Connect,
+    ConnAck,
+    Publish,
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+    Subscribe,
+    SubAck,
+    Unsubscribe,
+    UnsubAck,
+    PingReq,
+    PingResp,
+    Disconnect,
+}
+
+impl PacketKind {
+    pub const ALL: [PacketKind; 14] = [
+        PacketKind::Connect,
+        PacketKind::ConnAck,
+        PacketKind::Publish,
+        PacketKind::PubAck,
+        PacketKind::PubRec,
+        PacketKind::PubRel,
+        PacketKind::PubComp,
+        PacketKind::Subscribe,
+        PacketKind::SubAck,
+        PacketKind::Unsubscribe,
+        PacketKind::UnsubAck,
+        PacketKind::PingReq,
+        PacketKind::PingResp,
+        PacketKind::Disconnect,
+    ];
+
+    pub fn of(packet: &Packet) -> PacketKind {
+        match packet {
+            Packet::Connect(..) => PacketKind::Connect,
+            Packet::ConnAck(..) => PacketKind::ConnAck,
+            Packet::Publish(..) => PacketKind::Publish,
+            Packet::PubAck(..) => PacketKind::PubAck,
+            Packet::PubRec(..) => PacketKind::PubRec,
+            Packet::PubRel(..) => PacketKind::PubRel,
+            Packet::PubComp(..) => PacketKind::PubComp,
+            Packet::Subscribe(..) => PacketKind::Subscribe,
+            Packet::SubAck(..) => PacketKind::SubAck,
+            Packet::Unsubscribe(..) => PacketKind::Unsubscribe,
+            Packet::UnsubAck(..) => PacketKind::UnsubAck,
+            Packet::PingReq(..) => PacketKind::PingReq,
+            Packet::PingResp(..) => PacketKind::PingResp,
+            Packet::Disconnect(..) => PacketKind::Disconnect,
+        }
+    }
+
+    /// Lowercase name, usable as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketKind::Connect => "connect",
+            PacketKind::ConnAck => "connack",
+            PacketKind::Publish => "publish",
+            PacketKind::PubAck => "puback",
+            PacketKind::PubRec => "pubrec",
+            PacketKind::PubRel => "pubrel",
+            PacketKind::PubComp => "pubcomp",
+            PacketKind::Subscribe => "subscribe",
+            PacketKind::SubAck => "suback",
+            PacketKind::Unsubscribe => "unsubscribe",
+            PacketKind::UnsubAck => "unsuback",
+            PacketKind::PingReq => "pingreq",
+            PacketKind::PingResp => "pingresp",
+            PacketKind::Disconnect => "disconnect",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one embedded broker. All fields only ever increase except
+/// `connections_current`.
+#[derive(Debug, Default)]
+pub struct EdgeMetrics {
+    packets_in: [AtomicU64; 14],
+    packets_out: [AtomicU64; 14],
+    /// Connections that received a successful CONNACK.
+    pub connections_accepted: AtomicU64,
+    /// Connections currently past a successful CONNACK.
+    pub connections_current: AtomicU64,
+    /// Keep-alive 0 CONNECTs rewritten so that rumqttd accepts them.
+    pub keep_alive_zero_rewrites: AtomicU64,
+    /// Connections closed for a forbidden publish, subscribe or connect.
+    pub forbidden: AtomicU64,
+    /// Subscriptions answered with a failure SUBACK.
+    pub refused_subscriptions: AtomicU64,
+    /// Shadow requests handed to the shadow sink (including overload records).
+    pub shadow_requests: AtomicU64,
+    /// Shadow requests the sink could neither take nor record as overloaded.
+    pub shadow_requests_lost: AtomicU64,
+    /// Presence events dropped because the presence channel was full or closed.
+    pub presence_dropped: AtomicU64,
+    /// Internal-prefix publishes not written because the connection holds no
+    /// matching `$aws` subscription (e.g. they matched `#`).
+    pub suppressed_publishes: AtomicU64,
+    /// Acknowledgements synthesized for suppressed QoS 1/2 publishes.
+    pub synthetic_acks: AtomicU64,
+    /// Answers the publisher handed to the router.
+    pub answers_published: AtomicU64,
+    /// Answers the publisher could not hand to the router (router gone).
+    pub answers_lost: AtomicU64,
+    /// `CursorJump` alerts seen (a subscriber fell behind and lost messages).
+    pub cursor_jumps: AtomicU64,
+}
+
+impl EdgeMetrics {
+    pub(crate) fn count_in(&self, packet: &Packet) {
+        self.packets_in[PacketKind::of(packet).index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_out(&self, kind: PacketKind) {
+        self.packets_out[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets of `kind` read from clients.
+    pub fn packets_in(&self, kind: PacketKind) -> u64 {
+        self.packets_in[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// Packets of `kind` written to clients.
+    pub fn packets_out(&self, kind: PacketKind) -> u64 {
+        self.packets_out[kind.index()].load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
