@@ -160,6 +160,13 @@ struct PublisherPlan {
     drain_timeout: Duration,
 }
 
+/// When a publisher starts (`go`), stops producing (`stop`) and gives up draining (`hard_stop`).
+struct PublisherSignals {
+    go: CancellationToken,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
 /// Acknowledged (QoS 1) or written (QoS 0) messages of one publisher.
 struct PublisherOutcome {
     index: usize,
@@ -172,10 +179,13 @@ async fn publisher(
     mut eventloop: EventLoop,
     shared: Arc<Shared>,
     ready: mpsc::Sender<()>,
-    go: CancellationToken,
-    stop: CancellationToken,
-    hard_stop: CancellationToken,
+    signals: PublisherSignals,
 ) -> PublisherOutcome {
+    let PublisherSignals {
+        go,
+        stop,
+        hard_stop,
+    } = signals;
     let index = plan.index as usize;
     let mut outcome = PublisherOutcome {
         index,
@@ -439,9 +449,11 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Sum
             eventloop,
             Arc::clone(&shared),
             ready_tx.clone(),
-            go.clone(),
-            stop_publishers.clone(),
-            shutdown.clone(),
+            PublisherSignals {
+                go: go.clone(),
+                stop: stop_publishers.clone(),
+                hard_stop: shutdown.clone(),
+            },
         ));
     }
     drop(ready_tx);

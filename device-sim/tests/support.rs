@@ -1,0 +1,167 @@
+//! Test harness: a Mosquitto broker on a free port, and a fake shadow service for the fleet.
+
+#![allow(dead_code)]
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A Mosquitto process listening on 127.0.0.1:`port`, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto and returns once it logs that its listener is open.
+    pub fn start() -> Mosquitto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nlog_dest stderr\nlog_type all\n"
+            ),
+        )
+        .expect("write config");
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        // Wait for the broker's own word that the listener is open.
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Opening ipv4 listen socket") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("mosquitto exited before opening its listener"),
+            }
+        }
+        // Keep draining the log so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal stand-in for Umbra's shadow service over Mosquitto: flat desired/reported maps per
+/// thing, `accepted` answers, and a delta whenever desired differs from reported.
+pub async fn fake_shadow_service(port: u16, stop: tokio_util::sync::CancellationToken) {
+    let mut options = MqttOptions::new("fake-shadow", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let mut shadows: HashMap<String, (Map<String, Value>, Map<String, Value>, u64)> =
+        HashMap::new();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        let publish = match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                for filter in ["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"] {
+                    let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
+                }
+                continue;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => p,
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        let Some(rest) = publish.topic.strip_prefix("$aws/things/") else {
+            continue;
+        };
+        let Some((thing, op)) = rest.split_once("/shadow/") else {
+            continue;
+        };
+        let request: Value = serde_json::from_slice(&publish.payload).unwrap_or(Value::Null);
+        let token = request.get("clientToken").cloned().unwrap_or(Value::Null);
+        let prefix = format!("$aws/things/{thing}/shadow");
+        let mut answers = Vec::new();
+        match op {
+            "get" => match shadows.get(thing) {
+                None => answers.push((
+                    format!("{prefix}/get/rejected"),
+                    json!({"code":404,"message":format!("No shadow exists with name: '{thing}'"),"clientToken":token}),
+                )),
+                Some((desired, reported, version)) => {
+                    let delta = delta(desired, reported);
+                    let mut state = json!({"desired":desired,"reported":reported});
+                    if !delta.is_empty() {
+                        state["delta"] = Value::Object(delta);
+                    }
+                    answers.push((
+                        format!("{prefix}/get/accepted"),
+                        json!({"state":state,"version":version,"clientToken":token}),
+                    ));
+                }
+            },
+            "update" => {
+                let entry = shadows.entry(thing.to_owned()).or_default();
+                let state = request.get("state").cloned().unwrap_or(Value::Null);
+                for (section, target) in [("desired", &mut entry.0), ("reported", &mut entry.1)] {
+                    if let Some(values) = state.get(section).and_then(Value::as_object) {
+                        for (k, v) in values {
+                            target.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+                entry.2 += 1;
+                answers.push((
+                    format!("{prefix}/update/accepted"),
+                    json!({"state":state,"version":entry.2,"clientToken":token}),
+                ));
+                let delta = delta(&entry.0, &entry.1);
+                if !delta.is_empty() {
+                    answers.push((
+                        format!("{prefix}/update/delta"),
+                        json!({"state":delta,"version":entry.2}),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        for (topic, body) in answers {
+            let _ = client
+                .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+                .await;
+        }
+    }
+}
+
+fn delta(desired: &Map<String, Value>, reported: &Map<String, Value>) -> Map<String, Value> {
+    desired
+        .iter()
+        .filter(|(k, v)| reported.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
