@@ -72,6 +72,9 @@ impl Drop for Mosquitto {
     }
 }
 
+/// desired, reported, version.
+type FakeShadow = (Map<String, Value>, Map<String, Value>, u64);
+
 /// Minimal stand-in for Umbra's shadow service over Mosquitto: flat desired/reported maps per
 /// thing, `accepted` answers, and a delta whenever desired differs from reported.
 pub async fn fake_shadow_service(port: u16, stop: tokio_util::sync::CancellationToken) {
@@ -79,8 +82,7 @@ pub async fn fake_shadow_service(port: u16, stop: tokio_util::sync::Cancellation
     options.set_keep_alive(Duration::from_secs(30));
     options.set_inflight(200);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    let mut shadows: HashMap<String, (Map<String, Value>, Map<String, Value>, u64)> =
-        HashMap::new();
+    let mut shadows: HashMap<String, FakeShadow> = HashMap::new();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
