@@ -26,5 +26,6 @@ pub mod topics;
 
 pub use edge::{EdgeHooks, EdgeSettings, PresenceEvent};
 pub use embedded::{start, BrokerSettings, ListenerAddrs, ListenerSettings, RunningBroker};
+pub use metrics::{CursorJumpLayer, EdgeMetrics};
 pub use publisher::AnswerPublisher;
 pub use requests::{ChannelShadowSink, Overloaded, ShadowInbox, ShadowPublish, ShadowRequestSink};

@@ -144,3 +144,58 @@ impl EdgeMetrics {
 pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
+
+/// Counts rumqttd's cursor jumps from its logs: the router logs every jump
+/// (a subscriber fell behind its filter's commit log and lost messages) as a
+/// warn event with a `start_cursor` field. This is the only reliable signal in
+/// embedded mode, because rumqttd 0.20 flushes `CursorJump` alerts to alert
+/// links only on a timer event that `Broker::start` schedules and that cannot
+/// be sent from outside. Add it to the process's tracing subscriber (and let
+/// warn events of target `rumqttd::router::routing` through its filter).
+#[derive(Debug, Clone, Default)]
+pub struct CursorJumpLayer {
+    jumps: std::sync::Arc<AtomicU64>,
+}
+
+impl CursorJumpLayer {
+    /// The counter this layer increments; hand it to the metrics registry.
+    pub fn counter(&self) -> std::sync::Arc<AtomicU64> {
+        self.jumps.clone()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CursorJumpLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::WARN
+            && meta.target() == "rumqttd::router::routing"
+            && meta.fields().field("start_cursor").is_some()
+        {
+            self.jumps.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("a subscriber lost messages (rumqttd cursor jump)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn cursor_jump_layer_counts_router_jump_warnings() {
+        let layer = CursorJumpLayer::default();
+        let jumps = layer.counter();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rumqttd::router::routing", start_cursor = 3, "jumped");
+            tracing::warn!(target: "rumqttd::router::routing", other = 1, "unrelated");
+            tracing::info!(target: "rumqttd::router::routing", start_cursor = 3, "not a warning");
+        });
+        assert_eq!(jumps.load(Ordering::Relaxed), 1);
+    }
+}

@@ -28,9 +28,10 @@ pub struct ShadowPublish {
     pub payload: Bytes,
 }
 
-/// A request the sink could not accept; carries the request back.
+/// A request the sink could not accept; carries the request back (boxed:
+/// this is the rare path and keeps `Result` small on the common one).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Overloaded(pub ShadowPublish);
+pub struct Overloaded(pub Box<ShadowPublish>);
 
 /// Receives shadow requests from every connection.
 pub trait ShadowRequestSink: Send + Sync + 'static {
@@ -88,10 +89,10 @@ impl ShadowRequestSink for ChannelShadowSink {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(request)) => request,
             // Nobody processes requests (shutting down): nobody answers 429 either.
-            Err(TrySendError::Closed(request)) => return Err(Overloaded(request)),
+            Err(TrySendError::Closed(request)) => return Err(Overloaded(Box::new(request))),
         };
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        match self.overloaded.try_send(Overloaded(request)) {
+        match self.overloaded.try_send(Overloaded(Box::new(request))) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(lost) | TrySendError::Closed(lost)) => Err(lost),
         }
@@ -118,11 +119,14 @@ mod tests {
         let (sink, mut inbox) = ChannelShadowSink::channel(1, 1);
         assert_eq!(sink.offer(request(1)), Ok(()));
         assert_eq!(sink.offer(request(2)), Ok(()));
-        assert_eq!(sink.offer(request(3)), Err(Overloaded(request(3))));
+        assert_eq!(
+            sink.offer(request(3)),
+            Err(Overloaded(Box::new(request(3))))
+        );
         assert_eq!(inbox.requests.try_recv().ok(), Some(request(1)));
         assert_eq!(
             inbox.overloaded.try_recv().ok(),
-            Some(Overloaded(request(2)))
+            Some(Overloaded(Box::new(request(2))))
         );
         assert_eq!(sink.overflowed(), 2);
     }
