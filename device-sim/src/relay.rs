@@ -227,12 +227,19 @@ async fn publisher(
                     None => 1,
                 };
                 for _ in 0..batch {
+                    if stop.is_cancelled() {
+                        break 'produce;
+                    }
                     let body = encode_payload(payload, shared.now_ns(), index, seq);
-                    tokio::select! {
-                        sent = client.publish(topic.as_str(), qos, false, body) => {
-                            if sent.is_err() { break 'produce; }
-                        }
-                        _ = stop.cancelled() => break 'produce,
+                    // Not raced against `stop`: a cancelled send may already have handed its
+                    // message over, which would then go uncounted. The event loop keeps
+                    // draining the channel, and dropping it ends this send with an error.
+                    if client
+                        .publish(topic.as_str(), qos, false, body)
+                        .await
+                        .is_err()
+                    {
+                        break 'produce;
                     }
                     enqueued += 1;
                     seq = seq.wrapping_add(1);
