@@ -8,7 +8,6 @@ mod sqlite;
 
 pub use sqlite::{SqliteStore, StoreConfig, Synchronous};
 
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::answer::Answer;
@@ -47,7 +46,9 @@ pub struct Change {
     pub version: u64,
     pub kind: ChangeKind,
     pub time: Timestamp,
-    pub document: Value,
+    /// The shadow after the change (`{"state":..,"metadata":..,"version":N}`),
+    /// `{"version":N}` for a delete, or the connectivity for presence; raw JSON.
+    pub document: String,
 }
 
 /// What a change log entry records.

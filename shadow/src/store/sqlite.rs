@@ -1,6 +1,7 @@
 //! The SQLite store: WAL mode, one writer thread with group commit, readers on
 //! their own connections.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -44,6 +45,9 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// How long change log entries are kept.
     pub change_retention: Duration,
+    /// Shadows the writer keeps decoded in memory, so that an update does not
+    /// read and parse its shadow back from SQLite.
+    pub cache_shadows: usize,
 }
 
 impl StoreConfig {
@@ -54,6 +58,7 @@ impl StoreConfig {
             max_batch: 256,
             queue_capacity: 16_384,
             change_retention: Duration::from_secs(24 * 3600),
+            cache_shadows: 100_000,
         }
     }
 }
@@ -84,7 +89,6 @@ CREATE TABLE IF NOT EXISTS changes (
     document TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_shadow ON changes (thing, name, version);
-CREATE INDEX IF NOT EXISTS changes_by_time ON changes (time);
 CREATE TABLE IF NOT EXISTS things (
     thing        TEXT PRIMARY KEY,
     connected    INTEGER NOT NULL,
@@ -132,6 +136,8 @@ impl SqliteStore {
             limits,
             max_batch: config.max_batch.max(1),
             retention: config.change_retention,
+            cache: HashMap::new(),
+            cache_capacity: config.cache_shadows,
         };
         let handle = std::thread::Builder::new()
             .name("umbra-store-writer".into())
@@ -253,7 +259,7 @@ impl ShadowStore for SqliteStore {
                     version: version as u64,
                     kind: ChangeKind::parse(&kind).unwrap_or(ChangeKind::Update),
                     time,
-                    document: serde_json::from_str(&document)?,
+                    document,
                 });
             }
             Ok(changes)
@@ -297,6 +303,10 @@ struct Writer {
     limits: Limits,
     max_batch: usize,
     retention: Duration,
+    /// Shadows as the writer last wrote them; cleared whenever a transaction
+    /// fails, so it never holds what SQLite does not.
+    cache: HashMap<ShadowKey, StoredShadow>,
+    cache_capacity: usize,
 }
 
 impl Writer {
@@ -333,6 +343,7 @@ impl Writer {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 error!(cause = %err, jobs = jobs.len(), "store commit failed");
+                self.cache.clear();
                 jobs.iter().map(|_| (None, None)).collect()
             }
         };
@@ -361,7 +372,15 @@ impl Writer {
         for job in jobs {
             outcomes.push(match job {
                 Job::Shadow { key, command, .. } => {
-                    let (result, change) = apply_shadow(&tx, key, command, now, &self.limits)?;
+                    let (result, change) = apply_shadow(
+                        &tx,
+                        &mut self.cache,
+                        self.cache_capacity,
+                        key,
+                        command,
+                        now,
+                        &self.limits,
+                    )?;
                     (Some(result), change)
                 }
                 Job::Presence {
@@ -385,6 +404,7 @@ impl Writer {
                     if let (Some(reason), Value::Object(map)) = (reason, &mut document) {
                         map.insert("disconnectReason".into(), reason.clone().into());
                     }
+                    let document = document.to_string();
                     let key = ShadowKey::classic(thing.clone());
                     let change = log_change(&tx, &key, 0, kind, now, document)?;
                     (None, Some(change))
@@ -395,27 +415,42 @@ impl Writer {
         Ok(outcomes)
     }
 
+    /// Drops change log entries older than the retention window. Times rise
+    /// with the sequence, so the first entry inside the window marks the cut.
     fn trim(&self) -> Result<(), StoreError> {
         let cutoff = now_ms() / 1000 - self.retention.as_secs() as i64;
-        self.conn
-            .execute("DELETE FROM changes WHERE time < ?1", params![cutoff])?;
+        self.conn.execute(
+            "DELETE FROM changes WHERE seq < coalesce(
+                (SELECT seq FROM changes WHERE time >= ?1 ORDER BY seq LIMIT 1),
+                (SELECT max(seq) + 1 FROM changes))",
+            params![cutoff],
+        )?;
         Ok(())
     }
 }
 
 fn apply_shadow(
     tx: &Transaction<'_>,
+    cache: &mut HashMap<ShadowKey, StoredShadow>,
+    cache_capacity: usize,
     key: &ShadowKey,
     command: &Command,
     now: Timestamp,
     limits: &Limits,
 ) -> Result<(Result<Outcome, Rejection>, Option<Change>), StoreError> {
-    let stored = load(tx, key)?;
-    let applied = match engine::apply(key, stored.as_ref(), command, now, limits) {
+    let loaded;
+    let stored = match cache.get(key) {
+        Some(stored) => Some(stored),
+        None => {
+            loaded = load(tx, key)?;
+            loaded.as_ref()
+        }
+    };
+    let applied = match engine::apply(key, stored, command, now, limits) {
         Ok(applied) => applied,
         Err(rejection) => return Ok((Err(rejection), None)),
     };
-    let change = match &applied.store {
+    let change = match applied.store {
         None => None,
         Some(shadow) => {
             let state = serde_json::to_string(&shadow.state.state_value())?;
@@ -436,18 +471,22 @@ fn apply_shadow(
                 metadata,
                 shadow.updated_at,
             ])?;
+            let version = shadow.version;
             let (kind, document) = if shadow.deleted {
-                (ChangeKind::Delete, json!({ "version": shadow.version }))
+                (ChangeKind::Delete, format!(r#"{{"version":{version}}}"#))
             } else {
-                (
-                    ChangeKind::Update,
-                    crate::answer::snapshot(&crate::engine::Snapshot {
-                        state: shadow.state.clone(),
-                        version: shadow.version,
-                    }),
-                )
+                let document =
+                    format!(r#"{{"state":{state},"metadata":{metadata},"version":{version}}}"#);
+                (ChangeKind::Update, document)
             };
-            Some(log_change(tx, key, shadow.version, kind, now, document)?)
+            if cache_capacity > 0 {
+                // Bounded the simple way: start over when full.
+                if cache.len() >= cache_capacity {
+                    cache.clear();
+                }
+                cache.insert(key.clone(), shadow);
+            }
+            Some(log_change(tx, key, version, kind, now, document)?)
         }
     };
     Ok((Ok(applied.outcome), change))
@@ -459,9 +498,8 @@ fn log_change(
     version: u64,
     kind: ChangeKind,
     now: Timestamp,
-    document: Value,
+    document: String,
 ) -> Result<Change, StoreError> {
-    let text = serde_json::to_string(&document)?;
     tx.prepare_cached(
         "INSERT INTO changes (thing, name, version, kind, time, document)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -472,7 +510,7 @@ fn log_change(
         version as i64,
         kind.as_str(),
         now,
-        text
+        document
     ])?;
     Ok(Change {
         seq: tx.last_insert_rowid() as u64,
