@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use crate::document::{ShadowState, Timestamp};
-use crate::engine::{Outcome, Snapshot};
+use crate::engine::{Command, Outcome, Snapshot};
 use crate::error::Rejection;
 use crate::topic::{AnswerKind, Operation, ShadowKey};
 
@@ -36,29 +36,26 @@ impl Answer {
     }
 
     /// Builds the answer to an accepted command.
-    pub fn accepted(
-        key: &ShadowKey,
-        op: Operation,
-        outcome: &Outcome,
-        client_token: Option<&str>,
-    ) -> Answer {
+    pub fn accepted(key: &ShadowKey, command: &Command, outcome: &Outcome) -> Answer {
+        let op = command.operation();
+        let client_token = command.client_token();
         let mut messages = Vec::with_capacity(3);
         let mut push = |kind: AnswerKind, body: Map<String, Value>| {
             messages.push(message(key.answer_topic(op, kind), body, client_token));
         };
         match outcome {
             Outcome::Updated {
-                request,
                 previous,
                 current,
                 timestamp,
             } => {
+                let (desired, reported) = match command {
+                    Command::Update(request) => (&request.desired, &request.reported),
+                    Command::Get(_) | Command::Delete(_) => (&None, &None),
+                };
                 let mut state = Map::new();
                 let mut metadata = Map::new();
-                for (name, patch) in [
-                    ("desired", &request.desired),
-                    ("reported", &request.reported),
-                ] {
+                for (name, patch) in [("desired", desired), ("reported", reported)] {
                     if let Some(patch) = patch {
                         state.insert(name.into(), patch.to_value());
                         metadata.insert(name.into(), patch.metadata(*timestamp));

@@ -117,6 +117,27 @@ impl ShadowState {
         Value::Object(out)
     }
 
+    /// [`ShadowState::state_value`] as JSON text, without copying the state.
+    pub fn state_json(&self) -> String {
+        self.sections_json(|s| &s.state)
+    }
+
+    /// [`ShadowState::metadata_value`] as JSON text, without copying the state.
+    pub fn metadata_json(&self) -> String {
+        self.sections_json(|s| &s.metadata)
+    }
+
+    fn sections_json(&self, part: impl Fn(&Section) -> &Object) -> String {
+        let mut sections = std::collections::BTreeMap::new();
+        if let Some(d) = &self.desired {
+            sections.insert("desired", part(d));
+        }
+        if let Some(r) = &self.reported {
+            sections.insert("reported", part(r));
+        }
+        serde_json::to_string(&sections).unwrap_or_else(|_| "{}".into())
+    }
+
     /// Rebuilds a state from its stored `state_value` and `metadata_value`.
     pub fn from_values(state: &Value, metadata: &Value) -> ShadowState {
         let section = |name: &str| {

@@ -1,6 +1,8 @@
 //! The shadow rules as one pure function: a command applied to the stored
 //! shadow gives the shadow to store and the outcome to answer with.
 
+use std::sync::Arc;
+
 use crate::document::{ShadowState, Timestamp};
 use crate::error::Rejection;
 use crate::limits::Limits;
@@ -11,7 +13,8 @@ use crate::topic::{Operation, ShadowKey};
 /// recreating it continues the numbering.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoredShadow {
-    pub state: ShadowState,
+    /// Shared with the outcome's snapshots: a state is copied once per update, when it changes.
+    pub state: Arc<ShadowState>,
     pub version: u64,
     pub deleted: bool,
     pub updated_at: Timestamp,
@@ -58,7 +61,7 @@ impl Command {
 /// A shadow's state at one version, as `/update/documents` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
-    pub state: ShadowState,
+    pub state: Arc<ShadowState>,
     pub version: u64,
 }
 
@@ -68,7 +71,6 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Updated {
-        request: UpdateRequest,
         previous: Snapshot,
         current: Snapshot,
         timestamp: Timestamp,
@@ -121,8 +123,8 @@ pub fn apply(
     }
     match command {
         Command::Update(request) => {
-            let before = live.map(|s| s.state.clone()).unwrap_or_default();
-            let mut state = before.clone();
+            let before = live.map(|s| Arc::clone(&s.state)).unwrap_or_default();
+            let mut state = ShadowState::clone(&before);
             if let Some(patch) = &request.desired {
                 ShadowState::apply(&mut state.desired, patch, now);
             }
@@ -133,15 +135,15 @@ pub fn apply(
                 return Err(Rejection::TooLarge);
             }
             let version = current_version + 1;
+            let state = Arc::new(state);
             Ok(Applied {
                 store: Some(StoredShadow {
-                    state: state.clone(),
+                    state: Arc::clone(&state),
                     version,
                     deleted: false,
                     updated_at: now,
                 }),
                 outcome: Outcome::Updated {
-                    request: request.clone(),
                     previous: Snapshot {
                         state: before,
                         version: current_version,
@@ -157,7 +159,7 @@ pub fn apply(
                 store: None,
                 outcome: Outcome::Read {
                     current: Snapshot {
-                        state: live.state.clone(),
+                        state: Arc::clone(&live.state),
                         version: live.version,
                     },
                     timestamp: now,
@@ -166,7 +168,7 @@ pub fn apply(
         }
         Command::Delete(_) => Ok(Applied {
             store: Some(StoredShadow {
-                state: ShadowState::default(),
+                state: Arc::default(),
                 version: current_version,
                 deleted: true,
                 updated_at: now,

@@ -253,7 +253,7 @@ async fn publish_committed(
                     let op = command.operation();
                     let token = command.client_token();
                     let answer = match &result {
-                        Ok(outcome) => Answer::accepted(&key, op, outcome, token),
+                        Ok(outcome) => Answer::accepted(&key, &command, outcome),
                         Err(rejection) => {
                             Answer::rejected(&key, op, rejection.clone(), token, now_secs())
                         }

@@ -72,7 +72,7 @@ proptest! {
             let applied = engine::apply(&key, stored.as_ref(), &Command::Update(u), 1, &limits);
             let applied = applied.map_err(|e| TestCaseError::fail(e.to_string()))?;
             stored = applied.store;
-            let state = &stored.as_ref().map(|s| s.state.clone()).unwrap_or_default();
+            let state = &stored.as_ref().map(|s| ShadowState::clone(&s.state)).unwrap_or_default();
             if let Some(delta) = state.delta() {
                 let desired = state.desired.as_ref().map(|d| d.state.clone()).unwrap_or_default();
                 prop_assert!(delta_within_desired(&delta, &desired), "delta {delta:?} not within desired {desired:?}");
@@ -103,7 +103,7 @@ proptest! {
         };
         let applied = engine::apply(&key, stored.as_ref(), &Command::Update(report), 2, &limits)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let state: ShadowState = applied.store.map(|s| s.state).unwrap_or_default();
+        let state: ShadowState = applied.store.map(|s| ShadowState::clone(&s.state)).unwrap_or_default();
         prop_assert_eq!(state.delta(), None);
     }
 

@@ -44,7 +44,7 @@ fn stored_before(before: &Value) -> Option<StoredShadow> {
         ShadowState::apply(&mut state.reported, &p, 1);
     }
     Some(StoredShadow {
-        state,
+        state: state.into(),
         version: before["version"].as_u64().expect("version"),
         deleted: false,
         updated_at: 1,
@@ -67,9 +67,12 @@ fn every_vector_through_the_engine() {
         let name = case["name"].as_str().unwrap_or("?");
         let before = stored_before(&case["before"]);
         let request = case["request"].as_str().expect("request text");
-        let result = parse_update(request.as_bytes(), &limits)
-            .map_err(|r| r.rejection)
-            .and_then(|u| engine::apply(&key, before.as_ref(), &Command::Update(u), 100, &limits));
+        let command = parse_update(request.as_bytes(), &limits)
+            .map(Command::Update)
+            .map_err(|r| r.rejection);
+        let result = command
+            .clone()
+            .and_then(|c| engine::apply(&key, before.as_ref(), &c, 100, &limits));
         if let Some(want) = case.get("rejected") {
             let err = result.err().unwrap_or_else(|| panic!("{name}: accepted"));
             assert_eq!(
@@ -106,8 +109,11 @@ fn every_vector_through_the_engine() {
         );
         let delta = current.state.delta().map_or(Value::Null, Value::Object);
         assert_eq!(delta, want["delta"], "{name}: delta");
-        let answer =
-            umbra_shadow::Answer::accepted(&key, Operation::Update, &applied.outcome, None);
+        let answer = umbra_shadow::Answer::accepted(
+            &key,
+            command.as_ref().expect("parsed"),
+            &applied.outcome,
+        );
         let delta_topic = key.answer_topic(Operation::Update, AnswerKind::Delta);
         let published = answer.messages.iter().any(|m| m.topic == delta_topic);
         assert_eq!(

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -453,8 +453,8 @@ fn apply_shadow(
     let change = match applied.store {
         None => None,
         Some(shadow) => {
-            let state = serde_json::to_string(&shadow.state.state_value())?;
-            let metadata = serde_json::to_string(&shadow.state.metadata_value())?;
+            let state = shadow.state.state_json();
+            let metadata = shadow.state.metadata_json();
             tx.prepare_cached(
                 "INSERT INTO shadows (thing, name, version, deleted, state, metadata, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -545,7 +545,7 @@ fn load(conn: &Connection, key: &ShadowKey) -> Result<Option<StoredShadow>, Stor
     let state: Value = serde_json::from_str(&state)?;
     let metadata: Value = serde_json::from_str(&metadata)?;
     Ok(Some(StoredShadow {
-        state: ShadowState::from_values(&state, &metadata),
+        state: Arc::new(ShadowState::from_values(&state, &metadata)),
         version: version as u64,
         deleted: deleted != 0,
         updated_at,
