@@ -608,7 +608,7 @@ fn offer(
     conn: &ConnectionState,
     shared: &Shared,
     topic: String,
-    request: topics::ShadowRequestTopic,
+    request: umbra_shadow::topic::RequestTopic,
     payload: &bytes::Bytes,
 ) {
     bump(&shared.metrics.shadow_requests);

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::topics::ShadowRequestTopic;
+use umbra_shadow::topic::RequestTopic;
 
 /// A device's publish to a shadow request topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub struct ShadowPublish {
     /// The full `$aws/things/...` topic.
     pub topic: String,
     /// The parsed topic.
-    pub request: ShadowRequestTopic,
+    pub request: RequestTopic,
     pub payload: Bytes,
 }
 
@@ -102,13 +102,13 @@ impl ShadowRequestSink for ChannelShadowSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topics::parse_shadow_request;
+    use umbra_shadow::topic::parse_request_topic;
 
     fn request(n: u8) -> ShadowPublish {
         let topic = "$aws/things/dev1/shadow/get".to_owned();
         ShadowPublish {
             client_id: "dev1".into(),
-            request: parse_shadow_request(&topic).expect("a request topic"),
+            request: parse_request_topic(&topic).expect("a request topic"),
             topic,
             payload: Bytes::from(vec![n]),
         }

@@ -14,6 +14,7 @@
 //! unrestricted.
 
 use rumqttd::protocol::matches;
+use umbra_shadow::topic::{parse_request_topic, RequestTopic};
 
 /// Prefix of the real AWS IoT reserved topics.
 pub const AWS_PREFIX: &str = "$aws/";
@@ -51,66 +52,6 @@ pub fn matches_any(internal_topic: &str, internal_filters: &[String]) -> bool {
     internal_filters
         .iter()
         .any(|filter| matches(internal_topic, filter))
-}
-
-/// The operation of a shadow request topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ShadowOp {
-    Update,
-    Get,
-    Delete,
-}
-
-impl ShadowOp {
-    fn parse(s: &str) -> Option<ShadowOp> {
-        match s {
-            "update" => Some(ShadowOp::Update),
-            "get" => Some(ShadowOp::Get),
-            "delete" => Some(ShadowOp::Delete),
-            _ => None,
-        }
-    }
-
-    /// The topic level of this operation (`update`, `get`, `delete`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShadowOp::Update => "update",
-            ShadowOp::Get => "get",
-            ShadowOp::Delete => "delete",
-        }
-    }
-}
-
-/// A parsed shadow request topic: `$aws/things/{thing}/shadow/{op}` or
-/// `$aws/things/{thing}/shadow/name/{shadow}/{op}`. Names are not validated
-/// against the shadow naming rules here; the shadow service does that.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ShadowRequestTopic {
-    pub thing: String,
-    /// `None` for the classic (unnamed) shadow.
-    pub shadow: Option<String>,
-    pub op: ShadowOp,
-}
-
-/// Parses a shadow request topic; `None` for every other topic.
-pub fn parse_shadow_request(topic: &str) -> Option<ShadowRequestTopic> {
-    let rest = topic.strip_prefix("$aws/things/")?;
-    let levels: Vec<&str> = rest.split('/').collect();
-    let (thing, shadow, op) = match levels.as_slice() {
-        [thing, "shadow", op] => (*thing, None, *op),
-        [thing, "shadow", "name", shadow, op] if !shadow.is_empty() => {
-            (*thing, Some((*shadow).to_owned()), *op)
-        }
-        _ => return None,
-    };
-    if thing.is_empty() {
-        return None;
-    }
-    Some(ShadowRequestTopic {
-        thing: thing.to_owned(),
-        shadow,
-        op: ShadowOp::parse(op)?,
-    })
 }
 
 /// The thing named by `$aws/things/{thing}/...` (topic or filter).
@@ -153,7 +94,7 @@ pub enum PublishRoute {
     PassThrough,
     /// A shadow request: pass through unchanged (acknowledged, reaches no
     /// subscriber) and hand it to the shadow service.
-    ShadowRequest(ShadowRequestTopic),
+    ShadowRequest(RequestTopic),
     /// An `$aws/...` topic that subscribers should receive: rewrite to this
     /// internal topic.
     MapToInternal(String),
@@ -169,8 +110,8 @@ pub fn route_publish(topic: &str, client_id: &str, privileged: bool) -> PublishR
     let Some(internal) = to_internal(topic) else {
         return PublishRoute::PassThrough;
     };
-    if let Some(request) = parse_shadow_request(topic) {
-        if privileged || request.thing == client_id {
+    if let Ok(request) = parse_request_topic(topic) {
+        if privileged || request.key.thing == client_id {
             return PublishRoute::ShadowRequest(request);
         }
         return PublishRoute::Forbidden(Forbidden::OtherThing);
@@ -249,38 +190,6 @@ mod tests {
         );
         assert_eq!(to_internal("things/a"), None);
         assert_eq!(to_aws("$aws/x"), None);
-    }
-
-    #[test]
-    fn parses_shadow_requests() {
-        let classic = parse_shadow_request("$aws/things/dev1/shadow/update");
-        assert_eq!(
-            classic,
-            Some(ShadowRequestTopic {
-                thing: "dev1".into(),
-                shadow: None,
-                op: ShadowOp::Update
-            })
-        );
-        let named = parse_shadow_request("$aws/things/dev1/shadow/name/cfg/delete");
-        assert_eq!(
-            named,
-            Some(ShadowRequestTopic {
-                thing: "dev1".into(),
-                shadow: Some("cfg".into()),
-                op: ShadowOp::Delete
-            })
-        );
-        for not_a_request in [
-            "$aws/things/dev1/shadow/update/accepted",
-            "$aws/things/dev1/shadow/name//get",
-            "$aws/things//shadow/get",
-            "$aws/things/dev1/shadow/list",
-            "$aws/things/dev1/jobs/get",
-            "things/dev1/shadow/get",
-        ] {
-            assert_eq!(parse_shadow_request(not_a_request), None, "{not_a_request}");
-        }
     }
 
     #[test]

@@ -191,7 +191,7 @@ async fn shadow_request_and_answer_round_trip_on_aws_topics() {
     let request = shadow_request(&mut h.inbox).await;
     assert_eq!(request.client_id, "dev1");
     assert_eq!(request.topic, "$aws/things/dev1/shadow/update");
-    assert_eq!(request.request.thing, "dev1");
+    assert_eq!(request.request.key.thing, "dev1");
     assert_eq!(
         request.payload.as_ref(),
         br#"{"state":{"reported":{"on":true}}}"#
