@@ -31,6 +31,6 @@ pub mod topic;
 pub use answer::{Answer, Message};
 pub use error::Rejection;
 pub use limits::Limits;
-pub use service::{Request, ServiceConfig, ShadowService};
+pub use service::{Pending, Request, ServiceConfig, ShadowService};
 pub use store::{ShadowStore, SqliteStore, StoreConfig, Synchronous};
 pub use topic::{Operation, ShadowKey};

@@ -19,7 +19,7 @@ use crate::error::Rejection;
 use crate::limits::Limits;
 use crate::request::{parse_plain, parse_update, Refused};
 use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError};
-use crate::throttle::Throttle;
+use crate::throttle::{Permit, Throttle};
 use crate::topic::{Operation, ShadowKey};
 
 /// A shadow request, whatever transport it came on.
@@ -114,48 +114,82 @@ impl ShadowService {
     /// Handles one request and returns its answer once it is durable. Every
     /// message of the answer has also been queued on the outbox.
     pub async fn handle(&self, request: Request) -> Answer {
-        let key = &request.key;
+        self.submit(request).answer().await
+    }
+
+    /// Validates and queues one request without waiting. Requests submitted
+    /// one after another are applied in that order, so a transport that must
+    /// keep a device's order calls this in arrival order and awaits later.
+    pub fn submit(&self, request: Request) -> Pending {
+        let key = request.key;
         let op = request.op;
-        if let Err(rejection) = self.check_names(key) {
-            return self.reject(key, op, rejection.into()).await;
+        let refuse = |refused: Refused| Pending {
+            key: key.clone(),
+            op,
+            outbox: self.outbox.clone(),
+            state: PendingState::Refused(refused),
+        };
+        if let Err(rejection) = self.check_names(&key) {
+            return refuse(rejection.into());
         }
-        let Some(_permit) = self.throttle.acquire(&key.thing) else {
+        let Some(permit) = self.throttle.acquire(&key.thing) else {
             debug!(thing = %key.thing, "throttled");
-            return self.reject(key, op, Rejection::Throttled.into()).await;
+            return refuse(Rejection::Throttled.into());
         };
         let command = match self.parse(op, &request.payload) {
             Ok(command) => command,
-            Err(refused) => return self.reject(key, op, refused).await,
+            Err(refused) => return refuse(refused),
         };
-        let token = command.client_token().map(str::to_string);
+        let client_token = command.client_token().map(str::to_string);
+        let refused = |rejection| Refused {
+            rejection,
+            client_token: client_token.clone(),
+        };
         let (ticket, answer) = oneshot::channel();
         let job = Job::Shadow {
             key: key.clone(),
             command,
             ticket: Some(ticket),
         };
-        let refused = |rejection| Refused {
-            rejection,
-            client_token: token.clone(),
-        };
         match self.store.submit(job) {
-            Ok(()) => {}
+            Ok(()) => Pending {
+                key: key.clone(),
+                op,
+                outbox: self.outbox.clone(),
+                state: PendingState::Queued {
+                    answer,
+                    client_token: client_token.clone(),
+                    _permit: permit,
+                },
+            },
             Err(StoreError::Busy) => {
                 warn!(thing = %key.thing, "store queue full");
-                return self.reject(key, op, refused(Rejection::Throttled)).await;
+                refuse(refused(Rejection::Throttled))
             }
             Err(err) => {
                 error!(cause = %err, thing = %key.thing, "could not queue a shadow request");
-                return self.reject(key, op, refused(Rejection::Internal)).await;
+                refuse(refused(Rejection::Internal))
             }
         }
-        match answer.await {
-            Ok(answer) => answer,
-            Err(_) => {
-                error!(thing = %key.thing, "store dropped a request");
-                self.reject(key, op, refused(Rejection::Internal)).await
-            }
+    }
+
+    /// Refuses a request without handling it (e.g. when the transport is
+    /// overloaded), publishing the rejection like any other answer.
+    pub async fn refuse(&self, request: Request, rejection: Rejection) -> Answer {
+        let client_token = parse_plain(&request.payload, &self.limits)
+            .ok()
+            .and_then(|p| p.client_token);
+        Pending {
+            key: request.key,
+            op: request.op,
+            outbox: self.outbox.clone(),
+            state: PendingState::Refused(Refused {
+                rejection,
+                client_token,
+            }),
         }
+        .answer()
+        .await
     }
 
     /// Records that a thing connected or disconnected (in the change log and
@@ -213,11 +247,51 @@ impl ShadowService {
             Operation::Delete => Command::Delete(parse_plain(payload, &self.limits)?),
         })
     }
+}
 
-    async fn reject(&self, key: &ShadowKey, op: Operation, refused: Refused) -> Answer {
+/// A submitted request; [`Pending::answer`] waits for its answer. While it
+/// lives it holds one of its thing's in-flight slots.
+#[derive(Debug)]
+pub struct Pending {
+    key: ShadowKey,
+    op: Operation,
+    outbox: mpsc::Sender<Message>,
+    state: PendingState,
+}
+
+#[derive(Debug)]
+enum PendingState {
+    Queued {
+        answer: oneshot::Receiver<Answer>,
+        client_token: Option<String>,
+        _permit: Permit,
+    },
+    Refused(Refused),
+}
+
+impl Pending {
+    /// The answer, once durable (or the rejection, once published).
+    pub async fn answer(self) -> Answer {
+        let refused = match self.state {
+            PendingState::Refused(refused) => refused,
+            PendingState::Queued {
+                answer,
+                client_token,
+                _permit,
+            } => match answer.await {
+                Ok(answer) => return answer,
+                Err(_) => {
+                    error!(thing = %self.key.thing, "store dropped a request");
+                    Refused {
+                        rejection: Rejection::Internal,
+                        client_token,
+                    }
+                }
+            },
+        };
         let answer = Answer::rejected(
-            key,
-            op,
+            &self.key,
+            self.op,
             refused.rejection,
             refused.client_token.as_deref(),
             now_secs(),
