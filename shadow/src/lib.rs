@@ -14,15 +14,23 @@
 //! - [`store`]: the store trait and the SQLite store (WAL, group commit).
 //! - [`throttle`]: per-thing rate and in-flight budgets.
 //! - [`service`]: the request path: validate, throttle, store, answer in commit order.
+//! - [`metrics`]: the Prometheus metrics of the service, store and API.
+//! - [`search`]: fleet search queries (AWS fleet-indexing syntax subset).
+//! - [`fleet`]: the in-memory fleet index that listing and search read.
+//! - [`http`]: the operator API (axum): shadows, fleet, change stream, metrics.
 #![forbid(unsafe_code)]
 
 pub mod answer;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod fleet;
+pub mod http;
 pub mod json;
 pub mod limits;
+pub mod metrics;
 pub mod request;
+pub mod search;
 pub mod service;
 pub mod store;
 pub mod throttle;
@@ -31,6 +39,7 @@ pub mod topic;
 pub use answer::{Answer, Message};
 pub use error::Rejection;
 pub use limits::Limits;
+pub use metrics::ShadowMetrics;
 pub use service::{Pending, Request, ServiceConfig, ShadowService};
 pub use store::{ShadowStore, SqliteStore, StoreConfig, Synchronous};
 pub use topic::{Operation, ShadowKey};

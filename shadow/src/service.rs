@@ -5,7 +5,7 @@
 //! order, and only after its transaction committed.
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -16,7 +16,9 @@ use crate::answer::{Answer, Message};
 use crate::document::Timestamp;
 use crate::engine::Command;
 use crate::error::Rejection;
+use crate::fleet::FleetIndex;
 use crate::limits::Limits;
+use crate::metrics::ShadowMetrics;
 use crate::request::{parse_plain, parse_update, Refused};
 use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError};
 use crate::throttle::{Permit, Throttle};
@@ -60,6 +62,8 @@ pub struct ShadowService {
     outbox: mpsc::Sender<Message>,
     changes: broadcast::Sender<Change>,
     publisher: Mutex<Option<JoinHandle<()>>>,
+    fleet: Arc<FleetIndex>,
+    metrics: Option<ShadowMetrics>,
 }
 
 impl std::fmt::Debug for ShadowService {
@@ -77,13 +81,34 @@ impl ShadowService {
         store: Arc<dyn ShadowStore>,
         committed: mpsc::Receiver<CommittedBatch>,
     ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
+        ShadowService::start_with_metrics(config, store, committed, None)
+    }
+
+    /// [`ShadowService::start`], recording requests, latencies and deltas on
+    /// `metrics`. Also starts loading the fleet index from the store (in the
+    /// background: see [`ShadowService::fleet`]).
+    pub fn start_with_metrics(
+        config: ServiceConfig,
+        store: Arc<dyn ShadowStore>,
+        committed: mpsc::Receiver<CommittedBatch>,
+        metrics: Option<ShadowMetrics>,
+    ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
         let (outbox, outbox_rx) = mpsc::channel(config.outbox_capacity.max(1));
         let (changes, _) = broadcast::channel(config.change_buffer.max(1));
+        let fleet = Arc::new(FleetIndex::new());
         let publisher = tokio::spawn(publish_committed(
             committed,
             outbox.clone(),
             changes.clone(),
+            Arc::clone(&fleet),
+            metrics.clone(),
         ));
+        {
+            let store = Arc::clone(&store);
+            let fleet = Arc::clone(&fleet);
+            // The publisher already feeds the index; the snapshot is merged under it.
+            tokio::task::spawn_blocking(move || fleet.load(store.fleet_snapshot()));
+        }
         let service = ShadowService {
             throttle: Throttle::new(
                 config.limits.requests_per_second,
@@ -94,6 +119,8 @@ impl ShadowService {
             outbox,
             changes,
             publisher: Mutex::new(Some(publisher)),
+            fleet,
+            metrics,
         };
         (Arc::new(service), outbox_rx)
     }
@@ -104,6 +131,12 @@ impl ShadowService {
 
     pub fn store(&self) -> &Arc<dyn ShadowStore> {
         &self.store
+    }
+
+    /// The in-memory fleet index (every live shadow and connectivity),
+    /// current up to the last published change.
+    pub fn fleet(&self) -> &Arc<FleetIndex> {
+        &self.fleet
     }
 
     /// Every committed change from now on, in commit order.
@@ -128,6 +161,7 @@ impl ShadowService {
             op,
             outbox: self.outbox.clone(),
             state: PendingState::Refused(refused),
+            measure: self.measure(),
         };
         if let Err(rejection) = self.check_names(&key) {
             return refuse(rejection.into());
@@ -156,6 +190,7 @@ impl ShadowService {
                 key: key.clone(),
                 op,
                 outbox: self.outbox.clone(),
+                measure: self.measure(),
                 state: PendingState::Queued {
                     answer,
                     client_token: client_token.clone(),
@@ -187,6 +222,7 @@ impl ShadowService {
                 rejection,
                 client_token,
             }),
+            measure: self.measure(),
         }
         .answer()
         .await
@@ -240,6 +276,10 @@ impl ShadowService {
         }
     }
 
+    fn measure(&self) -> Option<(ShadowMetrics, Instant)> {
+        self.metrics.clone().map(|m| (m, Instant::now()))
+    }
+
     fn parse(&self, op: Operation, payload: &[u8]) -> Result<Command, Refused> {
         Ok(match op {
             Operation::Update => Command::Update(parse_update(payload, &self.limits)?),
@@ -257,6 +297,8 @@ pub struct Pending {
     op: Operation,
     outbox: mpsc::Sender<Message>,
     state: PendingState,
+    /// Where and since when to measure the request, when metrics are on.
+    measure: Option<(ShadowMetrics, Instant)>,
 }
 
 #[derive(Debug)]
@@ -271,7 +313,28 @@ enum PendingState {
 
 impl Pending {
     /// The answer, once durable (or the rejection, once published).
-    pub async fn answer(self) -> Answer {
+    pub async fn answer(mut self) -> Answer {
+        let measure = self.measure.take();
+        let op = self.op;
+        let answer = self.resolve().await;
+        if let Some((metrics, started)) = measure {
+            let code = match &answer.result {
+                Ok(_) => 200,
+                Err(rejection) => rejection.code(),
+            };
+            metrics
+                .requests
+                .with_label_values(&[op.as_str(), code_label(code)])
+                .inc();
+            metrics
+                .request_seconds
+                .with_label_values(&[op.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        answer
+    }
+
+    async fn resolve(self) -> Answer {
         let refused = match self.state {
             PendingState::Refused(refused) => refused,
             PendingState::Queued {
@@ -311,6 +374,8 @@ async fn publish_committed(
     mut committed: mpsc::Receiver<CommittedBatch>,
     outbox: mpsc::Sender<Message>,
     changes: broadcast::Sender<Change>,
+    fleet: Arc<FleetIndex>,
+    metrics: Option<ShadowMetrics>,
 ) {
     let mut outbox = Some(outbox);
     while let Some(batch) = committed.recv().await {
@@ -335,7 +400,20 @@ async fn publish_committed(
                     (change, Some((answer, ticket)))
                 }
             };
+            // Indexed before the caller hears back: a client that got its
+            // answer finds its change in a search.
+            if let Some(change) = &change {
+                fleet.apply(change.clone());
+            }
             if let Some((answer, ticket)) = answer_to {
+                if let Some(metrics) = &metrics {
+                    let deltas = answer
+                        .messages
+                        .iter()
+                        .filter(|m| m.topic.ends_with("/update/delta"))
+                        .count();
+                    metrics.deltas_published.inc_by(deltas as u64);
+                }
                 for message in &answer.messages {
                     let sent = match &outbox {
                         Some(tx) => tx.send(message.clone()).await.is_ok(),
@@ -355,6 +433,21 @@ async fn publish_committed(
                 let _ = changes.send(change);
             }
         }
+    }
+}
+
+/// The answer code as a metric label, without allocating.
+fn code_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        _ => "500",
     }
 }
 

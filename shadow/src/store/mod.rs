@@ -110,6 +110,41 @@ pub struct Connectivity {
     pub last_seen_ms: i64,
 }
 
+/// The change log's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeLogBounds {
+    /// The oldest retained entry, `None` when the log is empty.
+    pub oldest: Option<u64>,
+    /// The last sequence number ever assigned (0 before the first change).
+    pub last: u64,
+}
+
+impl ChangeLogBounds {
+    /// Whether every change after `since` is still retained.
+    pub fn retains_after(&self, since: u64) -> bool {
+        let first_retained = self.oldest.unwrap_or(self.last + 1);
+        first_retained <= since.saturating_add(1)
+    }
+}
+
+/// One live shadow as committed, for building the fleet index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowRow {
+    pub key: ShadowKey,
+    pub version: u64,
+    /// `{"desired":..,"reported":..}`, raw JSON.
+    pub state: String,
+}
+
+/// Every live shadow and every thing's connectivity at one point of the change log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetSnapshot {
+    /// The snapshot holds every change up to this sequence and none after it.
+    pub through_seq: u64,
+    pub shadows: Vec<ShadowRow>,
+    pub things: Vec<Connectivity>,
+}
+
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -147,6 +182,23 @@ pub trait ShadowStore: Send + Sync {
 
     /// Change log entries with `seq > after`, oldest first, at most `limit`.
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+
+    /// The oldest retained and the last assigned change sequence.
+    fn change_log_bounds(&self) -> Result<ChangeLogBounds, StoreError>;
+
+    /// Changes of one shadow after version `since_version`, oldest first, with
+    /// `seq > after_seq`, at most `limit`. A delete keeps the version it
+    /// deleted, so the delete of version N counts as after N.
+    fn shadow_changes(
+        &self,
+        key: &ShadowKey,
+        since_version: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError>;
+
+    /// Every live shadow and every thing's connectivity, read consistently.
+    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError>;
 
     /// Stops taking jobs, finishes and commits what is queued, and waits for the writer.
     fn close(&self) -> Result<(), StoreError>;

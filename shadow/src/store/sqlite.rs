@@ -14,12 +14,14 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{
-    Change, ChangeKind, Committed, CommittedBatch, Connectivity, Job, ShadowStore, StoreError,
+    Change, ChangeKind, ChangeLogBounds, Committed, CommittedBatch, Connectivity, FleetSnapshot,
+    Job, ShadowRow, ShadowStore, StoreError,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, Outcome, StoredShadow};
 use crate::error::Rejection;
 use crate::limits::Limits;
+use crate::metrics::ShadowMetrics;
 use crate::topic::ShadowKey;
 
 /// How hard SQLite syncs each commit.
@@ -119,6 +121,16 @@ impl SqliteStore {
         config: StoreConfig,
         limits: Limits,
     ) -> Result<(SqliteStore, mpsc::Receiver<CommittedBatch>), StoreError> {
+        SqliteStore::open_with_metrics(config, limits, None)
+    }
+
+    /// [`SqliteStore::open`], with the writer recording commit latency, batch
+    /// sizes and the change log's size on `metrics`.
+    pub fn open_with_metrics(
+        config: StoreConfig,
+        limits: Limits,
+        metrics: Option<ShadowMetrics>,
+    ) -> Result<(SqliteStore, mpsc::Receiver<CommittedBatch>), StoreError> {
         let conn = Connection::open(&config.path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match config.synchronous {
@@ -128,6 +140,10 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", sync)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        if let Some(metrics) = &metrics {
+            let entries: i64 = conn.query_row("SELECT count(*) FROM changes", [], |r| r.get(0))?;
+            metrics.change_log_entries.set(entries);
+        }
 
         let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
         let (committed_tx, committed_rx) = mpsc::channel(COMMITTED_BACKLOG);
@@ -138,6 +154,7 @@ impl SqliteStore {
             retention: config.change_retention,
             cache: HashMap::new(),
             cache_capacity: config.cache_shadows,
+            metrics,
         };
         let handle = std::thread::Builder::new()
             .name("umbra-store-writer".into())
@@ -238,31 +255,87 @@ impl ShadowStore for SqliteStore {
                 "SELECT seq, thing, name, version, kind, time, document FROM changes
                  WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, String>(6)?,
-                ))
-            })?;
-            let mut changes = Vec::new();
-            for row in rows {
-                let (seq, thing, name, version, kind, time, document) = row?;
-                changes.push(Change {
-                    seq: seq as u64,
-                    thing,
-                    name: (!name.is_empty()).then_some(name),
-                    version: version as u64,
-                    kind: ChangeKind::parse(&kind).unwrap_or(ChangeKind::Update),
-                    time,
-                    document,
-                });
-            }
-            Ok(changes)
+            let rows = stmt.query_map(params![after as i64, limit as i64], change_row)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    fn change_log_bounds(&self) -> Result<ChangeLogBounds, StoreError> {
+        self.with_reader(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            let bounds = change_log_bounds(&tx)?;
+            tx.commit()?;
+            Ok(bounds)
+        })
+    }
+
+    fn shadow_changes(
+        &self,
+        key: &ShadowKey,
+        since_version: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.with_reader(|conn| {
+            // Served by `changes_by_shadow (thing, name, version)`.
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, thing, name, version, kind, time, document FROM changes
+                 WHERE thing = ?1 AND name = ?2
+                   AND (version > ?3 OR (version = ?3 AND kind = 'delete'))
+                   AND seq > ?4
+                 ORDER BY seq LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    key.thing,
+                    key.name.as_deref().unwrap_or(""),
+                    since_version as i64,
+                    after_seq as i64,
+                    limit as i64
+                ],
+                change_row,
+            )?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError> {
+        self.with_reader(|conn| {
+            // One read transaction: the rows and the sequence are of one instant.
+            let tx = conn.unchecked_transaction()?;
+            let through_seq = change_log_bounds(&tx)?.last;
+            let shadows = tx
+                .prepare("SELECT thing, name, version, state FROM shadows WHERE deleted = 0")?
+                .query_map([], |r| {
+                    let name: String = r.get(1)?;
+                    Ok(ShadowRow {
+                        key: ShadowKey {
+                            thing: r.get(0)?,
+                            name: (!name.is_empty()).then_some(name),
+                        },
+                        version: r.get::<_, i64>(2)? as u64,
+                        state: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let things = tx
+                .prepare("SELECT thing, connected, last_seen_ms FROM things")?
+                .query_map([], |r| {
+                    Ok(Connectivity {
+                        thing: r.get(0)?,
+                        connected: r.get::<_, i64>(1)? != 0,
+                        last_seen_ms: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(FleetSnapshot {
+                through_seq,
+                shadows,
+                things,
+            })
         })
     }
 
@@ -307,6 +380,7 @@ struct Writer {
     /// fails, so it never holds what SQLite does not.
     cache: HashMap<ShadowKey, StoredShadow>,
     cache_capacity: usize,
+    metrics: Option<ShadowMetrics>,
 }
 
 impl Writer {
@@ -339,7 +413,19 @@ impl Writer {
     fn commit(&mut self, jobs: Vec<Job>) -> CommittedBatch {
         let now_ms = now_ms();
         let now = now_ms / 1000;
-        let outcomes = match self.apply_all(&jobs, now) {
+        let started = std::time::Instant::now();
+        let applied = self.apply_all(&jobs, now);
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.batch_size.observe(jobs.len() as f64);
+            if let Ok(outcomes) = &applied {
+                let logged = outcomes.iter().filter(|(_, c)| c.is_some()).count();
+                metrics.change_log_entries.add(logged as i64);
+            }
+        }
+        let outcomes = match applied {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 error!(cause = %err, jobs = jobs.len(), "store commit failed");
@@ -419,12 +505,15 @@ impl Writer {
     /// with the sequence, so the first entry inside the window marks the cut.
     fn trim(&self) -> Result<(), StoreError> {
         let cutoff = now_ms() / 1000 - self.retention.as_secs() as i64;
-        self.conn.execute(
+        let removed = self.conn.execute(
             "DELETE FROM changes WHERE seq < coalesce(
                 (SELECT seq FROM changes WHERE time >= ?1 ORDER BY seq LIMIT 1),
                 (SELECT max(seq) + 1 FROM changes))",
             params![cutoff],
         )?;
+        if let Some(metrics) = &self.metrics {
+            metrics.change_log_entries.sub(removed as i64);
+        }
         Ok(())
     }
 }
@@ -520,6 +609,35 @@ fn log_change(
         kind,
         time: now,
         document,
+    })
+}
+
+fn change_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Change> {
+    let name: String = r.get(2)?;
+    let kind: String = r.get(4)?;
+    Ok(Change {
+        seq: r.get::<_, i64>(0)? as u64,
+        thing: r.get(1)?,
+        name: (!name.is_empty()).then_some(name),
+        version: r.get::<_, i64>(3)? as u64,
+        kind: ChangeKind::parse(&kind).unwrap_or(ChangeKind::Update),
+        time: r.get(5)?,
+        document: r.get(6)?,
+    })
+}
+
+fn change_log_bounds(conn: &Connection) -> Result<ChangeLogBounds, StoreError> {
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(seq) FROM changes")?
+        .query_row([], |r| r.get(0))?;
+    // AUTOINCREMENT keeps the last sequence even when trimming emptied the log.
+    let last: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(ChangeLogBounds {
+        oldest: oldest.map(|s| s as u64),
+        last: last.unwrap_or(0).max(oldest.unwrap_or(0)) as u64,
     })
 }
 

@@ -1,0 +1,383 @@
+//! The fleet index: every thing's live shadows and connectivity in memory, for
+//! listing and search without touching SQLite.
+//!
+//! Built once from a consistent store snapshot and kept current from the
+//! committed changes, which the service's publisher feeds in commit order.
+//! Changes that arrive while the snapshot loads are held and replayed on top
+//! of it (those the snapshot already holds are skipped by sequence).
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Mutex, RwLock};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::document::{Section, ShadowState};
+use crate::search::{Query, ShadowFields, ThingFields};
+use crate::store::{Change, ChangeKind, FleetSnapshot, StoreError};
+
+/// One live shadow as indexed (state without metadata).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexedShadow {
+    pub version: u64,
+    pub state: ShadowState,
+    pub has_delta: bool,
+}
+
+impl IndexedShadow {
+    /// Builds an entry from `{"desired":..,"reported":..}`.
+    pub fn from_state(version: u64, state: &Value) -> IndexedShadow {
+        let section = |name: &str| {
+            let state = state.get(name)?.as_object()?.clone();
+            Some(Section {
+                state,
+                metadata: Map::new(),
+            })
+        };
+        let state = ShadowState {
+            desired: section("desired"),
+            reported: section("reported"),
+        };
+        IndexedShadow {
+            version,
+            has_delta: state.delta().is_some(),
+            state,
+        }
+    }
+
+    /// Builds an entry from a change log update document (`{"state":..,..}`);
+    /// the metadata is skipped, not parsed into values.
+    pub fn from_change_document(version: u64, document: &str) -> Option<IndexedShadow> {
+        #[derive(Deserialize)]
+        struct Document {
+            state: Value,
+        }
+        let document: Document = serde_json::from_str(document).ok()?;
+        Some(IndexedShadow::from_state(version, &document.state))
+    }
+
+    /// `{"desired","reported","hasDelta","version"}`.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        if let Some(d) = &self.state.desired {
+            out.insert("desired".into(), Value::Object(d.state.clone()));
+        }
+        if let Some(r) = &self.state.reported {
+            out.insert("reported".into(), Value::Object(r.state.clone()));
+        }
+        out.insert("hasDelta".into(), self.has_delta.into());
+        out.insert("version".into(), self.version.into());
+        Value::Object(out)
+    }
+}
+
+/// A thing's connectivity as indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub connected: bool,
+    pub last_seen_ms: i64,
+}
+
+/// One thing in the index: its live shadows (key `None` is the classic
+/// shadow) and its connectivity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ThingEntry {
+    pub presence: Option<Presence>,
+    pub shadows: BTreeMap<Option<String>, IndexedShadow>,
+}
+
+/// A thing and its entry, as a query sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ThingRef<'a> {
+    pub name: &'a str,
+    pub entry: &'a ThingEntry,
+}
+
+impl ThingFields for ThingRef<'_> {
+    fn thing_name(&self) -> &str {
+        self.name
+    }
+
+    fn connectivity(&self) -> Option<(bool, i64)> {
+        self.entry.presence.map(|p| (p.connected, p.last_seen_ms))
+    }
+
+    fn shadow(&self, name: Option<&str>) -> Option<ShadowFields<'_>> {
+        // BTreeMap<Option<String>, _> cannot be probed with Option<&str>: match by hand.
+        let shadow = match name {
+            None => self.entry.shadows.get(&None),
+            Some(name) => self
+                .entry
+                .shadows
+                .range(Some(name.to_string())..)
+                .next()
+                .filter(|(k, _)| k.as_deref() == Some(name))
+                .map(|(_, v)| v),
+        }?;
+        Some(ShadowFields {
+            version: shadow.version,
+            state: &shadow.state,
+            has_delta: shadow.has_delta,
+        })
+    }
+}
+
+impl ThingRef<'_> {
+    /// The thing as a search result: name, connectivity, classic shadow and named shadows.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        out.insert("thingName".into(), self.name.into());
+        if let Some(p) = self.entry.presence {
+            out.insert(
+                "connectivity".into(),
+                serde_json::json!({"connected": p.connected, "timestamp": p.last_seen_ms}),
+            );
+        }
+        let mut shadow = match self.entry.shadows.get(&None) {
+            Some(classic) => classic.to_json(),
+            None => Value::Object(Map::new()),
+        };
+        let named: Map<String, Value> = self
+            .entry
+            .shadows
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone()?, v.to_json())))
+            .collect();
+        if let (false, Value::Object(map)) = (named.is_empty(), &mut shadow) {
+            map.insert("name".into(), Value::Object(named));
+        }
+        out.insert("shadow".into(), shadow);
+        Value::Object(out)
+    }
+}
+
+/// Whether the index has loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexStatus {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// The in-memory fleet index.
+pub struct FleetIndex {
+    things: RwLock<BTreeMap<String, ThingEntry>>,
+    /// Changes not yet applied. The publisher never waits for a search: when
+    /// the index is being read it leaves its changes here, and the next
+    /// writer or reader applies them first. Bounded in practice by the commit
+    /// rate times the longest search; while loading, by the load time.
+    pending: Mutex<Vec<Change>>,
+    /// Sequence up to which the snapshot (and so the index) is complete;
+    /// changes at or below it are already in.
+    loaded_through: Mutex<Option<u64>>,
+    status: watch::Sender<IndexStatus>,
+}
+
+impl std::fmt::Debug for FleetIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetIndex")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for FleetIndex {
+    fn default() -> Self {
+        FleetIndex::new()
+    }
+}
+
+/// Why the index could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("fleet index is loading")]
+    Loading,
+    #[error("fleet index failed to load")]
+    Failed,
+}
+
+impl FleetIndex {
+    /// An empty index waiting for its snapshot.
+    pub fn new() -> FleetIndex {
+        FleetIndex {
+            things: RwLock::new(BTreeMap::new()),
+            pending: Mutex::new(Vec::new()),
+            loaded_through: Mutex::new(None),
+            status: watch::channel(IndexStatus::Loading).0,
+        }
+    }
+
+    pub fn status(&self) -> IndexStatus {
+        *self.status.borrow()
+    }
+
+    /// Waits until the index has loaded (or failed to).
+    pub async fn wait_loaded(&self) -> IndexStatus {
+        let mut rx = self.status.subscribe();
+        let status = match rx.wait_for(|s| *s != IndexStatus::Loading).await {
+            Ok(status) => *status,
+            Err(_) => IndexStatus::Failed,
+        };
+        status
+    }
+
+    /// Loads the snapshot, then replays the changes that arrived meanwhile.
+    pub fn load(&self, snapshot: Result<FleetSnapshot, StoreError>) {
+        let snapshot = match snapshot {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                warn!(cause = %err, "fleet index could not read the store");
+                self.status.send_replace(IndexStatus::Failed);
+                return;
+            }
+        };
+        let mut things: BTreeMap<String, ThingEntry> = BTreeMap::new();
+        for row in snapshot.shadows {
+            let state: Value = serde_json::from_str(&row.state).unwrap_or(Value::Null);
+            things
+                .entry(row.key.thing)
+                .or_default()
+                .shadows
+                .insert(row.key.name, IndexedShadow::from_state(row.version, &state));
+        }
+        for c in snapshot.things {
+            things.entry(c.thing).or_default().presence = Some(Presence {
+                connected: c.connected,
+                last_seen_ms: c.last_seen_ms,
+            });
+        }
+        if let Ok(mut current) = self.things.write() {
+            *current = things;
+        }
+        if let Ok(mut through) = self.loaded_through.lock() {
+            *through = Some(snapshot.through_seq);
+        }
+        self.drain();
+        self.status.send_replace(IndexStatus::Ready);
+    }
+
+    /// Takes one committed change, in commit order. Never waits for readers.
+    pub fn apply(&self, change: Change) {
+        if self.status() == IndexStatus::Failed {
+            return;
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.push(change);
+        }
+        let loaded = self
+            .loaded_through
+            .lock()
+            .map(|t| t.is_some())
+            .unwrap_or(false);
+        if loaded {
+            if let Ok(mut things) = self.things.try_write() {
+                self.drain_into(&mut things);
+            }
+        }
+    }
+
+    /// Applies whatever is pending (waits for readers).
+    fn drain(&self) {
+        if let Ok(mut things) = self.things.write() {
+            self.drain_into(&mut things);
+        }
+    }
+
+    fn drain_into(&self, things: &mut BTreeMap<String, ThingEntry>) {
+        let Some(through) = self.loaded_through.lock().ok().and_then(|t| *t) else {
+            return;
+        };
+        let changes = match self.pending.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return,
+        };
+        for change in changes.into_iter().filter(|c| c.seq > through) {
+            apply_change(things, change);
+        }
+    }
+
+    /// Runs `read` over the index brought up to date.
+    pub fn read<T>(
+        &self,
+        read: impl FnOnce(&BTreeMap<String, ThingEntry>) -> T,
+    ) -> Result<T, IndexError> {
+        match self.status() {
+            IndexStatus::Loading => return Err(IndexError::Loading),
+            IndexStatus::Failed => return Err(IndexError::Failed),
+            IndexStatus::Ready => {}
+        }
+        self.drain();
+        let things = self.things.read().map_err(|_| IndexError::Failed)?;
+        Ok(read(&things))
+    }
+
+    /// Things matching `query` (all things when `None`), in name order, after
+    /// `after`, at most `limit`; and whether more follow.
+    pub fn search<T>(
+        &self,
+        query: Option<&Query>,
+        after: Option<&str>,
+        limit: usize,
+        mut render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> Result<(Vec<T>, bool), IndexError> {
+        self.read(|things| {
+            let start = match after {
+                Some(after) => Bound::Excluded(after.to_string()),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            let mut more = false;
+            for (name, entry) in things.range((start, Bound::Unbounded)) {
+                let thing = ThingRef { name, entry };
+                if query.map_or(true, |q| q.matches(&thing)) {
+                    if out.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    out.push(render(thing));
+                }
+            }
+            (out, more)
+        })
+    }
+}
+
+fn apply_change(things: &mut BTreeMap<String, ThingEntry>, change: Change) {
+    match change.kind {
+        ChangeKind::Update => {
+            match IndexedShadow::from_change_document(change.version, &change.document) {
+                Some(shadow) => {
+                    things
+                        .entry(change.thing)
+                        .or_default()
+                        .shadows
+                        .insert(change.name, shadow);
+                }
+                None => {
+                    warn!(thing = %change.thing, seq = change.seq, "unreadable change document")
+                }
+            }
+        }
+        ChangeKind::Delete => {
+            if let Some(entry) = things.get_mut(&change.thing) {
+                entry.shadows.remove(&change.name);
+                if entry.shadows.is_empty() && entry.presence.is_none() {
+                    things.remove(&change.thing);
+                }
+            }
+        }
+        ChangeKind::Connect | ChangeKind::Disconnect => {
+            let last_seen_ms = serde_json::from_str::<Value>(&change.document)
+                .ok()
+                .and_then(|d| d.get("timestamp").and_then(Value::as_i64))
+                .unwrap_or(change.time * 1000);
+            things.entry(change.thing).or_default().presence = Some(Presence {
+                connected: change.kind == ChangeKind::Connect,
+                last_seen_ms,
+            });
+        }
+    }
+}

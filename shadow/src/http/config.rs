@@ -1,0 +1,137 @@
+//! The `[http]` section of Umbra's config, and the check that refuses to
+//! expose an unauthenticated API beyond loopback.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::auth::Role;
+
+/// Settings of the operator API. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer tokens. With none, every request is anonymous with the write
+    /// role, which is only allowed on a loopback address.
+    pub tokens: Vec<TokenConfig>,
+    /// Allow listening beyond loopback without tokens (anyone may write).
+    pub allow_anonymous_remote: bool,
+    /// `/metrics` without a token (for scrapers that cannot send one).
+    pub public_metrics: bool,
+    /// Largest request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// Time to answer a request (to the response head), in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Requests handled at once; beyond that requests are shed with 503.
+    pub max_concurrent_requests: usize,
+    /// Change-stream subscribers at once; beyond that 503.
+    pub max_stream_subscribers: usize,
+    /// Events one change-stream subscriber may have waiting; a subscriber
+    /// further behind is ended with an `end` event (reason `lagged`).
+    pub stream_buffer: usize,
+    /// Seconds between heartbeat comments on an idle change stream.
+    pub heartbeat_secs: u64,
+    /// Page size when a request names none.
+    pub default_page_size: usize,
+    /// Largest page size a request may ask for.
+    pub max_page_size: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            tokens: Vec::new(),
+            allow_anonymous_remote: false,
+            public_metrics: false,
+            body_limit_bytes: 256 * 1024,
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 1024,
+            max_stream_subscribers: 256,
+            stream_buffer: 1024,
+            heartbeat_secs: 15,
+            default_page_size: 25,
+            max_page_size: 250,
+        }
+    }
+}
+
+/// One bearer token.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it; shows in logs as the request's client.
+    pub name: String,
+    /// The secret the client sends as `Authorization: Bearer <token>`.
+    pub token: String,
+    pub role: Role,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the API may not listen where it was asked to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    #[error("no api tokens configured: refusing to listen on non-loopback {addr} (set allow_anonymous_remote to override)")]
+    AnonymousRemote { addr: SocketAddr },
+    #[error("api token {name:?} is empty")]
+    EmptyToken { name: String },
+}
+
+/// Checks the config before the listener is bound: without tokens the API
+/// may only listen on loopback, unless `allow_anonymous_remote` is set.
+pub fn check_listen_addr(config: &ApiConfig, addr: SocketAddr) -> Result<(), ListenError> {
+    if let Some(t) = config.tokens.iter().find(|t| t.token.is_empty()) {
+        return Err(ListenError::EmptyToken {
+            name: t.name.clone(),
+        });
+    }
+    if config.tokens.is_empty() && !addr.ip().is_loopback() && !config.allow_anonymous_remote {
+        return Err(ListenError::AnonymousRemote { addr });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn anonymous_only_on_loopback() {
+        let open = ApiConfig::default();
+        assert_eq!(check_listen_addr(&open, addr("127.0.0.1:8080")), Ok(()));
+        assert_eq!(check_listen_addr(&open, addr("[::1]:8080")), Ok(()));
+        assert_eq!(
+            check_listen_addr(&open, addr("0.0.0.0:8080")),
+            Err(ListenError::AnonymousRemote {
+                addr: addr("0.0.0.0:8080")
+            })
+        );
+        let allowed = ApiConfig {
+            allow_anonymous_remote: true,
+            ..ApiConfig::default()
+        };
+        assert_eq!(check_listen_addr(&allowed, addr("0.0.0.0:8080")), Ok(()));
+        let tokens = ApiConfig {
+            tokens: vec![TokenConfig {
+                name: "ops".into(),
+                token: "s3cret".into(),
+                role: Role::Read,
+            }],
+            ..ApiConfig::default()
+        };
+        assert_eq!(check_listen_addr(&tokens, addr("10.0.0.1:80")), Ok(()));
+        assert!(!format!("{tokens:?}").contains("s3cret"));
+    }
+}

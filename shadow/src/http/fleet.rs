@@ -1,0 +1,147 @@
+//! Fleet listing and search, both answered from the in-memory fleet index.
+
+use axum::extract::{Query, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::shadow::PageParams;
+use super::{ApiError, ApiState};
+use crate::fleet::ThingRef;
+use crate::search::Query as SearchQuery;
+
+/// One shadow of a listed thing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShadowVersion {
+    /// `null` for the classic shadow.
+    pub name: Option<String>,
+    pub version: u64,
+}
+
+/// A thing's connectivity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectivityView {
+    pub connected: bool,
+    /// Last connect or disconnect, epoch milliseconds.
+    pub timestamp: i64,
+}
+
+/// One thing in the fleet listing.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThingSummary {
+    pub thing_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<ConnectivityView>,
+    pub shadows: Vec<ShadowVersion>,
+}
+
+/// A page of things.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThingsPage {
+    pub things: Vec<ThingSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+/// A page of search results: each thing with its connectivity and shadows
+/// (`shadow`: the classic shadow's `desired`, `reported`, `hasDelta`,
+/// `version`, and `name.{shadow}` for named ones).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchPage {
+    #[schema(value_type = Vec<Object>)]
+    pub things: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/things", tag = "fleet",
+    params(PageParams),
+    responses(
+        (status = 200, description = "Things in name order", body = ThingsPage),
+        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+    ))]
+pub async fn list_things(
+    State(state): State<ApiState>,
+    Query(page): Query<PageParams>,
+) -> Result<Json<ThingsPage>, ApiError> {
+    let size = page.size(&state)?;
+    let (things, more) =
+        state
+            .service
+            .fleet()
+            .search(None, page.next_token.as_deref(), size, summary)?;
+    let next_token = more
+        .then(|| things.last().map(|t| t.thing_name.clone()))
+        .flatten();
+    Ok(Json(ThingsPage { things, next_token }))
+}
+
+fn summary(thing: ThingRef<'_>) -> ThingSummary {
+    ThingSummary {
+        thing_name: thing.name.to_string(),
+        connectivity: thing.entry.presence.map(|p| ConnectivityView {
+            connected: p.connected,
+            timestamp: p.last_seen_ms,
+        }),
+        shadows: thing
+            .entry
+            .shadows
+            .iter()
+            .map(|(name, s)| ShadowVersion {
+                name: name.clone(),
+                version: s.version,
+            })
+            .collect(),
+    }
+}
+
+/// `?q=` and paging.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(rename_all = "camelCase")]
+pub struct SearchParams {
+    /// The query, e.g. `thingName:sensor-* AND shadow.reported.temp>30`.
+    pub q: String,
+    pub page_size: Option<usize>,
+    pub next_token: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/search", tag = "fleet",
+    params(SearchParams),
+    responses(
+        (status = 200, description = "Matching things in name order", body = SearchPage),
+        (status = 400, description = "Malformed query (`position` says where)", body = super::error::ErrorBody),
+        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+    ))]
+pub async fn search(
+    State(state): State<ApiState>,
+    Query(params): Query<SearchParams>,
+) -> Result<Json<SearchPage>, ApiError> {
+    let query = SearchQuery::parse(&params.q)?;
+    let size = PageParams {
+        page_size: params.page_size,
+        next_token: None,
+    }
+    .size(&state)?;
+    let fleet = std::sync::Arc::clone(state.service.fleet());
+    let after = params.next_token;
+    // A scan over a large fleet takes milliseconds: keep it off the async workers.
+    let (things, names, more) = tokio::task::spawn_blocking(move || {
+        fleet
+            .search(Some(&query), after.as_deref(), size, |t| {
+                (t.to_json(), t.name.to_string())
+            })
+            .map(|(found, more)| {
+                let (things, names): (Vec<_>, Vec<_>) = found.into_iter().unzip();
+                (things, names, more)
+            })
+    })
+    .await
+    .map_err(|_| ApiError::Task)??;
+    let next_token = more.then(|| names.last().cloned()).flatten();
+    Ok(Json(SearchPage { things, next_token }))
+}
