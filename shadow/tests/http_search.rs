@@ -1,0 +1,342 @@
+//! Fleet listing and search through the API, compared with a brute-force
+//! filter over the same generated fleet: once as the index was built live
+//! from committed changes, and again after a restart, as loaded from the store.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use prometheus::Registry;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use umbra_shadow::fleet::IndexStatus;
+use umbra_shadow::http::{router, ApiConfig, ApiState};
+use umbra_shadow::{
+    Limits, Operation, Request as ShadowRequest, ServiceConfig, ShadowKey, ShadowService,
+    SqliteStore, StoreConfig, Synchronous,
+};
+
+/// One generated thing, as the brute force sees it.
+#[derive(Debug, Clone)]
+struct Model {
+    name: String,
+    /// The classic shadow, if live: (reported temp, desired mode, reported mode, version).
+    classic: Option<(f64, Option<&'static str>, Option<&'static str>, u64)>,
+    cfg_x: Option<i64>,
+    connected: Option<bool>,
+}
+
+impl Model {
+    fn exists(&self) -> bool {
+        self.classic.is_some() || self.cfg_x.is_some() || self.connected.is_some()
+    }
+    fn temp(&self) -> Option<f64> {
+        self.classic.map(|c| c.0)
+    }
+    fn desired_mode(&self) -> Option<&str> {
+        self.classic.and_then(|c| c.1)
+    }
+    fn has_delta(&self) -> bool {
+        self.classic
+            .is_some_and(|(_, desired, reported, _)| desired.is_some() && desired != reported)
+    }
+}
+
+const MODES: [&str; 3] = ["eco", "comfort", "off"];
+
+fn limits() -> Limits {
+    Limits {
+        requests_per_second: 0,
+        max_in_flight: 0,
+        ..Limits::default()
+    }
+}
+
+fn start(path: &Path) -> Arc<ShadowService> {
+    let config = StoreConfig {
+        synchronous: Synchronous::Normal,
+        ..StoreConfig::new(path)
+    };
+    let (store, committed) = SqliteStore::open(config, limits()).expect("open store");
+    let (service, outbox) = ShadowService::start(
+        ServiceConfig {
+            limits: limits(),
+            ..ServiceConfig::default()
+        },
+        Arc::new(store),
+        committed,
+    );
+    drop(outbox);
+    service
+}
+
+fn app(service: &Arc<ShadowService>) -> Router {
+    router(ApiState::new(
+        Arc::clone(service),
+        ApiConfig::default(),
+        Registry::new(),
+        watch::channel(true).1,
+    ))
+}
+
+fn req(key: ShadowKey, op: Operation, body: Value) -> ShadowRequest {
+    ShadowRequest {
+        key,
+        op,
+        payload: serde_json::to_vec(&body).unwrap_or_default().into(),
+        client: "gen".into(),
+    }
+}
+
+/// Writes a random fleet through the service and returns what it should hold.
+async fn generate(service: &ShadowService, count: usize) -> Vec<Model> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut models = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..count {
+        let prefix = ["sensor", "lamp", "gw"][rng.gen_range(0..3)];
+        let name = format!("{prefix}-{i:04}");
+        let mut model = Model {
+            name: name.clone(),
+            classic: None,
+            cfg_x: None,
+            connected: None,
+        };
+        if rng.gen_bool(0.85) {
+            let temp = f64::from(rng.gen_range(0..500)) / 10.0;
+            let desired = rng.gen_bool(0.7).then(|| MODES[rng.gen_range(0..3)]);
+            let reported = rng.gen_bool(0.8).then(|| MODES[rng.gen_range(0..3)]);
+            let mut state = json!({"reported": {"temp": temp, "mode": reported}});
+            if let Some(d) = desired {
+                state["desired"] = json!({"mode": d});
+            }
+            let key = ShadowKey::classic(name.clone());
+            pending.push(service.submit(req(
+                key.clone(),
+                Operation::Update,
+                json!({"state": state}),
+            )));
+            // A second update bumps the version on some.
+            let mut version = 1;
+            if rng.gen_bool(0.3) {
+                pending.push(service.submit(req(
+                    key.clone(),
+                    Operation::Update,
+                    json!({"state": {"reported": {"temp": temp}}}),
+                )));
+                version = 2;
+            }
+            model.classic = Some((temp, desired, reported, version));
+            if rng.gen_bool(0.1) {
+                pending.push(service.submit(req(key, Operation::Delete, json!({}))));
+                model.classic = None;
+            }
+        }
+        if rng.gen_bool(0.3) {
+            let x = rng.gen_range(0..10);
+            pending.push(service.submit(req(
+                ShadowKey::named(name.clone(), "cfg"),
+                Operation::Update,
+                json!({"state": {"reported": {"x": x}}}),
+            )));
+            model.cfg_x = Some(x);
+        }
+        if rng.gen_bool(0.5) {
+            let connected = rng.gen_bool(0.6);
+            assert!(service.record_presence(&name, connected, 1_700_000_000_000 + i as i64, None));
+            model.connected = Some(connected);
+        }
+        models.push(model);
+    }
+    for p in pending {
+        assert!(p.answer().await.result.is_ok());
+    }
+    // Presence is not answered: one more update, committed after all of it,
+    // returns only once everything before it is indexed.
+    let marker = ShadowKey::named("zz-marker", "cfg");
+    assert!(service
+        .handle(req(
+            marker,
+            Operation::Update,
+            json!({"state":{"reported":{"x":100}}})
+        ))
+        .await
+        .result
+        .is_ok());
+    models.push(Model {
+        name: "zz-marker".into(),
+        classic: None,
+        cfg_x: Some(100),
+        connected: None,
+    });
+    models
+}
+
+async fn get(app: &Router, uri: &str) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// Every page of a listing or search, concatenated.
+async fn all_pages(app: &Router, base: &str) -> Vec<Value> {
+    let mut things = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let uri = match &token {
+            Some(t) => format!("{base}{sep}pageSize=7&nextToken={t}"),
+            None => format!("{base}{sep}pageSize=7"),
+        };
+        let (status, page) = get(app, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {page}");
+        things.extend(page["things"].as_array().cloned().unwrap_or_default());
+        match page["nextToken"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => return things,
+        }
+    }
+}
+
+type Predicate = fn(&Model) -> bool;
+
+fn cases() -> Vec<(&'static str, Predicate)> {
+    vec![
+        ("thingName:sensor-*", |m| m.name.starts_with("sensor-")),
+        ("shadow.reported.temp>30", |m| {
+            m.temp().is_some_and(|t| t > 30.0)
+        }),
+        ("shadow.desired.mode:eco", |m| {
+            m.desired_mode() == Some("eco")
+        }),
+        ("shadow.hasDelta:true", |m| m.has_delta()),
+        ("shadow.hasDelta:false", |m| {
+            m.classic.is_some() && !m.has_delta()
+        }),
+        ("shadow.name.cfg.reported.x:5", |m| m.cfg_x == Some(5)),
+        ("connectivity.connected:true", |m| m.connected == Some(true)),
+        ("shadow.reported.temp:[10 TO 20]", |m| {
+            m.temp().is_some_and(|t| (10.0..=20.0).contains(&t))
+        }),
+        ("shadow.reported.temp:{10 TO 20}", |m| {
+            m.temp().is_some_and(|t| t > 10.0 && t < 20.0)
+        }),
+        (
+            "thingName:lamp-* AND (shadow.reported.temp<5 OR NOT connectivity.connected:true)",
+            |m| {
+                m.name.starts_with("lamp-")
+                    && (m.temp().is_some_and(|t| t < 5.0) || m.connected != Some(true))
+            },
+        ),
+        ("NOT thingName:gw-*", |m| !m.name.starts_with("gw-")),
+        (
+            "shadow.name.cfg.reported.x>=7 OR shadow.desired.mode:off",
+            |m| m.cfg_x.is_some_and(|x| x >= 7) || m.desired_mode() == Some("off"),
+        ),
+        ("shadow.version:2 sensor-*", |m| {
+            m.classic.is_some_and(|c| c.3 == 2) && m.name.starts_with("sensor-")
+        }),
+    ]
+}
+
+async fn check_against_brute_force(app: &Router, models: &[Model]) {
+    let mut universe: Vec<&Model> = models.iter().filter(|m| m.exists()).collect();
+    universe.sort_by(|a, b| a.name.cmp(&b.name));
+    // The listing: every thing, with its shadows' versions.
+    let listed = all_pages(app, "/v1/things").await;
+    let names: Vec<&str> = listed
+        .iter()
+        .filter_map(|t| t["thingName"].as_str())
+        .collect();
+    let want: Vec<&str> = universe.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, want);
+    for (thing, model) in listed.iter().zip(&universe) {
+        let classic = thing["shadows"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"].is_null()))
+            .and_then(|s| s["version"].as_u64());
+        assert_eq!(classic, model.classic.map(|c| c.3), "{}", model.name);
+        assert_eq!(
+            thing["connectivity"]["connected"].as_bool(),
+            model.connected,
+            "{}",
+            model.name
+        );
+    }
+    for (query, predicate) in cases() {
+        let uri = format!("/v1/search?q={}", urlencode(query));
+        let found = all_pages(app, &uri).await;
+        let got: Vec<&str> = found
+            .iter()
+            .filter_map(|t| t["thingName"].as_str())
+            .collect();
+        let want: Vec<&str> = universe
+            .iter()
+            .filter(|m| predicate(m))
+            .map(|m| m.name.as_str())
+            .collect();
+        assert!(!want.is_empty(), "{query} matches nothing: a weak case");
+        assert_eq!(got, want, "{query}");
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_matches_brute_force_live_and_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleet.db");
+    let service = start(&path);
+    assert_eq!(service.fleet().wait_loaded().await, IndexStatus::Ready);
+    let models = generate(&service, 400).await;
+    let router = app(&service);
+    check_against_brute_force(&router, &models).await;
+
+    // A result carries the shadow as the query sees it.
+    let (_, page) = get(&router, "/v1/search?q=thingName:zz-marker").await;
+    assert_eq!(
+        page["things"][0]["shadow"]["name"]["cfg"],
+        json!({"reported": {"x": 100}, "hasDelta": false, "version": 1})
+    );
+    let (status, err) = get(&router, "/v1/search?q=thingName:a%20AND%20(").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["position"], 17);
+    assert!(err["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("position 17")));
+    service.close().await;
+    drop(router);
+    drop(service);
+
+    // Restarted: the index is loaded from the store's snapshot.
+    let service = start(&path);
+    assert_eq!(service.fleet().wait_loaded().await, IndexStatus::Ready);
+    check_against_brute_force(&app(&service), &models).await;
+    service.close().await;
+}
