@@ -1,1 +1,191 @@
-//! e2e harness
+//! Harness for Umbra's end-to-end tests: a real `umbra` server (store,
+//! service, embedded broker) on free ports over a SQLite file in a temporary
+//! directory, and real MQTT devices (rumqttc) that record what they receive.
+//! Every wait is on an observable event, bounded by [`WAIT`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use umbra_broker::embedded::ListenerSettings;
+use umbra_broker::{Config, Server};
+
+/// The longest any test waits for something it expects.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Path of the shared protocol vectors (override with `UMBRA_VECTORS`).
+pub fn vectors_path() -> String {
+    std::env::var("UMBRA_VECTORS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/vectors/shadow_update.json"
+        )
+        .into()
+    })
+}
+
+/// The cases of `shared/vectors/shadow_update.json`, read at test time.
+pub fn vector_cases() -> Vec<Value> {
+    let path = vectors_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the shared vectors at {path}: {e}"));
+    let doc: Value = serde_json::from_str(&text).expect("vectors are JSON");
+    doc["cases"].as_array().cloned().expect("cases")
+}
+
+/// A configuration on free loopback ports with data in `data_dir`.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.mqtt.mqtt_v4 = Some(ListenerSettings::local(0));
+    config.mqtt.mqtt_v5 = Some(ListenerSettings::local(0));
+    config.mqtt.websocket = Some(ListenerSettings::local(0));
+    config.mqtt.router.max_connections = 5000;
+    config
+}
+
+/// Starts a server; panics with the cause if it cannot.
+pub async fn start(config: Config) -> Server {
+    config.validate().expect("valid test config");
+    Server::start(config).await.expect("server starts")
+}
+
+/// The MQTT address of a running server.
+pub fn mqtt_addr(server: &Server) -> SocketAddr {
+    server.addrs().mqtt.expect("mqtt listener")
+}
+
+/// A connected MQTT client whose incoming publishes are queued for the test.
+#[derive(Debug)]
+pub struct Device {
+    pub id: String,
+    pub client: AsyncClient,
+    // Unbounded: test-only; every test drains what it asked for.
+    events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+}
+
+impl Device {
+    /// Connects with `id` as client id and waits for the CONNACK.
+    pub async fn connect(addr: SocketAddr, id: &str) -> Device {
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        Device::connect_with(options).await
+    }
+
+    pub async fn connect_with(options: MqttOptions) -> Device {
+        let id = options.client_id();
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(Ok(packet)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err.to_string()));
+                        break;
+                    }
+                }
+            }
+        });
+        let mut device = Device { id, client, events };
+        device
+            .next_packet(|p| matches!(p, Packet::ConnAck(_)))
+            .await
+            .unwrap_or_else(|e| panic!("{}: no CONNACK: {e}", device.id));
+        device
+    }
+
+    /// Waits for the next packet matching `want`, skipping others; `Err` if
+    /// the connection ended or nothing came within [`WAIT`].
+    pub async fn next_packet(&mut self, want: impl Fn(&Packet) -> bool) -> Result<Packet, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Err("timed out".into()),
+                Ok(None) => return Err("event loop ended".into()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(p))) if want(&p) => return Ok(p),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        self.next_packet(|p| matches!(p, Packet::SubAck(_)))
+            .await
+            .unwrap_or_else(|e| panic!("{}: no SUBACK for {filter}: {e}", self.id));
+    }
+
+    /// Subscribes to every answer topic of one shadow prefix (`$aws/things/x/shadow[/name/n]`).
+    pub async fn subscribe_answers(&mut self, prefix: &str) {
+        for op in ["update", "get", "delete"] {
+            for kind in ["accepted", "rejected"] {
+                self.subscribe(&format!("{prefix}/{op}/{kind}")).await;
+            }
+        }
+        self.subscribe(&format!("{prefix}/update/delta")).await;
+        self.subscribe(&format!("{prefix}/update/documents")).await;
+    }
+
+    /// Publishes at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish queued");
+    }
+
+    /// The next publish received (any topic).
+    pub async fn next_message(&mut self) -> Result<Publish, String> {
+        match self
+            .next_packet(|p| matches!(p, Packet::Publish(_)))
+            .await?
+        {
+            Packet::Publish(p) => Ok(p),
+            _ => Err("not a publish".into()),
+        }
+    }
+
+    /// The next publish received on `topic`, as JSON; others are skipped.
+    pub async fn next_on(&mut self, topic: &str) -> Value {
+        loop {
+            let p = self
+                .next_message()
+                .await
+                .unwrap_or_else(|e| panic!("{}: nothing on {topic}: {e}", self.id));
+            if p.topic == topic {
+                return serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+            }
+        }
+    }
+
+    /// Nothing arrives within `quiet` (used only to check for absence after
+    /// a later message proved delivery has caught up).
+    pub async fn try_next_message(&mut self, quiet: Duration) -> Option<Publish> {
+        match timeout(quiet, self.events.recv()).await {
+            Ok(Some(Ok(Packet::Publish(p)))) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub async fn disconnect(self) {
+        let _ = self.client.disconnect().await;
+    }
+}

@@ -595,17 +595,8 @@ impl RunningBroker {
     /// called from within a tokio runtime (not the broker's own). Panics of
     /// listener tasks or the publisher thread are re-raised here.
     pub async fn shutdown(mut self, deadline: Duration) {
-        // 1. Stop accepting: abort the accept loops, which drops the listeners.
-        for (_, task) in &self.listeners {
-            task.abort();
-        }
-        for (kind, task) in std::mem::take(&mut self.listeners) {
-            rethrow(kind.to_string(), task.await);
-        }
-        if let Some(alerts) = self.alerts.take() {
-            alerts.abort();
-            rethrow("alerts".to_owned(), alerts.await);
-        }
+        // 1. Stop accepting (if the caller has not already).
+        self.stop_accepting().await;
 
         // 2. Stop the publisher after what is already queued.
         let stopped = tokio::time::timeout(deadline, self.publisher.queue_stop()).await;
@@ -629,6 +620,21 @@ impl RunningBroker {
             }
         }
         info!("embedded broker stopped");
+    }
+
+    /// Stops accepting new connections; connected clients stay connected
+    /// (so that answers to their requests can still reach them).
+    pub async fn stop_accepting(&mut self) {
+        for (_, task) in &self.listeners {
+            task.abort();
+        }
+        for (kind, task) in std::mem::take(&mut self.listeners) {
+            rethrow(kind.to_string(), task.await);
+        }
+        if let Some(alerts) = self.alerts.take() {
+            alerts.abort();
+            rethrow("alerts".to_owned(), alerts.await);
+        }
     }
 }
 

@@ -4,6 +4,9 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: umbra's configuration (file < env < flags) and its validation.
+//! - [`server`]: the umbra server: store, shadow service and broker wired
+//!   together; ordered start-up and a draining shutdown.
 //! - [`embedded`]: settings and their guard, starting the router, listeners
 //!   and answer publisher on free ports, shutdown.
 //! - [`edge`]: the per-connection protocol wrapper (keep-alive 0, `$aws`
@@ -17,15 +20,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod edge;
 pub mod embedded;
 pub mod metrics;
 pub mod publisher;
 pub mod requests;
+pub mod server;
 pub mod topics;
 
+pub use config::{Config, ConfigError, Overrides};
 pub use edge::{EdgeHooks, EdgeSettings, PresenceEvent};
 pub use embedded::{start, BrokerSettings, ListenerAddrs, ListenerSettings, RunningBroker};
 pub use metrics::{CursorJumpLayer, EdgeMetrics};
 pub use publisher::AnswerPublisher;
 pub use requests::{ChannelShadowSink, Overloaded, ShadowInbox, ShadowPublish, ShadowRequestSink};
+pub use server::{Server, ServerAddrs};

@@ -1,1 +1,115 @@
-fn main() {}
+//! The `umbra` binary: parses the command line, sets up logging, loads and
+//! validates the configuration, runs the server until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
+
+/// Exit code for a usage or configuration error (sysexits.h EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// Umbra: an MQTT broker with an AWS IoT compatible device shadow service.
+///
+/// With no arguments it runs with embedded defaults: MQTT on 127.0.0.1:1883,
+/// MQTT over WebSocket on 127.0.0.1:8083, data in ./umbra-data/. Settings come
+/// from the defaults, then the config file, then UMBRA_* variables, then flags.
+#[derive(Debug, Parser)]
+#[command(name = "umbra", version)]
+struct Cli {
+    /// TOML configuration file (see the README's configuration reference).
+    #[arg(long, env = "UMBRA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// MQTT 3.1.1/5 TCP listener address (overrides [mqtt.mqtt_v4] addr).
+    #[arg(long, env = "UMBRA_MQTT_ADDR", value_name = "ADDR")]
+    mqtt_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket listener address (overrides [mqtt.websocket] addr).
+    #[arg(long, env = "UMBRA_WS_ADDR", value_name = "ADDR")]
+    ws_addr: Option<SocketAddr>,
+    /// Directory for the SQLite database (overrides data_dir).
+    #[arg(long, env = "UMBRA_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EX_USAGE } else { 0 };
+            // Printing help or a usage error can only fail if stdout/stderr is gone.
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    let cursor_jumps = CursorJumpLayer::default();
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(cursor_jumps)
+        .init();
+
+    let overrides = Overrides {
+        mqtt_addr: cli.mqtt_addr,
+        ws_addr: cli.ws_addr,
+        data_dir: cli.data_dir,
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("umbra: invalid configuration: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("umbra: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("umbra: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let server = Server::start(config).await?;
+    let addrs = server.addrs();
+    for (what, addr) in [
+        ("mqtt", addrs.mqtt),
+        ("mqtt-v5", addrs.mqtt_v5),
+        ("websocket", addrs.websocket),
+    ] {
+        if let Some(addr) = addr {
+            println!("umbra: {what} listening on {addr}");
+        }
+    }
+    println!("umbra: data in {}", data_dir.display());
+    shutdown_signal().await?;
+    println!("umbra: shutting down");
+    server.shutdown().await;
+    println!("umbra: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

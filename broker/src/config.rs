@@ -1,0 +1,280 @@
+//! Umbra's configuration: defaults < TOML file < `UMBRA_*` environment <
+//! command-line flags, validated before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use umbra_shadow::{Limits, StoreConfig, Synchronous};
+
+use crate::embedded::{BrokerSettings, ListenerSettings};
+
+/// Everything `umbra` runs with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite database lives (created if missing).
+    pub data_dir: PathBuf,
+    /// The embedded MQTT broker: listeners, auth, router sizing.
+    pub mqtt: BrokerSettings,
+    /// Shadow limits (AWS IoT's defaults).
+    pub shadow: Limits,
+    /// The shadow store.
+    pub store: StoreSettings,
+    /// How MQTT shadow requests reach the service.
+    pub requests: RequestSettings,
+    /// Seconds shutdown may take before connections are cut.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let mqtt = BrokerSettings {
+            websocket: Some(ListenerSettings::local(8083)),
+            ..BrokerSettings::default()
+        };
+        Config {
+            data_dir: PathBuf::from("umbra-data"),
+            mqtt,
+            shadow: Limits::default(),
+            store: StoreSettings::default(),
+            requests: RequestSettings::default(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Settings of the SQLite store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `full` (fsync every commit) or `normal` (survives a crash, not power loss).
+    pub synchronous: Synchronous,
+    /// Most updates committed in one transaction.
+    pub max_batch: usize,
+    /// Requests that may wait for the writer before new ones get 429.
+    pub queue_capacity: usize,
+    /// Hours the change log is kept.
+    pub change_retention_hours: u64,
+    /// Shadows kept decoded in the writer's memory.
+    pub cache_shadows: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> StoreSettings {
+        let d = StoreConfig::new("");
+        StoreSettings {
+            synchronous: d.synchronous,
+            max_batch: d.max_batch,
+            queue_capacity: d.queue_capacity,
+            change_retention_hours: d.change_retention.as_secs() / 3600,
+            cache_shadows: d.cache_shadows,
+        }
+    }
+}
+
+impl StoreSettings {
+    pub fn store_config(&self, path: &Path) -> StoreConfig {
+        StoreConfig {
+            path: path.to_path_buf(),
+            synchronous: self.synchronous,
+            max_batch: self.max_batch,
+            queue_capacity: self.queue_capacity,
+            change_retention: Duration::from_secs(self.change_retention_hours * 3600),
+            cache_shadows: self.cache_shadows,
+        }
+    }
+}
+
+/// The path from the broker's edge to the shadow service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestSettings {
+    /// Requests waiting for the service; when full, requests are answered 429.
+    pub queue: usize,
+    /// Room for requests waiting to be answered 429 when the queue is full.
+    pub overload_queue: usize,
+    /// Requests being handled at once (all devices together).
+    pub max_in_flight: usize,
+}
+
+impl Default for RequestSettings {
+    fn default() -> RequestSettings {
+        RequestSettings {
+            queue: 16_384,
+            overload_queue: 4096,
+            max_in_flight: 16_384,
+        }
+    }
+}
+
+/// What the command line and environment may override.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub mqtt_addr: Option<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Broker(#[from] crate::embedded::ConfigError),
+}
+
+impl Config {
+    /// Loads the file (if any), applies overrides, and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+            }
+        };
+        if let Some(addr) = overrides.mqtt_addr {
+            set_addr(&mut config.mqtt.mqtt_v4, addr);
+        }
+        if let Some(addr) = overrides.ws_addr {
+            set_addr(&mut config.mqtt.websocket, addr);
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir.clone_from(dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting that could fail later, so nothing binds on bad config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            return invalid("data_dir", "exists and is not a directory");
+        }
+        for (field, value) in [
+            ("store.max_batch", self.store.max_batch),
+            ("store.queue_capacity", self.store.queue_capacity),
+            ("requests.queue", self.requests.queue),
+            ("requests.overload_queue", self.requests.overload_queue),
+            ("requests.max_in_flight", self.requests.max_in_flight),
+            ("shadow.max_payload_bytes", self.shadow.max_payload_bytes),
+            ("shadow.max_state_bytes", self.shadow.max_state_bytes),
+            ("shadow.max_depth", self.shadow.max_depth),
+            ("shadow.max_thing_name", self.shadow.max_thing_name),
+            ("shadow.max_shadow_name", self.shadow.max_shadow_name),
+        ] {
+            if value == 0 {
+                return invalid(field, "must be at least 1");
+            }
+        }
+        self.mqtt.validate()?;
+        Ok(())
+    }
+
+    /// The database file inside the data directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("umbra.db")
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+fn set_addr(listener: &mut Option<ListenerSettings>, addr: SocketAddr) {
+    match listener {
+        Some(l) => l.addr = addr,
+        None => {
+            *listener = Some(ListenerSettings { addr, tls: None });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("umbra.toml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_valid() {
+        let c = Config::load(None, &Overrides::default()).expect("valid");
+        assert_eq!(
+            c.mqtt.mqtt_v4.map(|l| l.addr.to_string()).as_deref(),
+            Some("127.0.0.1:1883")
+        );
+        assert_eq!(
+            c.mqtt.websocket.map(|l| l.addr.to_string()).as_deref(),
+            Some("127.0.0.1:8083")
+        );
+        assert_eq!(c.data_dir, PathBuf::from("umbra-data"));
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let (_d, path) = write(
+            "data_dir = \"/tmp/x\"\n[mqtt.mqtt_v4]\naddr = \"127.0.0.1:2000\"\n[shadow]\nmax_depth = 4\n[store]\nsynchronous = \"normal\"\n",
+        );
+        let c = Config::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(c.shadow.max_depth, 4);
+        assert_eq!(c.store.synchronous, Synchronous::Normal);
+        assert_eq!(c.mqtt.mqtt_v4.as_ref().map(|l| l.addr.port()), Some(2000));
+        let o = Overrides {
+            mqtt_addr: Some("127.0.0.1:3000".parse().expect("addr")),
+            data_dir: Some("/tmp/y".into()),
+            ..Overrides::default()
+        };
+        let c = Config::load(Some(&path), &o).expect("valid");
+        assert_eq!(c.mqtt.mqtt_v4.as_ref().map(|l| l.addr.port()), Some(3000));
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let (_d, path) = write("[shadow]\nmax_depht = 4\n");
+        let err = Config::load(Some(&path), &Overrides::default()).expect_err("unknown field");
+        assert!(err.to_string().contains("max_depht"), "{err}");
+        let (_d, path) = write("[store]\nmax_batch = 0\n");
+        let err = Config::load(Some(&path), &Overrides::default()).expect_err("zero");
+        assert!(err.to_string().contains("store.max_batch"), "{err}");
+        let o = Overrides {
+            mqtt_addr: Some("0.0.0.0:1883".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let err = Config::load(None, &o).expect_err("anonymous remote");
+        assert!(err.to_string().contains("mqtt-v4"), "{err}");
+    }
+}

@@ -1,0 +1,221 @@
+//! The `umbra` binary as a user runs it: flags, exit codes, the addresses it
+//! prints, SIGTERM, and durability across kill -9.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+const UMBRA: &str = env!("CARGO_BIN_EXE_umbra");
+
+async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(UMBRA)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("umbra runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running `umbra` process and the MQTT address it printed.
+struct Umbra {
+    child: Child,
+    mqtt: SocketAddr,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+async fn spawn(data_dir: &std::path::Path) -> Umbra {
+    let mut child = Command::new(UMBRA)
+        .args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--ws-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("umbra starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mqtt = loop {
+        let line = tokio::time::timeout(WAIT, lines.recv())
+            .await
+            .expect("umbra prints its addresses")
+            .expect("umbra is running");
+        if let Some(addr) = line.strip_prefix("umbra: mqtt listening on ") {
+            break addr.parse().expect("an address");
+        }
+    };
+    Umbra { child, mqtt, lines }
+}
+
+/// A device that keeps its answers in a channel.
+async fn device(addr: SocketAddr, id: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Value>) {
+    let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = ready_tx.try_send(());
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if tx.send(body).is_err() {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    client
+        .subscribe(
+            format!("$aws/things/{id}/shadow/+/accepted"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(WAIT, ready.recv())
+        .await
+        .expect("suback");
+    (client, rx)
+}
+
+#[tokio::test]
+async fn bad_flags_and_config_exit_64_naming_the_problem() {
+    let (code, _, err) = run_to_exit(&["--mqtt-addr", "not-an-address"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--mqtt-addr"), "{err}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("umbra.toml");
+    std::fs::write(&file, "[shadow]\nmax_depht = 3\n").expect("write");
+    let (code, _, err) = run_to_exit(&["--config", file.to_str().unwrap_or_default()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("max_depht"), "{err}");
+
+    let (code, _, err) = run_to_exit(&["--mqtt-addr", "0.0.0.0:0"]).await;
+    assert_eq!(
+        code, 64,
+        "anonymous non-loopback listener must be refused: {err}"
+    );
+    assert!(err.contains("authentication"), "{err}");
+
+    let (code, out, _) = run_to_exit(&["--help"]).await;
+    assert_eq!(code, 0);
+    for flag in ["--config", "--mqtt-addr", "--ws-addr", "--data-dir"] {
+        assert!(out.contains(flag), "--help lacks {flag}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_with_exit_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut umbra = spawn(dir.path()).await;
+    let (client, mut answers) = device(umbra.mqtt, "term-1").await;
+    client
+        .publish(
+            "$aws/things/term-1/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":{"reported":{"a":1}}}"#,
+        )
+        .await
+        .expect("publish");
+    let accepted = tokio::time::timeout(WAIT, answers.recv())
+        .await
+        .expect("answer");
+    assert_eq!(accepted.and_then(|a| a["version"].as_u64()), Some(1));
+    let pid = umbra.child.id().expect("pid").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, umbra.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    let mut said_stopped = false;
+    while let Ok(line) = umbra.lines.try_recv() {
+        said_stopped |= line.contains("stopped");
+    }
+    assert!(said_stopped, "umbra reports that it stopped");
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut umbra = spawn(dir.path()).await;
+    let mut acknowledged = Vec::new();
+    for d in 0..5 {
+        let thing = format!("k9-{d}");
+        let (client, mut answers) = device(umbra.mqtt, &thing).await;
+        let mut last = 0;
+        for i in 0..15 {
+            client
+                .publish(
+                    format!("$aws/things/{thing}/shadow/update"),
+                    QoS::AtLeastOnce,
+                    false,
+                    json!({"state": {"reported": {"i": i}}}).to_string(),
+                )
+                .await
+                .expect("publish");
+            let answer = tokio::time::timeout(WAIT, answers.recv())
+                .await
+                .expect("answer");
+            last = answer.and_then(|a| a["version"].as_u64()).unwrap_or(last);
+        }
+        acknowledged.push((thing, last));
+    }
+    umbra.child.kill().await.expect("SIGKILL");
+    let umbra = spawn(dir.path()).await;
+    for (thing, version) in acknowledged {
+        let (client, mut answers) = device(umbra.mqtt, &thing).await;
+        client
+            .publish(
+                format!("$aws/things/{thing}/shadow/get"),
+                QoS::AtLeastOnce,
+                false,
+                "{}",
+            )
+            .await
+            .expect("publish");
+        let doc = tokio::time::timeout(WAIT, answers.recv())
+            .await
+            .expect("answer")
+            .unwrap_or_default();
+        assert_eq!(doc["version"].as_u64(), Some(version), "{thing}");
+        assert_eq!(doc["state"]["reported"]["i"], 14, "{thing}");
+    }
+}
