@@ -1,0 +1,109 @@
+//! Interoperability with the Debian `mosquitto_pub` / `mosquitto_sub`
+//! clients: a device update through the real CLI tools, answered on `$aws`.
+
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use umbra_tests::{mqtt_addr, start, test_config, WAIT};
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+async fn next_line(lines: &mut Lines) -> String {
+    tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("mosquitto_sub prints in time")
+        .expect("readable")
+        .expect("mosquitto_sub still running")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto-clients (mosquitto_pub, mosquitto_sub)"]
+async fn mosquitto_clients_update_and_receive_accepted_documents_and_delta() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.mqtt.edge.privileged_clients.insert("console".into());
+    let server = start(config).await;
+    let port = mqtt_addr(&server).port().to_string();
+
+    // The console (a privileged client) watches lamp-1's shadow topics; -d
+    // prints the SUBACK, -v the topic of each message.
+    // stdbuf: mosquitto_sub's debug lines are block-buffered on a pipe.
+    let mut sub = Command::new("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "console",
+            "-q",
+            "1",
+            "-d",
+            "-v",
+        ])
+        .args(["-t", "$aws/things/lamp-1/shadow/#", "-C", "3"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub runs");
+    let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
+    loop {
+        if next_line(&mut lines).await.contains("received SUBACK") {
+            break;
+        }
+    }
+
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "lamp-1", "-q", "1"])
+        .args(["-t", "$aws/things/lamp-1/shadow/update"])
+        .args([
+            "-m",
+            r#"{"state":{"desired":{"color":"red"}},"clientToken":"cli"}"#,
+        ])
+        .status()
+        .await
+        .expect("mosquitto_pub runs");
+    assert!(status.success());
+
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        let line = next_line(&mut lines).await;
+        // -v prints "topic payload"; debug lines start with "Client".
+        if let Some((topic, payload)) = line.split_once(' ').filter(|(t, _)| t.starts_with("$aws/"))
+        {
+            let body: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+            answers.push((topic.to_string(), body));
+        }
+    }
+    let topics: Vec<&str> = answers.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        topics,
+        vec![
+            "$aws/things/lamp-1/shadow/update/accepted",
+            "$aws/things/lamp-1/shadow/update/documents",
+            "$aws/things/lamp-1/shadow/update/delta",
+        ]
+    );
+    assert_eq!(answers[0].1["clientToken"], "cli");
+    assert_eq!(answers[2].1["state"]["color"], "red");
+    let exit = tokio::time::timeout(WAIT, sub.wait())
+        .await
+        .expect("exits after 3")
+        .expect("status");
+    assert!(exit.success());
+
+    // A device may not publish to another thing's shadow: AWS IoT disconnects it.
+    let refused = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "lamp-2", "-q", "1"])
+        .args(["-t", "$aws/things/lamp-1/shadow/update", "-m", "{}"])
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .expect("mosquitto_pub runs");
+    assert!(!refused.success(), "a foreign shadow publish must fail");
+    server.shutdown().await;
+}
