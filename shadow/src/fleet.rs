@@ -81,12 +81,49 @@ pub struct Presence {
     pub last_seen_ms: i64,
 }
 
-/// One thing in the index: its live shadows (key `None` is the classic
-/// shadow) and its connectivity.
+/// One thing in the index: its live shadows and its connectivity.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ThingEntry {
     pub presence: Option<Presence>,
-    pub shadows: BTreeMap<Option<String>, IndexedShadow>,
+    pub shadows: ShadowSet,
+}
+
+/// A thing's live shadows by name (`None` is the classic shadow), in name
+/// order. A sorted vector, not a map: a thing has a handful of shadows, and a
+/// B-tree node per thing would cost more memory than the shadows themselves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowSet(Vec<(Option<String>, IndexedShadow)>);
+
+impl ShadowSet {
+    fn position(&self, name: Option<&str>) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_deref().cmp(&name))
+    }
+
+    pub fn get(&self, name: Option<&str>) -> Option<&IndexedShadow> {
+        self.position(name).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn insert(&mut self, name: Option<String>, shadow: IndexedShadow) {
+        match self.position(name.as_deref()) {
+            Ok(i) => self.0[i].1 = shadow,
+            Err(i) => self.0.insert(i, (name, shadow)),
+        }
+    }
+
+    pub fn remove(&mut self, name: Option<&str>) {
+        if let Ok(i) = self.position(name) {
+            self.0.remove(i);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `(name, shadow)` in name order, the classic shadow first.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<&str>, &IndexedShadow)> {
+        self.0.iter().map(|(k, v)| (k.as_deref(), v))
+    }
 }
 
 /// A thing and its entry, as a query sees it.
@@ -106,17 +143,7 @@ impl ThingFields for ThingRef<'_> {
     }
 
     fn shadow(&self, name: Option<&str>) -> Option<ShadowFields<'_>> {
-        // BTreeMap<Option<String>, _> cannot be probed with Option<&str>: match by hand.
-        let shadow = match name {
-            None => self.entry.shadows.get(&None),
-            Some(name) => self
-                .entry
-                .shadows
-                .range(Some(name.to_string())..)
-                .next()
-                .filter(|(k, _)| k.as_deref() == Some(name))
-                .map(|(_, v)| v),
-        }?;
+        let shadow = self.entry.shadows.get(name)?;
         Some(ShadowFields {
             version: shadow.version,
             state: &shadow.state,
@@ -136,7 +163,7 @@ impl ThingRef<'_> {
                 serde_json::json!({"connected": p.connected, "timestamp": p.last_seen_ms}),
             );
         }
-        let mut shadow = match self.entry.shadows.get(&None) {
+        let mut shadow = match self.entry.shadows.get(None) {
             Some(classic) => classic.to_json(),
             None => Value::Object(Map::new()),
         };
@@ -144,7 +171,7 @@ impl ThingRef<'_> {
             .entry
             .shadows
             .iter()
-            .filter_map(|(k, v)| Some((k.clone()?, v.to_json())))
+            .filter_map(|(k, v)| Some((k?.to_string(), v.to_json())))
             .collect();
         if let (false, Value::Object(map)) = (named.is_empty(), &mut shadow) {
             map.insert("name".into(), Value::Object(named));
@@ -332,7 +359,7 @@ impl FleetIndex {
             let mut more = false;
             for (name, entry) in things.range((start, Bound::Unbounded)) {
                 let thing = ThingRef { name, entry };
-                if query.map_or(true, |q| q.matches(&thing)) {
+                if query.is_none_or(|q| q.matches(&thing)) {
                     if out.len() == limit {
                         more = true;
                         break;
@@ -363,7 +390,7 @@ fn apply_change(things: &mut BTreeMap<String, ThingEntry>, change: Change) {
         }
         ChangeKind::Delete => {
             if let Some(entry) = things.get_mut(&change.thing) {
-                entry.shadows.remove(&change.name);
+                entry.shadows.remove(change.name.as_deref());
                 if entry.shadows.is_empty() && entry.presence.is_none() {
                     things.remove(&change.thing);
                 }

@@ -190,8 +190,50 @@ impl Query {
         let query = parser.or()?;
         parser.skip_space();
         match parser.peek() {
-            None => Ok(query),
+            None => Ok(query.cheapest_first()),
             Some(c) => Err(parser.error(ParseErrorKind::Unexpected(c))),
+        }
+    }
+
+    /// A rough cost of evaluating the query on one thing: the name is at
+    /// hand, connectivity a field away, a state path several map lookups.
+    fn cost(&self) -> usize {
+        match self {
+            Query::And(a, b) | Query::Or(a, b) => a.cost() + b.cost(),
+            Query::Not(q) => q.cost(),
+            Query::Term(term) => match &term.field {
+                Field::ThingName => 1,
+                Field::Connected | Field::ConnectivityTimestamp => 2,
+                Field::Shadow { part, .. } => match part {
+                    ShadowPart::HasDelta | ShadowPart::Version => 3,
+                    ShadowPart::Desired(path) | ShadowPart::Reported(path) => 4 + path.len(),
+                },
+            },
+        }
+    }
+
+    /// The same query with the cheaper side of each AND and OR evaluated
+    /// first (both are commutative here: evaluation has no side effects).
+    fn cheapest_first(self) -> Query {
+        let order = |a: Query, b: Query| {
+            let (a, b) = (a.cheapest_first(), b.cheapest_first());
+            if b.cost() < a.cost() {
+                (Box::new(b), Box::new(a))
+            } else {
+                (Box::new(a), Box::new(b))
+            }
+        };
+        match self {
+            Query::And(a, b) => {
+                let (a, b) = order(*a, *b);
+                Query::And(a, b)
+            }
+            Query::Or(a, b) => {
+                let (a, b) = order(*a, *b);
+                Query::Or(a, b)
+            }
+            Query::Not(q) => Query::Not(Box::new(q.cheapest_first())),
+            term @ Query::Term(_) => term,
         }
     }
 
@@ -209,20 +251,24 @@ impl Query {
 impl Term {
     fn matches(&self, thing: &dyn ThingFields) -> bool {
         match &self.field {
-            Field::ThingName => self.test.matches(&Value::from(thing.thing_name())),
+            Field::ThingName => self.test.matches_scalar(Scalar::Text(thing.thing_name())),
             Field::Connected => thing
                 .connectivity()
-                .is_some_and(|(connected, _)| self.test.matches(&Value::Bool(connected))),
+                .is_some_and(|(connected, _)| self.test.matches_scalar(Scalar::Bool(connected))),
             Field::ConnectivityTimestamp => thing
                 .connectivity()
-                .is_some_and(|(_, at)| self.test.matches(&Value::from(at))),
+                .is_some_and(|(_, at)| self.test.matches_scalar(Scalar::Number(at as f64))),
             Field::Shadow { name, part } => {
                 let Some(shadow) = thing.shadow(name.as_deref()) else {
                     return false;
                 };
                 match part {
-                    ShadowPart::HasDelta => self.test.matches(&Value::Bool(shadow.has_delta)),
-                    ShadowPart::Version => self.test.matches(&Value::from(shadow.version)),
+                    ShadowPart::HasDelta => {
+                        self.test.matches_scalar(Scalar::Bool(shadow.has_delta))
+                    }
+                    ShadowPart::Version => self
+                        .test
+                        .matches_scalar(Scalar::Number(shadow.version as f64)),
                     ShadowPart::Desired(path) => shadow
                         .state
                         .desired
@@ -250,14 +296,39 @@ fn lookup<'a>(object: &'a serde_json::Map<String, Value>, path: &[String]) -> Op
     Some(value)
 }
 
+/// A leaf value as a test sees it (borrowed: no allocation per thing).
+#[derive(Debug, Clone, Copy)]
+enum Scalar<'a> {
+    Text(&'a str),
+    Number(f64),
+    Bool(bool),
+    Null,
+    /// An object: only `field:*` matches it.
+    Object,
+}
+
 impl Test {
     /// Whether `value` passes; an array passes when any element does.
     fn matches(&self, value: &Value) -> bool {
-        if let Value::Array(items) = value {
-            return matches!(self, Test::Exists) || items.iter().any(|v| self.matches(v));
-        }
+        let scalar = match value {
+            Value::Array(items) => {
+                return matches!(self, Test::Exists) || items.iter().any(|v| self.matches(v))
+            }
+            Value::String(s) => Scalar::Text(s),
+            Value::Number(n) => match n.as_f64() {
+                Some(n) => Scalar::Number(n),
+                None => return false,
+            },
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::Null => Scalar::Null,
+            Value::Object(_) => Scalar::Object,
+        };
+        self.matches_scalar(scalar)
+    }
+
+    fn matches_scalar(&self, value: Scalar<'_>) -> bool {
         match self {
-            Test::Exists => !value.is_null(),
+            Test::Exists => !matches!(value, Scalar::Null),
             Test::Equals(literal) => equals(value, literal),
             Test::Compare(op, literal) => compare(value, literal).is_some_and(|ord| match op {
                 Comparison::Less => ord == Ordering::Less,
@@ -266,42 +337,37 @@ impl Test {
                 Comparison::GreaterOrEqual => ord != Ordering::Less,
             }),
             Test::Range { low, high } => {
-                let low_ok = low.as_ref().map_or(true, |b| {
-                    compare(value, &b.value).is_some_and(|ord| {
-                        ord == Ordering::Greater || (b.inclusive && ord == Ordering::Equal)
-                    })
-                });
-                let high_ok = high.as_ref().map_or(true, |b| {
-                    compare(value, &b.value).is_some_and(|ord| {
-                        ord == Ordering::Less || (b.inclusive && ord == Ordering::Equal)
-                    })
-                });
-                // An open range still needs a comparable value.
-                low_ok && high_ok && (low.is_some() || high.is_some() || !value.is_null())
+                let within = |bound: &Option<Bound>, beyond: Ordering| match bound {
+                    None => true,
+                    Some(b) => compare(value, &b.value).is_some_and(|ord| {
+                        ord == beyond || (b.inclusive && ord == Ordering::Equal)
+                    }),
+                };
+                let low_ok = within(low, Ordering::Greater);
+                let high_ok = within(high, Ordering::Less);
+                // `[* TO *]` still needs a value that orders.
+                low_ok && high_ok && matches!(value, Scalar::Text(_) | Scalar::Number(_))
             }
         }
     }
 }
 
-fn equals(value: &Value, literal: &Literal) -> bool {
+fn equals(value: Scalar<'_>, literal: &Literal) -> bool {
     match value {
-        Value::String(s) if literal.wildcard => glob(&literal.text, s),
-        Value::String(s) => *s == literal.text,
-        Value::Number(n) => match (n.as_f64(), literal.number) {
-            (Some(n), Some(want)) => n == want,
-            _ => false,
-        },
-        Value::Bool(b) => literal.text == if *b { "true" } else { "false" },
-        Value::Null => literal.text == "null",
-        Value::Array(_) | Value::Object(_) => false,
+        Scalar::Text(s) if literal.wildcard => glob(&literal.text, s),
+        Scalar::Text(s) => s == literal.text,
+        Scalar::Number(n) => literal.number == Some(n),
+        Scalar::Bool(b) => literal.text == if b { "true" } else { "false" },
+        Scalar::Null => literal.text == "null",
+        Scalar::Object => false,
     }
 }
 
 /// Orders `value` against `literal`: numbers by value, strings by text.
-fn compare(value: &Value, literal: &Literal) -> Option<Ordering> {
+fn compare(value: Scalar<'_>, literal: &Literal) -> Option<Ordering> {
     match value {
-        Value::Number(n) => n.as_f64()?.partial_cmp(&literal.number?),
-        Value::String(s) => Some(s.as_str().cmp(literal.text.as_str())),
+        Scalar::Number(n) => n.partial_cmp(&literal.number?),
+        Scalar::Text(s) => Some(s.cmp(literal.text.as_str())),
         _ => None,
     }
 }
@@ -377,7 +443,7 @@ impl<'a> Parser<'a> {
             && rest[word.len()..]
                 .chars()
                 .next()
-                .map_or(true, |c| c.is_whitespace() || c == '(' || c == ')')
+                .is_none_or(|c| c.is_whitespace() || c == '(' || c == ')')
         {
             self.pos += word.len();
             true

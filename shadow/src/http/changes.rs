@@ -506,7 +506,7 @@ pub async fn shadow_changes(
             Some(c) => {
                 c.version == since + 1 || (c.version == since && c.kind == ChangeKind::Delete)
             }
-            None => current.map_or(true, |v| v <= since),
+            None => current.is_none_or(|v| v <= since),
         };
         if !continuous {
             return Err(ApiError::Gone { since });

@@ -92,7 +92,7 @@ fn summary(thing: ThingRef<'_>) -> ThingSummary {
             .shadows
             .iter()
             .map(|(name, s)| ShadowVersion {
-                name: name.clone(),
+                name: name.map(str::to_string),
                 version: s.version,
             })
             .collect(),
