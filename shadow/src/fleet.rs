@@ -408,3 +408,126 @@ fn apply_change(things: &mut BTreeMap<String, ThingEntry>, change: Change) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Connectivity, ShadowRow};
+    use crate::topic::ShadowKey;
+
+    fn update(seq: u64, thing: &str, name: Option<&str>, version: u64, temp: i64) -> Change {
+        Change {
+            seq,
+            thing: thing.into(),
+            name: name.map(str::to_string),
+            version,
+            kind: ChangeKind::Update,
+            time: 1,
+            document: format!(
+                r#"{{"state":{{"reported":{{"temp":{temp}}}}},"metadata":{{}},"version":{version}}}"#
+            ),
+        }
+    }
+
+    fn temp(index: &FleetIndex, thing: &str) -> Option<i64> {
+        index
+            .read(|things| {
+                let entry = things.get(thing)?;
+                let shadow = entry.shadows.get(None)?;
+                shadow.state.reported.as_ref()?.state.get("temp")?.as_i64()
+            })
+            .ok()
+            .flatten()
+    }
+
+    #[test]
+    fn changes_during_load_are_replayed_over_the_snapshot() {
+        let index = FleetIndex::new();
+        assert!(matches!(index.read(|_| ()), Err(IndexError::Loading)));
+        // Published while the snapshot was being read: seq 2 is in it, 3 is not.
+        index.apply(update(2, "a", None, 2, 20));
+        index.apply(update(3, "a", None, 3, 30));
+        index.load(Ok(FleetSnapshot {
+            through_seq: 2,
+            shadows: vec![ShadowRow {
+                key: ShadowKey::classic("a"),
+                version: 2,
+                state: r#"{"reported":{"temp":20}}"#.into(),
+            }],
+            things: vec![Connectivity {
+                thing: "b".into(),
+                connected: true,
+                last_seen_ms: 5,
+            }],
+        }));
+        assert_eq!(index.status(), IndexStatus::Ready);
+        assert_eq!(temp(&index, "a"), Some(30));
+        let names = index.search(None, None, 10, |t| t.name.to_string());
+        assert_eq!(
+            names.ok(),
+            Some((vec!["a".to_string(), "b".to_string()], false))
+        );
+    }
+
+    #[test]
+    fn applies_never_wait_for_readers() {
+        let index = FleetIndex::new();
+        index.load(Ok(FleetSnapshot::default()));
+        index.apply(update(1, "a", None, 1, 1));
+        let seen = index.read(|things| {
+            // A change published during a read is left pending...
+            index.apply(update(2, "a", None, 2, 2));
+            things
+                .get("a")
+                .and_then(|e| e.shadows.get(None))
+                .map(|s| s.version)
+        });
+        assert_eq!(seen.ok().flatten(), Some(1));
+        // ...and applied before the next read.
+        assert_eq!(temp(&index, "a"), Some(2));
+    }
+
+    #[test]
+    fn delete_and_presence() {
+        let index = FleetIndex::new();
+        index.load(Ok(FleetSnapshot::default()));
+        index.apply(update(1, "a", Some("cfg"), 1, 1));
+        index.apply(Change {
+            seq: 2,
+            thing: "a".into(),
+            name: None,
+            version: 0,
+            kind: ChangeKind::Connect,
+            time: 9,
+            document: r#"{"connected":true,"timestamp":9000}"#.into(),
+        });
+        index.apply(Change {
+            seq: 3,
+            thing: "a".into(),
+            name: Some("cfg".into()),
+            version: 1,
+            kind: ChangeKind::Delete,
+            time: 9,
+            document: r#"{"version":1}"#.into(),
+        });
+        let entry = index.read(|t| t.get("a").cloned()).ok().flatten();
+        assert_eq!(
+            entry.map(|e| (e.shadows.is_empty(), e.presence)),
+            Some((
+                true,
+                Some(Presence {
+                    connected: true,
+                    last_seen_ms: 9000
+                })
+            ))
+        );
+    }
+
+    #[test]
+    fn failed_load_answers_failed_and_drops_changes() {
+        let index = FleetIndex::new();
+        index.load(Err(StoreError::Closed));
+        index.apply(update(1, "a", None, 1, 1));
+        assert!(matches!(index.read(|_| ()), Err(IndexError::Failed)));
+    }
+}

@@ -412,10 +412,16 @@ async fn feed(
 }
 
 fn to_event(filter: &ChangeFilter, change: &Change) -> Event {
+    let mut data = filter.render(change);
+    if data.contains('\r') {
+        // SSE cannot carry a carriage return (axum panics on one). In JSON a
+        // raw one can only be whitespace between tokens, so a space is the same.
+        data = data.replace('\r', " ");
+    }
     Event::default()
         .id(change.seq.to_string())
         .event(change.kind.as_str())
-        .data(filter.render(change))
+        .data(data)
 }
 
 /// Parameters of the per-shadow catch-up.

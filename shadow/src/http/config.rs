@@ -108,6 +108,33 @@ mod tests {
     }
 
     #[test]
+    fn reads_an_http_section() {
+        #[derive(Deserialize)]
+        struct File {
+            http: ApiConfig,
+        }
+        let text = r#"
+            [http]
+            heartbeat_secs = 5
+            max_page_size = 100
+            tokens = [
+                { name = "grafana", token = "r", role = "read" },
+                { name = "ops", token = "w", role = "write" },
+            ]
+        "#;
+        let file: File = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(file.http.heartbeat_secs, 5);
+        assert_eq!(file.http.max_page_size, 100);
+        assert_eq!(file.http.stream_buffer, ApiConfig::default().stream_buffer);
+        assert_eq!(file.http.tokens[1].role, Role::Write);
+        assert!(toml::from_str::<File>("[http]\nheartbeat = 5").is_err());
+        assert!(toml::from_str::<File>(
+            "[http]\ntokens = [{name=\"a\", token=\"b\", role=\"admin\"}]"
+        )
+        .is_err());
+    }
+
+    #[test]
     fn anonymous_only_on_loopback() {
         let open = ApiConfig::default();
         assert_eq!(check_listen_addr(&open, addr("127.0.0.1:8080")), Ok(()));
