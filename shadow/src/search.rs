@@ -212,29 +212,52 @@ impl Query {
         }
     }
 
-    /// The same query with the cheaper side of each AND and OR evaluated
-    /// first (both are commutative here: evaluation has no side effects).
+    /// The same query with the operands of each AND chain and each OR chain
+    /// sorted cheapest first (both are commutative here: evaluation has no
+    /// side effects), so that short-circuiting skips the costly lookups.
     fn cheapest_first(self) -> Query {
-        let order = |a: Query, b: Query| {
-            let (a, b) = (a.cheapest_first(), b.cheapest_first());
-            if b.cost() < a.cost() {
-                (Box::new(b), Box::new(a))
-            } else {
-                (Box::new(a), Box::new(b))
+        fn flatten(query: Query, and: bool, into: &mut Vec<Query>) {
+            match query {
+                Query::And(a, b) if and => {
+                    flatten(*a, and, into);
+                    flatten(*b, and, into);
+                }
+                Query::Or(a, b) if !and => {
+                    flatten(*a, and, into);
+                    flatten(*b, and, into);
+                }
+                other => into.push(other.cheapest_first()),
+            }
+        }
+        let and = match &self {
+            Query::And(..) => true,
+            Query::Or(..) => false,
+            Query::Not(_) | Query::Term(_) => {
+                return match self {
+                    Query::Not(q) => Query::Not(Box::new(q.cheapest_first())),
+                    other => other,
+                }
             }
         };
-        match self {
-            Query::And(a, b) => {
-                let (a, b) = order(*a, *b);
-                Query::And(a, b)
-            }
-            Query::Or(a, b) => {
-                let (a, b) = order(*a, *b);
-                Query::Or(a, b)
-            }
-            Query::Not(q) => Query::Not(Box::new(q.cheapest_first())),
-            term @ Query::Term(_) => term,
-        }
+        let mut operands = Vec::new();
+        flatten(self, and, &mut operands);
+        operands.sort_by_key(Query::cost);
+        let mut operands = operands.into_iter();
+        let first = operands.next();
+        operands
+            .fold(first, |acc, next| {
+                let acc = acc?;
+                Some(if and {
+                    Query::And(Box::new(acc), Box::new(next))
+                } else {
+                    Query::Or(Box::new(acc), Box::new(next))
+                })
+            })
+            // A chain has at least two operands; the fallback cannot happen.
+            .unwrap_or(Query::Term(Term {
+                field: Field::ThingName,
+                test: Test::Exists,
+            }))
     }
 
     /// Whether `thing` matches.
