@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# bench/compare.sh — run the same device-sim workloads against Mosquitto and (with UMBRA_BIN)
-# Umbra on free local ports, sample each broker's RSS, and write bench/RESULTS.md.
+# bench/compare.sh — Umbra and Mosquitto side by side under the same device-sim workloads, on
+# free loopback ports of this machine; writes bench/RESULTS.md. One command: it builds Umbra and
+# device-sim (release) and installs Mosquitto (Debian package) when it can.
 #
-# Usage: bench/compare.sh                    # Mosquitto only
-#        UMBRA_BIN=target/release/umbra bench/compare.sh
-# Knobs (env): DURATION=10s  CONN_DEVICES=5000  OUT=bench/RESULTS.md  DEVICE_SIM=path
+# Usage: bench/compare.sh
+# Knobs (env): DURATION=10s (relay and shadow windows)  DEVICES=10000 (idle and delta fleets)
+#              DELTA_RATE=5000 (operator changes/s)  OUT=bench/RESULTS.md
+#              CARGO_TARGET_DIR (where the release binaries are built)
 #
-# All traffic stays on 127.0.0.1; every run is bounded by DURATION.
+# Everything stays on 127.0.0.1 and every run is bounded; the whole script takes ~5 minutes.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DURATION=${DURATION:-10s}
-CONN_DEVICES=${CONN_DEVICES:-5000}
+DEVICES=${DEVICES:-10000}
+DELTA_RATE=${DELTA_RATE:-5000}
 OUT=${OUT:-$ROOT/bench/RESULTS.md}
-SIM=${DEVICE_SIM:-$ROOT/target/release/device-sim}
-UMBRA_BIN=${UMBRA_BIN:-}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+SIM=$TARGET/release/device-sim
+UMBRA=$TARGET/release/umbra
 WORK=$(mktemp -d)
 PIDS=()
 
@@ -32,18 +36,21 @@ need() {
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && apt-get install -y -qq "$2" >/dev/null
     else
-        echo "compare.sh: $1 missing (install $2)" >&2
+        echo "compare.sh: $1 missing (apt-get install $2)" >&2
         exit 1
     fi
 }
 need mosquitto mosquitto
 need jq jq
 
-if [ -z "${DEVICE_SIM:-}" ]; then
-    (cd "$ROOT" && cargo build --release -p device-sim >&2)
-fi
+echo "== building umbra and device-sim (release)" >&2
+(cd "$ROOT" && cargo build --release -p umbra-broker -p device-sim >&2)
 # Thousands of sockets per process.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" -lt $((DEVICES + 1000)) ]; then
+    echo "compare.sh: open-files limit $(ulimit -n) is below $((DEVICES + 1000))" >&2
+    exit 1
+fi
 
 # A port nothing listens on (a connect that fails); the short race with others is accepted.
 free_port() {
@@ -69,13 +76,18 @@ wait_port() {
 }
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
-# Samples the peak RSS of PID into FILE every 100 ms until the file STOP exists.
+# Samples the peak RSS of PID into FILE every 100 ms until the file STOP exists; keeps the
+# broker's smaps_rollup at the peak in FILE.smaps.
 sample_peak() {
     local pid=$1 file=$2 stop=$3 peak=0 now
     while [ ! -e "$stop" ] && kill -0 "$pid" 2>/dev/null; do
         now=$(rss_kb "$pid")
-        [ "${now:-0}" -gt "$peak" ] && peak=$now
+        if [ "${now:-0}" -gt "$peak" ]; then
+            peak=$now
+            cat "/proc/$pid/smaps_rollup" >"$file.smaps" 2>/dev/null || true
+        fi
         echo "$peak" >"$file"
         sleep 0.1
     done
@@ -90,12 +102,17 @@ start_mosquitto() {
     wait_port "$port"
 }
 
+# start_umbra PORT [EXTRA-TOML]
 start_umbra() {
-    local port=$1 data="$WORK/umbra-data-$1"
+    local port=$1 data="$WORK/umbra-data-$1" conf="$WORK/umbra-$1.toml"
     mkdir -p "$data"
-    "$UMBRA_BIN" --mqtt-addr "127.0.0.1:$port" --data-dir "$data" \
-        --ws-addr "127.0.0.1:$(free_port)" --http-addr "127.0.0.1:$(free_port)" \
-        >"$WORK/umbra-$port.log" 2>&1 &
+    {
+        printf '[mqtt.edge]\nprivileged_clients = ["umbra-operator"]\n'
+        printf '[mqtt.router]\nmax_connections = %d\n' $((DEVICES * 2 + 1000))
+        printf '%b' "${2:-}"
+    } >"$conf"
+    "$UMBRA" --config "$conf" --mqtt-addr "127.0.0.1:$port" --data-dir "$data" \
+        --ws-addr "127.0.0.1:$(free_port)" >"$WORK/umbra-$port.log" 2>&1 &
     BROKER_PID=$!
     PIDS+=("$BROKER_PID")
     wait_port "$port"
@@ -110,72 +127,109 @@ stop_broker() {
 run_workload() {
     local broker=$1 name=$2 pid=$3 url=$4
     shift 5
-    local json="$WORK/$broker-$name.json" peak="$WORK/$broker-$name.peak" stop="$WORK/$broker-$name.stop"
-    echo "== $broker / $name" >&2
-    sample_peak "$pid" "$peak" "$stop" &
+    local base="$WORK/$broker-$name"
+    echo "== $broker / $name (load $(loadavg))" >&2
+    loadavg >"$base.load"
+    sample_peak "$pid" "$base.peak" "$base.stop" &
     local sampler=$!
-    if ! "$SIM" "$@" --broker "$url" --json --quiet >"$json" 2>"$WORK/$broker-$name.err"; then
+    if ! "$SIM" "$@" --broker "$url" --json --quiet >"$base.json" 2>"$base.err"; then
         echo "compare.sh: device-sim failed on $broker/$name:" >&2
-        tail -5 "$WORK/$broker-$name.err" >&2
-        echo '{}' >"$json"
+        tail -5 "$base.err" >&2
+        echo '{}' >"$base.json"
     fi
-    touch "$stop"
+    touch "$base.stop"
     wait "$sampler" 2>/dev/null || true
-    tail -20 "$WORK/$broker-$name.err" >&2
+    grep -v '^\(==\|measured\|messages\|connects\|peak\|latency\|  \|errors: none\)' "$base.err" | tail -5 >&2 || true
 }
 
-WORKLOADS=(
+RELAY=(
     "p2p-100|bench relay --mode p2p --publishers 100 --subscribers 100 --qos 1 --payload 64 --rate max --duration $DURATION"
     "p2p-1k|bench relay --mode p2p --publishers 1000 --subscribers 1000 --qos 1 --payload 64 --rate max --duration $DURATION"
-    "p2p-1k-at-10k|bench relay --mode p2p --publishers 1000 --subscribers 1000 --qos 1 --payload 64 --rate 10/s --duration $DURATION"
-    "idle-$CONN_DEVICES|fleet --devices $CONN_DEVICES --ramp 2000 --telemetry-interval 0s --duration $DURATION"
+)
+IDLE="idle-$DEVICES|fleet --devices $DEVICES --ramp 2500 --telemetry-interval 0s --duration 12s"
+DELTA="delta-$DEVICES|fleet --devices $DEVICES --ramp 2500 --telemetry-interval 0s --actuation-delay 0s --operator-rate $DELTA_RATE/s --duration 25s"
+SHADOW=(
+    "shadow-full|bench shadow --devices 400 --inflight 8 --ramp 2000 --duration $DURATION"
+    "shadow-normal|bench shadow --devices 400 --inflight 8 --ramp 2000 --duration $DURATION"
 )
 
-BROKERS=(mosquitto)
-[ -n "$UMBRA_BIN" ] && BROKERS+=(umbra)
-
-for broker in "${BROKERS[@]}"; do
+START_LOAD=$(loadavg)
+for broker in mosquitto umbra; do
     port=$(free_port)
     "start_$broker" "$port"
     pid=$BROKER_PID
     sleep 1 # let start-up allocations settle before the idle figure
     rss_kb "$pid" >"$WORK/$broker.idle"
-    for workload in "${WORKLOADS[@]}"; do
-        name=${workload%%|*}
+    for workload in "${RELAY[@]}" "$IDLE"; do
         # shellcheck disable=SC2086
-        run_workload "$broker" "$name" "$pid" "mqtt://127.0.0.1:$port" -- ${workload#*|}
+        run_workload "$broker" "${workload%%|*}" "$pid" "mqtt://127.0.0.1:$port" -- ${workload#*|}
     done
     stop_broker "$pid"
 done
 
+# Shadow workloads: Umbra only (Mosquitto has no shadow service). A fresh server each, so that
+# the delta run starts with 10,000 connections on an otherwise empty broker.
+port=$(free_port)
+start_umbra "$port"
+# shellcheck disable=SC2086
+run_workload umbra "${DELTA%%|*}" "$BROKER_PID" "mqtt://127.0.0.1:$port" -- ${DELTA#*|}
+stop_broker "$BROKER_PID"
+for workload in "${SHADOW[@]}"; do
+    name=${workload%%|*}
+    sync=${name#shadow-}
+    port=$(free_port)
+    # The per-thing limit (20/s) is lifted to measure the service, not the throttle.
+    start_umbra "$port" "[shadow]\nrequests_per_second = 0\n[store]\nsynchronous = \"$sync\"\n"
+    # shellcheck disable=SC2086
+    run_workload umbra "$name" "$BROKER_PID" "mqtt://127.0.0.1:$port" -- ${workload#*|}
+    stop_broker "$BROKER_PID"
+done
+END_LOAD=$(loadavg)
+
 # ---------------------------------------------------------------- report
 field() { jq -r "$2 // empty" "$1" 2>/dev/null; }
-fmt() { [ -n "$1" ] && printf '%.1f' "$1" || printf 'n/a'; }
+num() { [ -n "$1" ] && printf "%.${2:-1}f" "$1" || printf 'n/a'; }
 ratio() { # umbra / mosquitto
     awk -v u="${1:-}" -v m="${2:-}" 'BEGIN { if (u != "" && m + 0 > 0) printf "%.2f×", u / m; else printf "n/a" }'
 }
-
-row() { # row BROKER NAME
-    local json="$WORK/$1-$2.json" peak
-    peak=$(cat "$WORK/$1-$2.peak" 2>/dev/null || echo "")
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" \
-        "$(fmt "$(field "$json" .messages_out_per_s)")" \
-        "$(fmt "$(field "$json" .messages_in_per_s)")" \
-        "$(field "$json" .counts.sent)" "$(field "$json" .counts.received)" "$(field "$json" .counts.lost)" \
-        "$(fmt "$(field "$json" '.latency["end-to-end"].p50_ms')")" \
-        "$(fmt "$(field "$json" '.latency["end-to-end"].p99_ms')")" \
-        "$(fmt "$(field "$json" '.latency["end-to-end"].max_ms')")" \
-        "$(awk -v k="${peak:-0}" 'BEGIN { printf "%.1f", k / 1024 }')"
+mib() { awk -v k="${1:-0}" 'BEGIN { printf "%.1f", k / 1024 }'; }
+peak() { cat "$WORK/$1-$2.peak" 2>/dev/null || echo ""; }
+lat() { # lat JSON SERIES -> "p50 | p90 | p99 | max"
+    local q out=""
+    for q in p50_ms p90_ms p99_ms max_ms; do
+        out+="$(num "$(field "$1" ".latency[\"$2\"].$q")" 2) | "
+    done
+    printf '%s' "${out% | }"
 }
+per_conn() { # per_conn BROKER -> KiB per connection at the idle fleet's peak
+    local idle peak connected
+    idle=$(cat "$WORK/$1.idle")
+    peak=$(peak "$1" "idle-$DEVICES")
+    connected=$(field "$WORK/$1-idle-$DEVICES.json" .peak_connected)
+    awk -v p="${peak:-0}" -v i="$idle" -v n="${connected:-0}" 'BEGIN { if (n > 0) printf "%.2f", (p - i) / n; else printf "" }'
+}
+goal() { awk -v v="${1:-}" -v g="$2" -v dir="$3" 'BEGIN {
+    if (v == "") { print "n/a"; exit }
+    ok = (dir == "min") ? (v + 0 >= g) : (v + 0 <= g); print ok ? "met" : "**missed**" }'; }
+
+M=mosquitto U=umbra
+relay_in() { field "$WORK/$1-$2.json" .messages_in_per_s; }
+UMBRA_KIB=$(per_conn umbra)
+MOSQ_KIB=$(per_conn mosquitto)
+RELAY_RATIO=$(awk -v u="$(relay_in $U p2p-1k)" -v m="$(relay_in $M p2p-1k)" 'BEGIN { if (m > 0) printf "%.2f", u / m }')
+SHADOW_RATE=$(field "$WORK/umbra-shadow-full.json" '.rates["accepted (durable updates)"]')
+DELTA_P99=$(field "$WORK/umbra-delta-$DEVICES.json" '.latency["desired->delta"].p99_ms')
+RELAY_RSS_MIB=$(mib "$(peak $U p2p-1k)")
 
 {
     echo "# Umbra vs Mosquitto: device-sim workloads"
     echo
-    echo "Generated by \`bench/compare.sh\` on $(date -u +%Y-%m-%dT%H:%M:%SZ)."
-    echo "Commit \`$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)\`$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (with local changes)')."
-    echo "Broker and load generator share the machine; every run lasts $DURATION. Figures move"
-    echo "by up to 2× between runs when other work (e.g. cargo builds) shares the 2 cores: compare"
-    echo "brokers from the same run only."
+    echo "Generated by \`bench/compare.sh\` on $(date -u +%Y-%m-%dT%H:%M:%SZ), commit"
+    echo "\`$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)\`$(git -C "$ROOT" diff --quiet HEAD -- broker shadow device-sim 2>/dev/null || echo ' (with local changes)')."
+    echo "Load average (1/5/15 min) at the start: $START_LOAD; at the end: $END_LOAD; per workload below."
+    echo "Broker and load generator share the machine's cores, so every figure is for both together;"
+    echo "figures move by up to 2× between runs when other work shares the cores: compare brokers"
+    echo "from the same run only."
     echo
     echo "## Machine"
     echo
@@ -184,73 +238,124 @@ row() { # row BROKER NAME
     free -h | head -2
     uname -srm
     echo "mosquitto: $(mosquitto -h 2>/dev/null | head -1)"
+    echo "umbra: $("$UMBRA" --version 2>/dev/null)"
     echo '```'
     echo
-    echo "## Relay (QoS 1, 64-byte payload; \`max\` = closed loop, 100 in flight per publisher)"
+    echo "## Goals"
     echo
-    echo "| broker | workload | msgs/s out | msgs/s in | sent | received | lost | p50 ms | p99 ms | max ms | peak RSS MiB |"
+    echo "| goal | target | Umbra | Mosquitto | |"
+    echo "|---|---|---:|---:|---|"
+    echo "| relay 1k→1k QoS 1, msgs/s received | ≥ 5× Mosquitto | $(num "$(relay_in $U p2p-1k)" 0) ($RELAY_RATIO×) | $(num "$(relay_in $M p2p-1k)" 0) | $(goal "$RELAY_RATIO" 5 min) |"
+    echo "| durable shadow updates/s (synchronous = full) | ≥ 20,000 | $(num "$SHADOW_RATE" 0) | no shadow service | $(goal "$SHADOW_RATE" 20000 min) |"
+    echo "| desired→delta p99 at $DELTA_RATE/s, $DEVICES devices | ≤ 10 ms | $(num "$DELTA_P99" 2) ms | no shadow service | $(goal "$DELTA_P99" 10 max) |"
+    echo "| memory per idle device connection ($DEVICES) | ≤ 8 KiB | $(num "$UMBRA_KIB" 1) KiB | $(num "$MOSQ_KIB" 1) KiB | $(goal "$UMBRA_KIB" 8 max) |"
+    echo "| RSS under relay load (1k→1k) | ≤ 200 MB | $RELAY_RSS_MIB MiB | $(mib "$(peak $M p2p-1k)") MiB | $(goal "$(awk -v k="$(peak $U p2p-1k)" 'BEGIN { print k * 1024 / 1e6 }')" 200 max) |"
+    echo
+    echo "## Relay (QoS 1, 64-byte payload, \`--rate max\`: closed loop, 100 in flight per publisher)"
+    echo
+    echo "| broker | workload | load avg | msgs/s out | msgs/s in | sent | received | lost | p50 ms | p90 ms | p99 ms | max ms | peak RSS MiB |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for workload in "${RELAY[@]}"; do
+        name=${workload%%|*}
+        for broker in $M $U; do
+            j="$WORK/$broker-$name.json"
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$broker" "$name" \
+                "$(cat "$WORK/$broker-$name.load")" \
+                "$(num "$(field "$j" .messages_out_per_s)" 0)" "$(num "$(field "$j" .messages_in_per_s)" 0)" \
+                "$(field "$j" .counts.sent)" "$(field "$j" .counts.received)" "$(field "$j" .counts.lost)" \
+                "$(lat "$j" end-to-end)" "$(mib "$(peak "$broker" "$name")")"
+        done
+    done
+    echo
+    echo "Umbra / Mosquitto:"
+    echo
+    echo "| workload | msgs/s in | p50 | p90 | p99 | max | peak RSS |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for workload in "${RELAY[@]}"; do
+        name=${workload%%|*}
+        u="$WORK/umbra-$name.json" m="$WORK/mosquitto-$name.json"
+        printf '| %s | %s |' "$name" "$(ratio "$(field "$u" .messages_in_per_s)" "$(field "$m" .messages_in_per_s)")"
+        for q in p50_ms p90_ms p99_ms max_ms; do
+            printf ' %s |' "$(ratio "$(field "$u" ".latency[\"end-to-end\"].$q")" "$(field "$m" ".latency[\"end-to-end\"].$q")")"
+        done
+        printf ' %s |\n' "$(ratio "$(peak umbra "$name")" "$(peak mosquitto "$name")")"
+    done
+    echo
+    echo "## Memory per idle device connection ($DEVICES devices, each subscribed to its 5 shadow answer topics, telemetry off)"
+    echo
+    echo "| broker | load avg | RSS before MiB | RSS with $DEVICES devices MiB | KiB per device | connected | anonymous / file-backed at peak |"
+    echo "|---|---|---:|---:|---:|---:|---|"
+    for broker in $M $U; do
+        s="$WORK/$broker-idle-$DEVICES.peak.smaps"
+        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$broker" "$(cat "$WORK/$broker-idle-$DEVICES.load")" \
+            "$(mib "$(cat "$WORK/$broker.idle")")" "$(mib "$(peak "$broker" "idle-$DEVICES")")" \
+            "$(num "$(per_conn "$broker")" 2)" "$(field "$WORK/$broker-idle-$DEVICES.json" .peak_connected)" \
+            "$(awk '/^Anonymous/ {a=$2} /^Rss/ {r=$2} END { printf "%.1f / %.1f MiB", a/1024, (r-a)/1024 }' "$s" 2>/dev/null)"
+    done
+    echo
+    echo "Umbra / Mosquitto per device: $(ratio "$UMBRA_KIB" "$MOSQ_KIB"). On Umbra each device also gets its"
+    echo "shadow (get → 404 → first report), so the figure includes one stored shadow per device."
+    echo
+    echo "## Shadow service (Umbra only: Mosquitto has no shadow service, so there is nothing to compare)"
+    echo
+    j="$WORK/umbra-delta-$DEVICES.json"
+    echo "### desired → delta at $DELTA_RATE changes/s with $DEVICES devices connected"
+    echo
+    echo "\`fleet\` with an in-process operator (MQTT, privileged client id) changing random devices' desired"
+    echo "setpoint once every device is connected and in sync; each device reports the change back"
+    echo "(actuation delay 0), so the service handles two updates per change. Load average at start:"
+    echo "$(cat "$WORK/umbra-delta-$DEVICES.load")."
+    echo
+    echo "| series | p50 ms | p90 ms | p99 ms | max ms | count |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for series in "desired->delta" "desired->reported" "operator request"; do
+        printf '| %s | %s | %s |\n' "$series" "$(lat "$j" "$series")" "$(field "$j" ".latency[\"$series\"].count")"
+    done
+    echo
+    echo "Changes sent $(field "$j" .counts.operator_changes_sent), not converged at the end $(field "$j" .counts.changes_not_converged), devices in sync $(field "$j" .counts.devices_synced) of $DEVICES, peak connected $(field "$j" .peak_connected);"
+    echo "errors $(jq -c .errors "$j" 2>/dev/null), rejections $(jq -c .rejected "$j" 2>/dev/null); broker peak RSS $(mib "$(peak umbra "delta-$DEVICES")") MiB."
+    echo
+    echo "### Durable shadow updates/s (update → update/accepted after COMMIT)"
+    echo
+    echo "400 devices, 8 updates in flight each, per-thing rate limit lifted (\`[shadow] requests_per_second = 0\`)."
+    echo
+    echo "| store.synchronous | load avg | accepted/s | accepted | rejected | unanswered | p50 ms | p90 ms | p99 ms | max ms | peak RSS MiB |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    for broker in "${BROKERS[@]}"; do
-        for workload in "${WORKLOADS[@]}"; do
-            name=${workload%%|*}
-            case $name in p2p-*) row "$broker" "$name" ;; esac
-        done
+    for workload in "${SHADOW[@]}"; do
+        name=${workload%%|*}
+        j="$WORK/umbra-$name.json"
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${name#shadow-}" "$(cat "$WORK/umbra-$name.load")" \
+            "$(num "$(field "$j" '.rates["accepted (durable updates)"]')" 0)" "$(field "$j" .counts.accepted)" \
+            "$(field "$j" .counts.rejected)" "$(field "$j" .counts.unanswered)" \
+            "$(lat "$j" "update->accepted")" "$(mib "$(peak umbra "$name")")"
     done
-    echo
-    echo "## Memory"
-    echo
-    echo "| broker | idle RSS MiB | $CONN_DEVICES idle devices: peak RSS MiB | KiB per connection | peak connected |"
-    echo "|---|---:|---:|---:|---:|"
-    for broker in "${BROKERS[@]}"; do
-        idle=$(cat "$WORK/$broker.idle")
-        peak=$(cat "$WORK/$broker-idle-$CONN_DEVICES.peak" 2>/dev/null || echo 0)
-        connected=$(field "$WORK/$broker-idle-$CONN_DEVICES.json" .peak_connected)
-        per=$(awk -v p="$peak" -v i="$idle" -v n="${connected:-0}" 'BEGIN { if (n > 0) printf "%.2f", (p - i) / n; else printf "n/a" }')
-        printf '| %s | %.1f | %.1f | %s | %s |\n' "$broker" \
-            "$(awk -v k="$idle" 'BEGIN { print k / 1024 }')" \
-            "$(awk -v k="$peak" 'BEGIN { print k / 1024 }')" "$per" \
-            "${connected:-n/a}"
-    done
-    if [ -n "$UMBRA_BIN" ]; then
-        echo
-        echo "## Umbra / Mosquitto"
-        echo
-        echo "| workload | msgs/s in | p99 latency | peak RSS |"
-        echo "|---|---:|---:|---:|"
-        for workload in "${WORKLOADS[@]}"; do
-            name=${workload%%|*}
-            u="$WORK/umbra-$name.json"
-            m="$WORK/mosquitto-$name.json"
-            printf '| %s | %s | %s | %s |\n' "$name" \
-                "$(ratio "$(field "$u" .messages_in_per_s)" "$(field "$m" .messages_in_per_s)")" \
-                "$(ratio "$(field "$u" '.latency["end-to-end"].p99_ms')" "$(field "$m" '.latency["end-to-end"].p99_ms')")" \
-                "$(ratio "$(cat "$WORK/umbra-$name.peak" 2>/dev/null)" "$(cat "$WORK/mosquitto-$name.peak" 2>/dev/null)")"
-        done
-        printf '| idle | | | %s |\n' "$(ratio "$(cat "$WORK/umbra.idle")" "$(cat "$WORK/mosquitto.idle")")"
-    else
-        echo
-        echo "Umbra was not run (set \`UMBRA_BIN\` to its binary for the comparison and ratios)."
-    fi
     echo
     echo "## Workloads"
     echo
-    for workload in "${WORKLOADS[@]}"; do
+    for workload in "${RELAY[@]}" "$IDLE" "$DELTA" "${SHADOW[@]}"; do
         echo "- \`${workload%%|*}\`: \`device-sim ${workload#*|} --json\`"
     done
     echo
-    echo "sent = publishes the broker acknowledged (PUBACK); lost = expected − received after a"
-    echo "drain of up to 10 s; latency is publish call → subscriber receipt (one process, one clock)."
-    echo "RSS is the broker's VmRSS sampled every 100 ms; KiB per connection = (peak − idle) / connected."
+    echo "sent = publishes the broker acknowledged (PUBACK); lost = expected − received after a drain"
+    echo "of up to 10 s; relay latency is publish call → subscriber receipt (one process, one clock)."
+    echo "RSS is the broker's VmRSS sampled every 100 ms; KiB per device = (peak − RSS before) / connected."
+    echo "Umbra runs with \`[mqtt.edge] privileged_clients = [\"umbra-operator\"]\` and default limits"
+    echo "except where a workload says otherwise."
+    if [ -f "$ROOT/bench/NOTES.md" ]; then
+        echo
+        cat "$ROOT/bench/NOTES.md"
+    fi
     echo
     echo "## Raw summaries"
-    for broker in "${BROKERS[@]}"; do
-        for workload in "${WORKLOADS[@]}"; do
-            name=${workload%%|*}
+    for broker in $M $U; do
+        for f in "$WORK/$broker"-*.json; do
+            [ -e "$f" ] || continue
+            name=$(basename "$f" .json)
             echo
-            echo "<details><summary>$broker / $name</summary>"
+            echo "<details><summary>$name</summary>"
             echo
             echo '```json'
-            jq -c . "$WORK/$broker-$name.json" 2>/dev/null || echo '{}'
+            jq -c . "$f" 2>/dev/null || echo '{}'
             echo '```'
             echo "</details>"
         done

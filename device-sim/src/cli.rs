@@ -2,7 +2,7 @@
 
 use crate::fleet::FleetConfig;
 use crate::mqtt::{BrokerAddr, ClientSettings};
-use crate::operator::{OperatorConfig, OperatorPlan};
+use crate::operator::{OperatorConfig, OperatorPlan, TargetOrder};
 use crate::relay::{RelayConfig, RelayMode};
 use crate::shadow_bench::ShadowBenchConfig;
 use crate::units::{parse_duration, Rate};
@@ -143,6 +143,16 @@ pub struct FleetArgs {
     /// Send the in-process operator's changes over HTTP to this base URL instead of MQTT.
     #[arg(long)]
     pub operator_http: Option<String>,
+    /// Which device each of the in-process operator's changes goes to.
+    #[arg(long, value_enum, default_value = "random")]
+    pub operator_order: TargetOrder,
+    /// The in-process operator stops after this many changes.
+    #[arg(long)]
+    pub operator_changes: Option<u64>,
+    /// End as soon as the operator's changes (`--operator-changes`) have all converged;
+    /// `--duration` is then an upper bound.
+    #[arg(long, requires = "operator_changes")]
+    pub until_converged: bool,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +175,12 @@ pub struct OperatorArgs {
     /// Send changes as `POST {http}/things/{thing}/shadow` instead of over MQTT.
     #[arg(long)]
     pub http: Option<String>,
+    /// Which device each change goes to (`sweep`: every device in turn).
+    #[arg(long, value_enum, default_value = "random")]
+    pub order: TargetOrder,
+    /// Stop after this many changes.
+    #[arg(long)]
+    pub changes: Option<u64>,
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
 }
@@ -238,6 +254,9 @@ pub struct ShadowArgs {
     /// New connections per second while ramping up.
     #[arg(long, default_value_t = 500.0)]
     pub ramp: f64,
+    /// How long to wait for answers still owed after the window.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 impl FleetArgs {
@@ -256,7 +275,10 @@ impl FleetArgs {
                 rate,
                 client_id: self.operator_client_id.clone(),
                 http: self.operator_http.clone(),
+                order: self.operator_order,
+                max_changes: self.operator_changes,
             }),
+            until_converged: self.until_converged,
             quiet,
         }
     }
@@ -274,6 +296,8 @@ impl OperatorArgs {
                 rate: self.rate,
                 client_id: self.client_id.clone(),
                 http: self.http.clone(),
+                order: self.order,
+                max_changes: self.changes,
             },
             duration: self.duration,
             quiet,
@@ -315,6 +339,7 @@ impl ShadowArgs {
             duration: self.duration,
             inflight: self.inflight.max(1),
             ramp: self.ramp,
+            drain_timeout: self.drain_timeout,
             quiet,
         }
     }

@@ -3,15 +3,16 @@
 
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
-use crate::operator::{drive, thing_name, OperatorPlan, PendingChanges};
+use crate::operator::{drive, thing_name, OperatorOutcome, OperatorPlan, PendingChanges};
 use crate::report::{progress, Summary};
-use crate::stats::{LatencySeries, RunStats};
+use crate::stats::{Counter, LatencySeries, RunStats};
 use crate::telemetry::TelemetryModel;
 use crate::Error;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -31,7 +32,61 @@ pub struct FleetConfig {
     pub telemetry_interval: Option<Duration>,
     pub duration: Duration,
     pub operator: Option<OperatorPlan>,
+    /// End the run as soon as the operator has sent all its changes (`max_changes`) and every
+    /// one of them has converged, instead of at the end of `duration` (then only a bound).
+    pub until_converged: bool,
     pub quiet: bool,
+}
+
+/// Longest the in-process operator waits, after the last device started, for every device to
+/// be in sync before it starts anyway.
+const SYNC_GRACE: Duration = Duration::from_secs(10);
+
+/// A count that tasks can wait on reaching a target (devices in sync).
+#[derive(Debug, Default)]
+struct Milestone {
+    count: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Milestone {
+    fn incr(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    async fn reached(&self, target: u64) {
+        loop {
+            // Registered before the check, so an increment between the two is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.get() >= target {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The fleet's own shadow traffic, reported in the summary so it can be checked against what
+/// the broker and the shadow service counted.
+#[derive(Debug, Default)]
+struct ShadowCounts {
+    /// `get` requests queued.
+    gets: Counter,
+    /// `update` requests (reports) queued.
+    reports: Counter,
+    /// `update/accepted` answers to this device's own reports.
+    reports_accepted: Counter,
+    /// `update/delta` messages received.
+    deltas: Counter,
+    /// Devices whose shadow was in sync once (get accepted, or first report accepted).
+    synced: Milestone,
 }
 
 /// What a device still has to send once it may (after a 429 backoff).
@@ -95,8 +150,10 @@ struct Device {
     throttle: Backoff,
     token_seq: u64,
     stats: Arc<RunStats>,
+    counts: Arc<ShadowCounts>,
     pending: Option<Arc<PendingChanges>>,
     actuation_delay: Duration,
+    synced: bool,
 }
 
 impl Device {
@@ -105,13 +162,18 @@ impl Device {
         format!("{}:{}", self.thing, self.token_seq)
     }
 
-    fn publish(&self, topic: &str, qos: QoS, body: String, what: &str) {
+    /// Queues a publish; `false` (and an error counted) when the client's channel is full.
+    fn publish(&self, topic: &str, qos: QoS, body: String, what: &str) -> bool {
         if self.client.try_publish(topic, qos, false, body).is_err() {
             // The client's bounded channel is full: the device is backlogged; drop and count.
             self.stats.errors.add(what);
+            return false;
         }
+        true
     }
 
+    /// Subscribes to the shadow answers; the get follows the SUBACK, so that its answer
+    /// cannot overtake the subscription (AWS IoT's SDKs do the same).
     fn on_connected(&mut self) {
         let filters: Vec<_> = self
             .topics
@@ -122,17 +184,25 @@ impl Device {
         if self.client.try_subscribe_many(filters).is_err() {
             self.stats.errors.add("subscribe not queued");
         }
-        self.send_get();
+    }
+
+    fn mark_synced(&mut self) {
+        if !self.synced {
+            self.synced = true;
+            self.counts.synced.incr();
+        }
     }
 
     fn send_get(&mut self) {
         let body = serde_json::json!({ "clientToken": self.token() }).to_string();
-        self.publish(
+        if self.publish(
             &self.topics.get.clone(),
             QoS::AtLeastOnce,
             body,
             "get not queued",
-        );
+        ) {
+            self.counts.gets.incr();
+        }
     }
 
     fn send_report(&mut self) {
@@ -144,23 +214,27 @@ impl Device {
             "clientToken": self.token(),
         })
         .to_string();
-        self.publish(
+        if self.publish(
             &self.topics.update.clone(),
             QoS::AtLeastOnce,
             body,
             "report not queued",
-        );
+        ) {
+            self.counts.reports.incr();
+        }
     }
 
     fn send_telemetry(&mut self) {
         let sample = self.telemetry.step(&mut self.rng);
         match serde_json::to_string(&sample) {
-            Ok(body) => self.publish(
-                &self.telemetry_topic.clone(),
-                QoS::AtMostOnce,
-                body,
-                "telemetry not queued",
-            ),
+            Ok(body) => {
+                self.publish(
+                    &self.telemetry_topic.clone(),
+                    QoS::AtMostOnce,
+                    body,
+                    "telemetry not queued",
+                );
+            }
             Err(_) => self.stats.errors.add("telemetry encoding"),
         }
     }
@@ -205,6 +279,7 @@ impl Device {
         match kind {
             ShadowAnswer::GetAccepted => {
                 self.throttle.reset();
+                self.mark_synced();
                 if let Some(reported) = answer.reported {
                     self.reported = reported;
                 }
@@ -213,11 +288,22 @@ impl Device {
                 }
             }
             ShadowAnswer::UpdateDelta => {
+                self.counts.deltas.incr();
                 if let Some(delta) = answer.delta {
                     self.on_delta(delta);
                 }
             }
             ShadowAnswer::UpdateAccepted => {
+                // Every update of this shadow is announced here, the operator's included; only
+                // the device's own reports (its client tokens) count as its answers.
+                let own = answer.client_token.as_deref().is_some_and(|t| {
+                    t.strip_prefix(self.thing.as_str())
+                        .is_some_and(|rest| rest.starts_with(':'))
+                });
+                if own {
+                    self.counts.reports_accepted.incr();
+                    self.mark_synced();
+                }
                 self.throttle.reset();
                 if let Some(reported) = answer.reported {
                     for (key, value) in reported {
@@ -308,6 +394,7 @@ async fn run_device(
                     device.stats.connected.up();
                     device.on_connected();
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => device.send_get(),
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     device.stats.messages_in.incr();
                     device.on_answer(ShadowAnswer::of(&publish.topic), &publish.payload);
@@ -413,6 +500,13 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
         progress_stop.clone(),
     ));
 
+    let counts = Arc::new(ShadowCounts::default());
+    let deadline = TokioInstant::now() + config.duration;
+    let spacing = Duration::from_secs_f64(1.0 / config.ramp);
+    let ramp_start = TokioInstant::now();
+    let ramp_end = ramp_start + spacing.mul_f64(config.devices as f64);
+    // Set when the operator starts: the number of devices in sync at that moment.
+    let synced_at_start = Arc::new(AtomicU64::new(0));
     let operator_task = match (&config.operator, &pending) {
         (Some(plan), Some(pending)) => {
             let things = (config.first..config.first + config.devices)
@@ -424,23 +518,38 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             let mut client = config.clients[0].clone();
             client.channel_capacity = 64;
             client.inflight = 100;
-            Some(tokio::spawn(drive(
-                plan.clone(),
-                client,
-                things,
-                Some(Arc::clone(pending)),
-                Arc::clone(&stats),
-                request_latency,
-                stop.clone(),
-            )))
+            let plan = plan.clone();
+            let pending = Arc::clone(pending);
+            let stats = Arc::clone(&stats);
+            let counts = Arc::clone(&counts);
+            let synced_at_start = Arc::clone(&synced_at_start);
+            let devices = config.devices as u64;
+            let stop = stop.clone();
+            Some(tokio::spawn(async move {
+                // Changes start once the whole fleet is connected and in sync, so that the
+                // latencies measure the steady state, not the ramp.
+                tokio::select! {
+                    _ = counts.synced.reached(devices) => {}
+                    _ = tokio::time::sleep_until(ramp_end + SYNC_GRACE) => {}
+                    _ = stop.cancelled() => return Ok(OperatorOutcome::default()),
+                }
+                synced_at_start.store(counts.synced.get(), Ordering::Relaxed);
+                drive(
+                    plan,
+                    client,
+                    things,
+                    Some(pending),
+                    stats,
+                    request_latency,
+                    stop,
+                )
+                .await
+            }))
         }
         _ => None,
     };
 
-    let deadline = TokioInstant::now() + config.duration;
     let mut devices = JoinSet::new();
-    let spacing = Duration::from_secs_f64(1.0 / config.ramp);
-    let ramp_start = TokioInstant::now();
     for n in 0..config.devices {
         let start_at = ramp_start + spacing.mul_f64(n as f64);
         tokio::select! {
@@ -467,8 +576,10 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             throttle: Backoff::throttled(),
             token_seq: 0,
             stats: Arc::clone(&stats),
+            counts: Arc::clone(&counts),
             pending: pending.clone(),
             actuation_delay: config.actuation_delay,
+            synced: false,
         };
         devices.spawn(run_device(
             device,
@@ -477,21 +588,44 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             stop.clone(),
         ));
     }
-    tokio::select! {
-        _ = tokio::time::sleep_until(deadline) => {}
-        _ = stop.cancelled() => {}
+    let mut operator_task = operator_task;
+    let mut operator_outcome = None;
+    let mut converged_early = false;
+    match (&mut operator_task, &pending) {
+        (Some(task), Some(pending)) if config.until_converged => {
+            tokio::select! {
+                joined = task => {
+                    operator_outcome = Some(joined);
+                    tokio::select! {
+                        _ = pending.all_converged() => converged_early = true,
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        _ => {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
     }
     stop.cancel();
     let window = started.elapsed();
-    let mut operator_confirmed = None;
-    if let Some(task) = operator_task {
-        match task.await {
-            Ok(Ok(n)) => operator_confirmed = Some(n),
-            Ok(Err(e)) => return Err(e),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {}
-        }
-    }
+    let joined = match (operator_outcome, operator_task) {
+        (Some(joined), _) => Some(joined),
+        (None, Some(task)) => Some(task.await),
+        (None, None) => None,
+    };
+    let operator_outcome = match joined {
+        Some(Ok(Ok(outcome))) => Some(outcome),
+        Some(Ok(Err(e))) => return Err(e),
+        Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Some(Err(_)) | None => None,
+    };
     while let Some(joined) = devices.join_next().await {
         if let Err(e) = joined {
             if e.is_panic() {
@@ -512,10 +646,39 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
     summary
         .counts
         .insert("devices".to_owned(), config.devices as u64);
-    if let Some(n) = operator_confirmed {
+    let shadow_counts = [
+        ("gets_sent", counts.gets.get()),
+        ("reports_sent", counts.reports.get()),
+        ("reports_accepted", counts.reports_accepted.get()),
+        ("deltas_received", counts.deltas.get()),
+        ("devices_synced", counts.synced.get()),
+    ];
+    for (name, value) in shadow_counts {
+        summary.counts.insert(name.to_owned(), value);
+    }
+    let mut shadow_requests = counts.gets.get() + counts.reports.get();
+    if let Some(outcome) = operator_outcome {
+        shadow_requests += outcome.sent;
         summary
             .counts
-            .insert("operator_changes_confirmed".to_owned(), n);
+            .insert("operator_changes_sent".to_owned(), outcome.sent);
+        summary
+            .counts
+            .insert("operator_changes_confirmed".to_owned(), outcome.confirmed);
+        let synced = synced_at_start.load(Ordering::Relaxed);
+        if synced < config.devices as u64 {
+            notes.push(format!(
+                "the operator started with {synced} of {} devices in sync",
+                config.devices
+            ));
+        }
+    }
+    // Every shadow request this run queued (device gets and reports, operator changes).
+    summary
+        .counts
+        .insert("shadow_requests_sent".to_owned(), shadow_requests);
+    if converged_early {
+        notes.push("ended when every operator change had converged".to_owned());
     }
     if let Some(pending) = &pending {
         summary.counts.insert(

@@ -25,6 +25,33 @@ pub struct OperatorPlan {
     pub client_id: String,
     /// Base URL (`http://host:port`) for HTTP mode.
     pub http: Option<String>,
+    /// Which device each change goes to.
+    pub order: TargetOrder,
+    /// Stop after this many changes (`None`: until the run ends).
+    pub max_changes: Option<u64>,
+}
+
+impl OperatorPlan {
+    /// Random targets at `rate`, until the run ends.
+    pub fn new(rate: Rate, client_id: impl Into<String>) -> Self {
+        OperatorPlan {
+            rate,
+            client_id: client_id.into(),
+            http: None,
+            order: TargetOrder::Random,
+            max_changes: None,
+        }
+    }
+}
+
+/// How the operator picks the device of its next change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetOrder {
+    /// A uniformly random device each time.
+    Random,
+    /// Every device in turn (device 0, 1, ..., N-1, 0, ...): with `--changes N` each device
+    /// gets exactly one change.
+    Sweep,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +102,8 @@ pub struct PendingChanges {
     changes: Mutex<HashMap<String, PendingChange>>,
     delta_latency: Arc<LatencySeries>,
     converged_latency: Arc<LatencySeries>,
+    /// Woken whenever a change converges, so a run can end as soon as none is outstanding.
+    converged: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for PendingChanges {
@@ -89,6 +118,7 @@ impl PendingChanges {
             changes: Mutex::new(HashMap::new()),
             delta_latency,
             converged_latency,
+            converged: tokio::sync::Notify::new(),
         }
     }
 
@@ -127,6 +157,22 @@ impl PendingChanges {
             if let Some(change) = changes.remove(thing) {
                 self.converged_latency.record(change.sent.elapsed());
             }
+            drop(changes);
+            self.converged.notify_waiters();
+        }
+    }
+
+    /// Returns once no change is outstanding.
+    pub async fn all_converged(&self) {
+        loop {
+            // Registered before the check, so a convergence between the two is not missed.
+            let notified = self.converged.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.outstanding() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -284,7 +330,16 @@ impl HttpConnection {
     }
 }
 
-/// Sends desired changes until `stop`; `pending` (in-process fleet) learns every change.
+/// What an operator did: changes handed to its sender, and changes the broker acknowledged
+/// (PUBACK over MQTT, `200` over HTTP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OperatorOutcome {
+    pub sent: u64,
+    pub confirmed: u64,
+}
+
+/// Sends desired changes until `stop` (or `max_changes`); `pending` (in-process fleet) learns
+/// every change.
 /// Latency of the operator's own request is recorded in `request_latency` (PUBACK over MQTT,
 /// the HTTP response over HTTP, which Umbra sends after the commit).
 pub async fn drive(
@@ -295,7 +350,7 @@ pub async fn drive(
     stats: Arc<RunStats>,
     request_latency: Arc<LatencySeries>,
     stop: CancellationToken,
-) -> Result<u64, Error> {
+) -> Result<OperatorOutcome, Error> {
     if things.is_empty() {
         return Err(Error::Config("the operator needs at least one device"));
     }
@@ -325,15 +380,23 @@ pub async fn drive(
     let mut pacer = Pacer::new(rate);
     let mut last: HashMap<usize, f64> = HashMap::new();
     let mut seq = 0u64;
-    'send: loop {
+    let limit = plan.max_changes.unwrap_or(u64::MAX);
+    let mut sent = 0u64;
+    'send: while seq < limit {
         let batch = tokio::select! {
             n = pacer.next_batch() => n,
             _ = stop.cancelled() => break,
         };
         for _ in 0..batch {
+            if seq >= limit {
+                break;
+            }
             let (index, setpoint) = {
                 let mut rng = rand::thread_rng();
-                let index = rng.gen_range(0..things.len());
+                let index = match plan.order {
+                    TargetOrder::Random => rng.gen_range(0..things.len()),
+                    TargetOrder::Sweep => (seq % things.len() as u64) as usize,
+                };
                 (index, next_setpoint(&mut rng, last.get(&index).copied()))
             };
             last.insert(index, setpoint);
@@ -344,7 +407,7 @@ pub async fn drive(
                 pending.sent(thing, setpoint);
             }
             match jobs_tx.try_send((thing.clone(), body)) {
-                Ok(()) => {}
+                Ok(()) => sent += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     stats.errors.add("operator backlog full")
                 }
@@ -353,12 +416,16 @@ pub async fn drive(
         }
     }
     drop(jobs_tx);
-    match sender.await {
-        Ok(result) => result,
+    let confirmed = match sender.await {
+        Ok(result) => result?,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Ok(0),
-    }
+        Err(_) => 0,
+    };
+    Ok(OperatorOutcome { sent, confirmed })
 }
+
+/// Longest the MQTT operator waits for outstanding acknowledgements after the run ends.
+const OPERATOR_DRAIN: Duration = Duration::from_secs(5);
 
 async fn mqtt_sender(
     client: ClientSettings,
@@ -374,16 +441,32 @@ async fn mqtt_sender(
     let mut in_flight: HashMap<u16, Instant> = HashMap::new();
     let mut acked = 0u64;
     let mut jobs_open = true;
+    // Publishes handed to the client but not yet written: the run ends only after every
+    // change has been written and acknowledged, not with changes still in the client's queue.
+    let mut queued = 0usize;
+    // After `stop`, acknowledgements are awaited this long at most.
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
-        if !jobs_open && in_flight.is_empty() {
+        if !jobs_open && queued == 0 && in_flight.is_empty() {
             break;
         }
         tokio::select! {
+            _ = stop.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + OPERATOR_DRAIN);
+            }
+            _ = async {
+                match drain_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => break,
             job = jobs.recv(), if jobs_open && connected => match job {
                 Some((thing, body)) => {
                     let topic = ShadowTopics::new(&thing).update;
                     if handle.try_publish(topic, QoS::AtLeastOnce, false, body).is_err() {
                         stats.errors.add("operator publish not queued");
+                    } else {
+                        queued += 1;
                     }
                 }
                 None => jobs_open = false,
@@ -396,6 +479,7 @@ async fn mqtt_sender(
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     stats.messages_out.incr();
+                    queued = queued.saturating_sub(1);
                     in_flight.insert(pkid, Instant::now());
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
@@ -407,6 +491,8 @@ async fn mqtt_sender(
                 Ok(_) => {}
                 Err(e) => {
                     connected = false;
+                    // rumqttc retransmits unacknowledged publishes after a reconnect; those
+                    // still queued go out then too.
                     in_flight.clear();
                     stats.errors.add(&format!("operator {}", error_kind(&e)));
                     if stop.is_cancelled() {
@@ -525,7 +611,7 @@ pub async fn run(config: OperatorConfig, shutdown: CancellationToken) -> Result<
     let _ = timer.await;
     progress_stop.cancel();
     let _ = progress_task.await;
-    let confirmed = result?;
+    let outcome = result?;
     let window = started.elapsed();
     let mut summary = Summary::from_stats(
         "operator",
@@ -535,7 +621,10 @@ pub async fn run(config: OperatorConfig, shutdown: CancellationToken) -> Result<
     );
     summary
         .counts
-        .insert("changes_confirmed".to_owned(), confirmed);
+        .insert("changes_sent".to_owned(), outcome.sent);
+    summary
+        .counts
+        .insert("changes_confirmed".to_owned(), outcome.confirmed);
     summary.notes.push(
         "desired -> delta latency needs the devices: run `fleet --operator-rate` for it".to_owned(),
     );

@@ -1,6 +1,8 @@
 //! `bench shadow`: every device updates its own shadow as fast as answers come back (at most K
 //! in flight), measuring durable updates per second (update/accepted) and update -> accepted
-//! latency, and counting rejections by code.
+//! latency, and counting rejections by code. After the measured window, devices stop sending and
+//! wait (up to a drain timeout) for the answers still owed, so `unanswered` counts requests the
+//! service never answered, not requests cut off by the end of the window.
 
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
@@ -28,6 +30,8 @@ pub struct ShadowBenchConfig {
     /// Updates in flight per device.
     pub inflight: usize,
     pub ramp: f64,
+    /// How long to wait for answers still owed after the window.
+    pub drain_timeout: Duration,
     pub quiet: bool,
 }
 
@@ -54,6 +58,7 @@ async fn bench_device(
     shared: Arc<Shared>,
     ready: mpsc::Sender<()>,
     go: CancellationToken,
+    window_over: CancellationToken,
     stop: CancellationToken,
 ) {
     let topics = ShadowTopics::new(&thing);
@@ -67,7 +72,11 @@ async fn bench_device(
     let mut announced = false;
     loop {
         // Refill the window while running and not throttled.
-        let sending = go.is_cancelled() && !stop.is_cancelled() && subscribed;
+        let draining = window_over.is_cancelled();
+        if draining && in_flight.is_empty() {
+            break;
+        }
+        let sending = go.is_cancelled() && !draining && !stop.is_cancelled() && subscribed;
         let throttled = paused_until.is_some_and(|t| t > TokioInstant::now());
         if sending && !throttled {
             paused_until = None;
@@ -92,6 +101,7 @@ async fn bench_device(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = go.cancelled(), if !go.is_cancelled() => {}
+            _ = window_over.cancelled(), if !window_over.is_cancelled() => {}
             _ = async { match pause { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 paused_until = None;
             }
@@ -190,6 +200,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     });
     let (ready_tx, mut ready_rx) = mpsc::channel(config.devices);
     let go = CancellationToken::new();
+    let window_over = CancellationToken::new();
     let stop = shutdown.child_token();
     let progress_stop = CancellationToken::new();
     let started = Instant::now();
@@ -217,6 +228,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
             Arc::clone(&shared),
             ready_tx.clone(),
             go.clone(),
+            window_over.clone(),
             stop.clone(),
         ));
     }
@@ -251,14 +263,26 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     }
     let window = measure_start.elapsed();
     let accepted_in_window = shared.accepted.get();
-    stop.cancel();
-    while let Some(joined) = devices.join_next().await {
-        if let Err(e) = joined {
-            if e.is_panic() {
-                std::panic::resume_unwind(e.into_panic());
+    window_over.cancel();
+    let drain = async {
+        while let Some(joined) = devices.join_next().await {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
             }
         }
+    };
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => {}
+        _ = tokio::time::sleep(config.drain_timeout) => {
+            // Answers still owed now are counted as unanswered.
+            stop.cancel();
+            drain.await;
+        }
     }
+    stop.cancel();
     progress_stop.cancel();
     let _ = progress_task.await;
     let mut summary = Summary::from_stats(
@@ -276,6 +300,12 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     summary
         .counts
         .insert("accepted".to_owned(), accepted_in_window);
+    summary
+        .counts
+        .insert("accepted_total".to_owned(), shared.accepted.get());
+    summary
+        .counts
+        .insert("sent".to_owned(), shared.stats.messages_out.get());
     summary
         .counts
         .insert("rejected".to_owned(), shared.rejected.get());

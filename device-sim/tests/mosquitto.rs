@@ -104,11 +104,8 @@ async fn fleet_follows_operator_changes_through_a_shadow_service() {
         actuation_delay: Duration::from_millis(10),
         telemetry_interval: Some(Duration::from_millis(100)),
         duration: Duration::from_secs(3),
-        operator: Some(OperatorPlan {
-            rate: Rate::PerSecond(20.0),
-            client_id: "umbra-operator".to_owned(),
-            http: None,
-        }),
+        operator: Some(OperatorPlan::new(Rate::PerSecond(20.0), "umbra-operator")),
+        until_converged: false,
         quiet: true,
     };
     let summary = fleet::run(config, CancellationToken::new())

@@ -1,0 +1,188 @@
+//! End-to-end tests of device-sim against an in-process Umbra server (store, shadow service and
+//! embedded broker) on free loopback ports. Every wait is on an observable event: the fleet
+//! ends when every operator change has converged, the shadow bench when every answer came.
+
+use device_sim::fleet::{self, FleetConfig};
+use device_sim::mqtt::{BrokerAddr, ClientSettings};
+use device_sim::operator::{thing_name, OperatorPlan, TargetOrder};
+use device_sim::shadow_bench::{self, ShadowBenchConfig};
+use device_sim::units::Rate;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use umbra_broker::embedded::ListenerSettings;
+use umbra_broker::{Config, Server};
+use umbra_shadow::ShadowKey;
+
+const OPERATOR: &str = "umbra-operator";
+
+/// Umbra on free ports over a database in `dir`, with the operator privileged.
+async fn start_umbra(dir: &std::path::Path) -> Server {
+    let mut config = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.mqtt.mqtt_v4 = Some(ListenerSettings::local(0));
+    config.mqtt.websocket = None;
+    config
+        .mqtt
+        .edge
+        .privileged_clients
+        .insert(OPERATOR.to_owned());
+    config.validate().expect("valid config");
+    Server::start(config).await.expect("umbra starts")
+}
+
+fn client_settings(server: &Server) -> ClientSettings {
+    let addr = server.addrs().mqtt.expect("mqtt listener");
+    ClientSettings::new(BrokerAddr {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_converges_on_every_operator_change() {
+    const DEVICES: usize = 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_umbra(dir.path()).await;
+    let config = FleetConfig {
+        clients: vec![client_settings(&server)],
+        devices: DEVICES,
+        first: 0,
+        prefix: "conv-".to_owned(),
+        ramp: 1000.0,
+        actuation_delay: Duration::from_millis(5),
+        telemetry_interval: None,
+        // An upper bound only: the run ends when every change has converged.
+        duration: Duration::from_secs(60),
+        operator: Some(OperatorPlan {
+            order: TargetOrder::Sweep,
+            max_changes: Some(DEVICES as u64),
+            ..OperatorPlan::new(Rate::PerSecond(200.0), OPERATOR)
+        }),
+        until_converged: true,
+        quiet: true,
+    };
+    let summary = fleet::run(config, CancellationToken::new())
+        .await
+        .expect("fleet runs");
+    let table = summary.table();
+    let count = |name: &str| summary.counts.get(name).copied().unwrap_or(0);
+
+    assert!(
+        summary
+            .notes
+            .iter()
+            .any(|n| n.contains("every operator change had converged")),
+        "{table}"
+    );
+    assert_eq!(count("changes_not_converged"), 0, "{table}");
+    assert_eq!(count("devices_synced"), DEVICES as u64, "{table}");
+    assert_eq!(count("operator_changes_sent"), DEVICES as u64, "{table}");
+    assert_eq!(
+        summary.latency["desired->delta"].count, DEVICES as u64,
+        "{table}"
+    );
+    assert_eq!(
+        summary.latency["desired->reported"].count, DEVICES as u64,
+        "{table}"
+    );
+    assert!(summary.errors.is_empty(), "{table}");
+    // A new shadow answers get with 404 once per device; nothing else is rejected.
+    assert_eq!(
+        summary.rejected.get("404").copied(),
+        Some(DEVICES as u64),
+        "{table}"
+    );
+    assert_eq!(summary.rejected.len(), 1, "{table}");
+
+    // Every device converged, as stored: reported equals desired.
+    let store = server.service().store();
+    let mut versions = 0;
+    for i in 0..DEVICES {
+        let thing = thing_name("conv-", i);
+        let stored = store
+            .load(&ShadowKey::classic(thing.as_str()))
+            .expect("store readable")
+            .unwrap_or_else(|| panic!("{thing}: no shadow"));
+        let desired = stored.state.desired.as_ref().expect("desired");
+        let reported = stored.state.reported.as_ref().expect("reported");
+        assert!(desired.state.get("setpoint").is_some(), "{thing}");
+        for (key, value) in &desired.state {
+            assert_eq!(reported.state.get(key), Some(value), "{thing}: {key}");
+        }
+        versions += stored.version;
+    }
+    // A version per accepted update: the devices' own reports and the operator's changes.
+    assert_eq!(
+        versions,
+        count("reports_accepted") + count("operator_changes_sent"),
+        "{table}"
+    );
+    // Every shadow request the run sent was answered (convergence comes last), so the broker's
+    // edge has seen each one, and nothing more.
+    let metrics = server.broker().metrics();
+    assert_eq!(
+        metrics.shadow_requests.load(Ordering::Relaxed),
+        count("shadow_requests_sent"),
+        "{table}"
+    );
+    assert_eq!(metrics.shadow_requests_lost.load(Ordering::Relaxed), 0);
+    // Each device and the operator connected once.
+    assert_eq!(summary.connects, DEVICES as u64 + 1, "{table}");
+    assert_eq!(
+        metrics.connections_accepted.load(Ordering::Relaxed),
+        summary.connects
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_bench_updates_are_all_answered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_umbra(dir.path()).await;
+    let config = ShadowBenchConfig {
+        client: client_settings(&server),
+        devices: 10,
+        first: 0,
+        prefix: "bench-".to_owned(),
+        duration: Duration::from_millis(500),
+        inflight: 2,
+        ramp: 1000.0,
+        drain_timeout: Duration::from_secs(20),
+        quiet: true,
+    };
+    let summary = shadow_bench::run(config, CancellationToken::new())
+        .await
+        .expect("bench runs");
+    let table = summary.table();
+    let count = |name: &str| summary.counts.get(name).copied().unwrap_or(0);
+    assert!(count("accepted") > 0, "{table}");
+    assert_eq!(count("unanswered"), 0, "{table}");
+    assert!(summary.errors.is_empty(), "{table}");
+    // Every update sent was answered: accepted or rejected (429 beyond 20 per second per thing).
+    assert_eq!(
+        count("accepted_total") + count("rejected"),
+        count("sent"),
+        "{table}"
+    );
+    let metrics = server.broker().metrics();
+    assert_eq!(
+        metrics.shadow_requests.load(Ordering::Relaxed),
+        count("sent")
+    );
+    // Each thing's version counts its accepted updates.
+    let store = server.service().store();
+    let mut versions = 0;
+    for i in 0..10 {
+        if let Some(stored) = store
+            .load(&ShadowKey::classic(thing_name("bench-", i)))
+            .expect("store readable")
+        {
+            versions += stored.version;
+        }
+    }
+    assert_eq!(versions, count("accepted_total"), "{table}");
+    server.shutdown().await;
+}
