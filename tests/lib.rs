@@ -41,6 +41,7 @@ pub fn vector_cases() -> Vec<Value> {
 pub fn test_config(data_dir: &Path) -> Config {
     let mut config = Config {
         data_dir: data_dir.to_path_buf(),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Config::default()
     };
     config.mqtt.mqtt_v4 = Some(ListenerSettings::local(0));

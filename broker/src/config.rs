@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use umbra_shadow::http::{check_listen_addr, ApiConfig, ListenError};
 use umbra_shadow::{Limits, StoreConfig, Synchronous};
 
 use crate::embedded::{BrokerSettings, ListenerSettings};
@@ -16,6 +17,10 @@ use crate::embedded::{BrokerSettings, ListenerSettings};
 pub struct Config {
     /// Where the SQLite database lives (created if missing).
     pub data_dir: PathBuf,
+    /// The operator HTTP API's address.
+    pub http_addr: SocketAddr,
+    /// The operator HTTP API: tokens, limits, the change stream.
+    pub http: ApiConfig,
     /// The embedded MQTT broker: listeners, auth, router sizing.
     pub mqtt: BrokerSettings,
     /// Shadow limits (AWS IoT's defaults).
@@ -36,6 +41,8 @@ impl Default for Config {
         };
         Config {
             data_dir: PathBuf::from("umbra-data"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            http: ApiConfig::default(),
             mqtt,
             shadow: Limits::default(),
             store: StoreSettings::default(),
@@ -114,6 +121,7 @@ impl Default for RequestSettings {
 pub struct Overrides {
     pub mqtt_addr: Option<SocketAddr>,
     pub ws_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
 }
 
@@ -134,6 +142,8 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
     #[error(transparent)]
     Broker(#[from] crate::embedded::ConfigError),
+    #[error("http: {0}")]
+    Http(#[from] ListenError),
 }
 
 impl Config {
@@ -157,6 +167,9 @@ impl Config {
         }
         if let Some(addr) = overrides.ws_addr {
             set_addr(&mut config.mqtt.websocket, addr);
+        }
+        if let Some(addr) = overrides.http_addr {
+            config.http_addr = addr;
         }
         if let Some(dir) = &overrides.data_dir {
             config.data_dir.clone_from(dir);
@@ -196,6 +209,7 @@ impl Config {
             }
         }
         self.mqtt.validate()?;
+        check_listen_addr(&self.http, self.http_addr)?;
         Ok(())
     }
 
@@ -276,5 +290,11 @@ mod tests {
         };
         let err = Config::load(None, &o).expect_err("anonymous remote");
         assert!(err.to_string().contains("mqtt-v4"), "{err}");
+        let o = Overrides {
+            http_addr: Some("0.0.0.0:8080".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let err = Config::load(None, &o).expect_err("anonymous remote http");
+        assert!(err.to_string().starts_with("http:"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: the operator commands (`umbra shadow ...`, `umbra changes`).
 //! - [`config`]: umbra's configuration (file < env < flags) and its validation.
 //! - [`server`]: the umbra server: store, shadow service and broker wired
 //!   together; ordered start-up and a draining shutdown.
@@ -20,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod edge;
 pub mod embedded;
@@ -32,7 +34,7 @@ pub mod topics;
 pub use config::{Config, ConfigError, Overrides};
 pub use edge::{EdgeHooks, EdgeSettings, PresenceEvent};
 pub use embedded::{start, BrokerSettings, ListenerAddrs, ListenerSettings, RunningBroker};
-pub use metrics::{CursorJumpLayer, EdgeMetrics};
+pub use metrics::{CursorJumpLayer, EdgeCollector, EdgeMetrics};
 pub use publisher::AnswerPublisher;
 pub use requests::{ChannelShadowSink, Overloaded, ShadowInbox, ShadowPublish, ShadowRequestSink};
 pub use server::{Server, ServerAddrs};

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use umbra_broker::cli::{self, ApiArgs, ChangesArgs, ShadowCommand};
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
 /// Exit code for a usage or configuration error (sysexits.h EX_USAGE).
@@ -17,7 +18,8 @@ const EX_USAGE: u8 = 64;
 /// Umbra: an MQTT broker with an AWS IoT compatible device shadow service.
 ///
 /// With no arguments it runs with embedded defaults: MQTT on 127.0.0.1:1883,
-/// MQTT over WebSocket on 127.0.0.1:8083, data in ./umbra-data/. Settings come
+/// MQTT over WebSocket on 127.0.0.1:8083, the HTTP API on 127.0.0.1:8080,
+/// data in ./umbra-data/. Settings come
 /// from the defaults, then the config file, then UMBRA_* variables, then flags.
 #[derive(Debug, Parser)]
 #[command(name = "umbra", version)]
@@ -31,9 +33,33 @@ struct Cli {
     /// MQTT over WebSocket listener address (overrides [mqtt.websocket] addr).
     #[arg(long, env = "UMBRA_WS_ADDR", value_name = "ADDR")]
     ws_addr: Option<SocketAddr>,
+    /// Operator HTTP API address (overrides http_addr).
+    #[arg(long, env = "UMBRA_HTTP_ADDR", value_name = "ADDR")]
+    http_addr: Option<SocketAddr>,
     /// Directory for the SQLite database (overrides data_dir).
     #[arg(long, env = "UMBRA_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Without a command, umbra runs the server.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read and change shadows through a running server's HTTP API.
+    Shadow {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ShadowCommand,
+    },
+    /// Print committed changes (shadow updates and deletes, connects, disconnects).
+    Changes {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        changes: ChangesArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,16 +72,19 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let cursor_jumps = CursorJumpLayer::default();
+    if let Some(command) = cli.command {
+        return run_command(command);
+    }
     tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(cursor_jumps)
+        .with(CursorJumpLayer)
         .init();
 
     let overrides = Overrides {
         mqtt_addr: cli.mqtt_addr,
         ws_addr: cli.ws_addr,
+        http_addr: cli.http_addr,
         data_dir: cli.data_dir,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
@@ -84,11 +113,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs an operator command against a running server.
+fn run_command(command: Command) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let result = match command {
+        Command::Shadow { api, command } => cli::run_shadow(&api, &command, &mut out),
+        Command::Changes { api, changes } => cli::run_changes(&api, &changes, &mut out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("umbra: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = Server::start(config).await?;
     let addrs = server.addrs();
     for (what, addr) in [
+        ("http", Some(addrs.http)),
         ("mqtt", addrs.mqtt),
         ("mqtt-v5", addrs.mqtt_v5),
         ("websocket", addrs.websocket),

@@ -1,7 +1,11 @@
 //! Plain atomic counters kept by the connection edge and the answer
 //! publisher; Umbra's Prometheus registry reads them (no labels by device).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 
 use rumqttd::protocol::Packet;
 
@@ -145,6 +149,178 @@ pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Exposes [`EdgeMetrics`] to Prometheus, read at scrape time.
+pub struct EdgeCollector {
+    metrics: std::sync::Arc<EdgeMetrics>,
+    descs: Vec<Desc>,
+}
+
+/// (name, help, kind) of every metric the collector exports.
+const EDGE_FAMILIES: [(&str, &str, MetricType); 15] = [
+    (
+        "umbra_mqtt_connections",
+        "MQTT connections currently open (past CONNACK).",
+        MetricType::GAUGE,
+    ),
+    (
+        "umbra_mqtt_connections_accepted_total",
+        "MQTT connections accepted.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_packets_received_total",
+        "MQTT packets read from clients, by type.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_packets_sent_total",
+        "MQTT packets written to clients, by type.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_keep_alive_zero_total",
+        "CONNECTs with keep-alive 0 accepted.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_forbidden_total",
+        "Connections closed for a forbidden operation.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_refused_subscriptions_total",
+        "Subscriptions answered with a failure SUBACK.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_shadow_requests_total",
+        "Shadow requests handed from the broker to the shadow service.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_shadow_requests_lost_total",
+        "Shadow requests neither queued nor answered 429 (both queues full).",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_presence_dropped_total",
+        "Presence events dropped (queue full).",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_suppressed_publishes_total",
+        "$aws messages withheld from wildcard subscribers.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_synthetic_acks_total",
+        "Acknowledgements made for withheld QoS 1/2 messages.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_answers_published_total",
+        "Shadow answers published into the broker.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_answers_lost_total",
+        "Shadow answers that could not be published into the broker.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_cursor_jumps_total",
+        "Times a subscriber fell behind and lost messages (rumqttd cursor jump).",
+        MetricType::COUNTER,
+    ),
+];
+
+impl EdgeCollector {
+    pub fn new(metrics: std::sync::Arc<EdgeMetrics>) -> Result<EdgeCollector, prometheus::Error> {
+        let descs = EDGE_FAMILIES
+            .iter()
+            .map(|(name, help, _)| {
+                let labels = if name.contains("_packets_") {
+                    vec!["type".to_string()]
+                } else {
+                    vec![]
+                };
+                Desc::new(name.to_string(), help.to_string(), labels, HashMap::new())
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(EdgeCollector { metrics, descs })
+    }
+
+    fn values(&self, name: &str) -> Vec<(Option<&'static str>, f64)> {
+        let m = &self.metrics;
+        let one = |c: &AtomicU64| vec![(None, c.load(Ordering::Relaxed) as f64)];
+        match name {
+            "umbra_mqtt_connections" => one(&m.connections_current),
+            "umbra_mqtt_connections_accepted_total" => one(&m.connections_accepted),
+            "umbra_mqtt_packets_received_total" => PacketKind::ALL
+                .iter()
+                .map(|k| (Some(k.as_str()), m.packets_in(*k) as f64))
+                .collect(),
+            "umbra_mqtt_packets_sent_total" => PacketKind::ALL
+                .iter()
+                .map(|k| (Some(k.as_str()), m.packets_out(*k) as f64))
+                .collect(),
+            "umbra_mqtt_keep_alive_zero_total" => one(&m.keep_alive_zero_rewrites),
+            "umbra_mqtt_forbidden_total" => one(&m.forbidden),
+            "umbra_mqtt_refused_subscriptions_total" => one(&m.refused_subscriptions),
+            "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
+            "umbra_mqtt_shadow_requests_lost_total" => one(&m.shadow_requests_lost),
+            "umbra_mqtt_presence_dropped_total" => one(&m.presence_dropped),
+            "umbra_mqtt_suppressed_publishes_total" => one(&m.suppressed_publishes),
+            "umbra_mqtt_synthetic_acks_total" => one(&m.synthetic_acks),
+            "umbra_mqtt_answers_published_total" => one(&m.answers_published),
+            "umbra_mqtt_answers_lost_total" => one(&m.answers_lost),
+            "umbra_mqtt_cursor_jumps_total" => vec![(
+                None,
+                (m.cursor_jumps.load(Ordering::Relaxed) + logged_cursor_jumps()) as f64,
+            )],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Collector for EdgeCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        EDGE_FAMILIES
+            .iter()
+            .map(|(name, help, kind)| {
+                let mut family = MetricFamily::default();
+                family.set_name(name.to_string());
+                family.set_help(help.to_string());
+                family.set_field_type(*kind);
+                for (label, value) in self.values(name) {
+                    let mut metric = Metric::default();
+                    if let Some(label) = label {
+                        let mut pair = LabelPair::default();
+                        pair.set_name("type".into());
+                        pair.set_value(label.into());
+                        metric.set_label(vec![pair].into());
+                    }
+                    if *kind == MetricType::GAUGE {
+                        let mut gauge = Gauge::default();
+                        gauge.set_value(value);
+                        metric.set_gauge(gauge);
+                    } else {
+                        let mut counter = Counter::default();
+                        counter.set_value(value);
+                        metric.set_counter(counter);
+                    }
+                    family.mut_metric().push(metric);
+                }
+                family
+            })
+            .collect()
+    }
+}
+
 /// Counts rumqttd's cursor jumps from its logs: the router logs every jump
 /// (a subscriber fell behind its filter's commit log and lost messages) as a
 /// warn event with a `start_cursor` field. This is the only reliable signal in
@@ -152,16 +328,16 @@ pub(crate) fn bump(counter: &AtomicU64) {
 /// links only on a timer event that `Broker::start` schedules and that cannot
 /// be sent from outside. Add it to the process's tracing subscriber (and let
 /// warn events of target `rumqttd::router::routing` through its filter).
-#[derive(Debug, Clone, Default)]
-pub struct CursorJumpLayer {
-    jumps: std::sync::Arc<AtomicU64>,
-}
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CursorJumpLayer;
 
-impl CursorJumpLayer {
-    /// The counter this layer increments; hand it to the metrics registry.
-    pub fn counter(&self) -> std::sync::Arc<AtomicU64> {
-        self.jumps.clone()
-    }
+/// Cursor jumps seen in the logs. Process-wide, like the tracing subscriber
+/// that counts them.
+static LOGGED_CURSOR_JUMPS: AtomicU64 = AtomicU64::new(0);
+
+/// Cursor jumps counted by [`CursorJumpLayer`] in this process.
+pub fn logged_cursor_jumps() -> u64 {
+    LOGGED_CURSOR_JUMPS.load(Ordering::Relaxed)
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CursorJumpLayer {
@@ -175,7 +351,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CursorJumpLayer {
             && meta.target() == "rumqttd::router::routing"
             && meta.fields().field("start_cursor").is_some()
         {
-            self.jumps.fetch_add(1, Ordering::Relaxed);
+            LOGGED_CURSOR_JUMPS.fetch_add(1, Ordering::Relaxed);
             tracing::error!("a subscriber lost messages (rumqttd cursor jump)");
         }
     }
@@ -188,14 +364,13 @@ mod tests {
 
     #[test]
     fn cursor_jump_layer_counts_router_jump_warnings() {
-        let layer = CursorJumpLayer::default();
-        let jumps = layer.counter();
-        let subscriber = tracing_subscriber::registry().with(layer);
+        let before = logged_cursor_jumps();
+        let subscriber = tracing_subscriber::registry().with(CursorJumpLayer);
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rumqttd::router::routing", start_cursor = 3, "jumped");
             tracing::warn!(target: "rumqttd::router::routing", other = 1, "unrelated");
             tracing::info!(target: "rumqttd::router::routing", start_cursor = 3, "not a warning");
         });
-        assert_eq!(jumps.load(Ordering::Relaxed), 1);
+        assert_eq!(logged_cursor_jumps() - before, 1);
     }
 }

@@ -16,8 +16,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
+use umbra_shadow::http::ApiState;
 use umbra_shadow::store::ShadowStore;
-use umbra_shadow::{Message, Rejection, Request, ServiceConfig, ShadowService, SqliteStore};
+use umbra_shadow::{
+    Message, Rejection, Request, ServiceConfig, ShadowMetrics, ShadowService, SqliteStore,
+};
 
 use crate::config::Config;
 use crate::edge::{EdgeHooks, PresenceEvent};
@@ -40,11 +43,19 @@ pub enum StartError {
     Store(#[from] umbra_shadow::store::StoreError),
     #[error(transparent)]
     Broker(#[from] embedded::StartError),
+    #[error("cannot bind the http api on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Where a running server listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerAddrs {
+    pub http: SocketAddr,
     pub mqtt: Option<SocketAddr>,
     pub mqtt_v5: Option<SocketAddr>,
     pub websocket: Option<SocketAddr>,
@@ -52,6 +63,12 @@ pub struct ServerAddrs {
 
 /// A running Umbra server.
 pub struct Server {
+    http_addr: SocketAddr,
+    /// Ends the HTTP API (and its open change streams).
+    http_stop: CancellationToken,
+    http: JoinHandle<std::io::Result<()>>,
+    /// Waits for the fleet index, then reports ready.
+    readiness: JoinHandle<()>,
     broker: RunningBroker,
     service: Arc<ShadowService>,
     /// Stops taking device requests and presence events (after draining what arrived).
@@ -81,14 +98,41 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
+        let registry = prometheus::Registry::new();
+        let metrics = ShadowMetrics::register(&registry)?;
         let store_config = config.store.store_config(&config.database_path());
-        let (store, committed) = SqliteStore::open(store_config, config.shadow.clone())?;
+        let (store, committed) = SqliteStore::open_with_metrics(
+            store_config,
+            config.shadow.clone(),
+            Some(metrics.clone()),
+        )?;
         let store: Arc<dyn ShadowStore> = Arc::new(store);
         let service_config = ServiceConfig {
             limits: config.shadow.clone(),
             ..ServiceConfig::default()
         };
-        let (service, outbox) = ShadowService::start(service_config, store, committed);
+        let (service, outbox) = ShadowService::start_with_metrics(
+            service_config,
+            store,
+            committed,
+            Some(metrics.clone()),
+        );
+        let http_listener = match tokio::net::TcpListener::bind(config.http_addr).await {
+            Ok(listener) => listener,
+            Err(source) => {
+                service.close().await;
+                return Err(StartError::HttpBind {
+                    addr: config.http_addr,
+                    source,
+                });
+            }
+        };
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::HttpBind {
+                addr: config.http_addr,
+                source,
+            })?;
 
         let (sink, inbox) =
             ChannelShadowSink::channel(config.requests.queue, config.requests.overload_queue);
@@ -105,6 +149,31 @@ impl Server {
             }
         };
         let publisher = broker.publisher();
+        registry.register(Box::new(crate::metrics::EdgeCollector::new(
+            broker.metrics(),
+        )?))?;
+
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        let api = ApiState::new(
+            Arc::clone(&service),
+            config.http.clone(),
+            registry,
+            ready_rx,
+        )
+        .with_metrics(metrics);
+        let http_stop = CancellationToken::new();
+        let stopped = http_stop.clone();
+        let http = tokio::spawn(umbra_shadow::http::serve(http_listener, api, async move {
+            stopped.cancelled().await;
+        }));
+        // Ready once the store, the broker and the fleet index are up.
+        let fleet = Arc::clone(service.fleet());
+        let readiness = tokio::spawn(async move {
+            fleet.wait_loaded().await;
+            let _ = ready_tx.send(true);
+            // Keep the sender so that /readyz keeps answering until shutdown.
+            std::future::pending::<()>().await;
+        });
 
         let intake = CancellationToken::new();
         let intake_tasks = TaskTracker::new();
@@ -136,6 +205,10 @@ impl Server {
         let outbox_pump = tokio::spawn(pump_outbox(outbox, publisher, service_closed.clone()));
 
         let server = Server {
+            http_addr,
+            http_stop,
+            http,
+            readiness,
             broker,
             service,
             intake,
@@ -152,6 +225,7 @@ impl Server {
     pub fn addrs(&self) -> ServerAddrs {
         let a = self.broker.addrs();
         ServerAddrs {
+            http: self.http_addr,
             mqtt: a.mqtt_v4,
             mqtt_v5: a.mqtt_v5,
             websocket: a.websocket,
@@ -169,6 +243,16 @@ impl Server {
     /// Stops accepting connections, handles and commits every request that
     /// had arrived, publishes their answers, then closes every connection.
     pub async fn shutdown(mut self) {
+        // HTTP first: its in-flight requests finish (the service still runs)
+        // and its change streams end.
+        self.http_stop.cancel();
+        match (&mut self.http).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => error!(cause = %err, "http api failed"),
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => {}
+        }
+        self.readiness.abort();
         self.broker.stop_accepting().await;
         // Requests already received are drained and submitted by the intake
         // loops before they stop; later ones are refused at the edge.

@@ -32,6 +32,7 @@ async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
 struct Umbra {
     child: Child,
     mqtt: SocketAddr,
+    http: SocketAddr,
     lines: mpsc::UnboundedReceiver<String>,
 }
 
@@ -41,6 +42,8 @@ async fn spawn(data_dir: &std::path::Path) -> Umbra {
             "--mqtt-addr",
             "127.0.0.1:0",
             "--ws-addr",
+            "127.0.0.1:0",
+            "--http-addr",
             "127.0.0.1:0",
             "--data-dir",
         ])
@@ -60,16 +63,25 @@ async fn spawn(data_dir: &std::path::Path) -> Umbra {
             }
         }
     });
-    let mqtt = loop {
+    let (mut http, mut mqtt) = (None, None);
+    while http.is_none() || mqtt.is_none() {
         let line = tokio::time::timeout(WAIT, lines.recv())
             .await
             .expect("umbra prints its addresses")
             .expect("umbra is running");
         if let Some(addr) = line.strip_prefix("umbra: mqtt listening on ") {
-            break addr.parse().expect("an address");
+            mqtt = addr.parse().ok();
         }
-    };
-    Umbra { child, mqtt, lines }
+        if let Some(addr) = line.strip_prefix("umbra: http listening on ") {
+            http = addr.parse().ok();
+        }
+    }
+    Umbra {
+        child,
+        mqtt: mqtt.expect("mqtt address"),
+        http: http.expect("http address"),
+        lines,
+    }
 }
 
 /// A device that keeps its answers in a channel.
@@ -218,4 +230,60 @@ async fn kill_9_loses_no_acknowledged_update() {
         assert_eq!(doc["version"].as_u64(), Some(version), "{thing}");
         assert_eq!(doc["state"]["reported"]["i"], 14, "{thing}");
     }
+}
+
+#[tokio::test]
+async fn operator_cli_reads_and_changes_shadows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let umbra = spawn(dir.path()).await;
+    let api = format!("http://{}", umbra.http);
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--api".to_string(), api.clone()]);
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            run_to_exit(&refs).await
+        }
+    };
+    let (code, out, err) = cli(&[
+        "shadow",
+        "update",
+        "cli-1",
+        r#"{"state":{"desired":{"on":true}}}"#,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"version\": 1"), "{out}");
+
+    let (code, out, _) = cli(&["shadow", "get", "cli-1", "--json"]).await;
+    assert_eq!(code, 0);
+    let doc: Value = serde_json::from_str(out.trim()).expect("--json prints JSON");
+    assert_eq!(doc["state"]["delta"]["on"], true);
+
+    let (code, out, _) = cli(&["shadow", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("cli-1")), "{out}");
+
+    let (code, out, _) = cli(&["shadow", "search", "shadow.hasDelta:true", "--json"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("cli-1"), "{out}");
+
+    let (code, out, err) = cli(&["changes", "--since", "0", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(
+        (events[0]["kind"].clone(), events[0]["thing"].clone()),
+        (json!("update"), json!("cli-1"))
+    );
+
+    let (code, _, err) = cli(&["shadow", "get", "nobody"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = cli(&["shadow", "update", "cli-1", "{not json"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not JSON"), "{err}");
 }

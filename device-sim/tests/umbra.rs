@@ -20,6 +20,7 @@ const OPERATOR: &str = "umbra-operator";
 async fn start_umbra(dir: &std::path::Path) -> Server {
     let mut config = Config {
         data_dir: dir.to_path_buf(),
+        http_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Config::default()
     };
     config.mqtt.mqtt_v4 = Some(ListenerSettings::local(0));

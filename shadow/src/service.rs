@@ -163,12 +163,20 @@ impl ShadowService {
             state: PendingState::Refused(refused),
             measure: self.measure(),
         };
+        // Refused before parsing: still echo the clientToken if there is one,
+        // so that the device can tell which request was refused.
+        let refuse_early = |rejection: Rejection| {
+            refuse(Refused {
+                rejection,
+                client_token: self.client_token_of(&request.payload),
+            })
+        };
         if let Err(rejection) = self.check_names(&key) {
-            return refuse(rejection.into());
+            return refuse_early(rejection);
         }
         let Some(permit) = self.throttle.acquire(&key.thing) else {
             debug!(thing = %key.thing, "throttled");
-            return refuse(Rejection::Throttled.into());
+            return refuse_early(Rejection::Throttled);
         };
         let command = match self.parse(op, &request.payload) {
             Ok(command) => command,
@@ -211,9 +219,7 @@ impl ShadowService {
     /// Refuses a request without handling it (e.g. when the transport is
     /// overloaded), publishing the rejection like any other answer.
     pub async fn refuse(&self, request: Request, rejection: Rejection) -> Answer {
-        let client_token = parse_plain(&request.payload, &self.limits)
-            .ok()
-            .and_then(|p| p.client_token);
+        let client_token = self.client_token_of(&request.payload);
         Pending {
             key: request.key,
             op: request.op,
@@ -266,6 +272,13 @@ impl ShadowService {
                 error!(cause = %err, "answer publisher failed");
             }
         }
+    }
+
+    /// The clientToken of a payload not otherwise parsed, if it has a valid one.
+    fn client_token_of(&self, payload: &[u8]) -> Option<String> {
+        parse_plain(payload, &self.limits)
+            .ok()
+            .and_then(|p| p.client_token)
     }
 
     fn check_names(&self, key: &ShadowKey) -> Result<(), Rejection> {

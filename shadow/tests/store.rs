@@ -377,6 +377,11 @@ async fn a_thing_over_its_rate_gets_429_not_silence() {
         codes.push(a.result.as_ref().map_or_else(|r| r.code(), |_| 200));
         if i == 24 {
             assert_eq!(a.reply_json()["message"], "Too Many Requests");
+            assert_eq!(
+                a.reply_json()["clientToken"],
+                "t24",
+                "a 429 still echoes the token"
+            );
         }
     }
     assert_eq!(codes.iter().filter(|c| **c == 200).count(), 20);

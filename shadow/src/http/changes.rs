@@ -46,6 +46,9 @@ pub struct StreamParams {
     /// `/document/state/reported/temp`): only those parts are sent, with
     /// `seq`, `kind` and `thing`. A pointer stops at the first array.
     pub fields: Option<String>,
+    /// `false`: send what the change log holds after `since` (from the start
+    /// when `since` is absent), then end with `end` {reason: caught-up}.
+    pub follow: Option<bool>,
 }
 
 /// Which changes a subscriber wants, and which parts of them.
@@ -219,6 +222,8 @@ enum EndReason {
     Shutdown,
     /// The store could not be read.
     Error,
+    /// Everything up to now was sent and the subscriber did not ask to follow.
+    CaughtUp,
 }
 
 impl EndReason {
@@ -228,6 +233,7 @@ impl EndReason {
             EndReason::Retention => "retention",
             EndReason::Shutdown => "shutdown",
             EndReason::Error => "error",
+            EndReason::CaughtUp => "caught-up",
         };
         let data = serde_json::json!({ "reason": reason, "lastEventId": last });
         Event::default().event("end").data(data.to_string())
@@ -258,7 +264,7 @@ type EndSlot = Arc<Mutex<Option<Event>>>;
         (status = 200, description = "`text/event-stream`: one event per committed change \
             (`id:` = sequence, `event:` = update|delete|connect|disconnect, `data:` = \
             {seq,kind,thing,name,version,time,document}); heartbeat comments; a final \
-            `end` event {reason: lagged|retention|shutdown|error} when the server ends it", content_type = "text/event-stream", body = String),
+            `end` event {reason: lagged|retention|shutdown|error|caught-up} when the server ends it", content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad filter or Last-Event-ID", body = super::error::ErrorBody),
         (status = 410, description = "`since` is older than the change log's retention", body = super::error::ErrorBody),
         (status = 503, description = "Too many subscribers", body = super::error::ErrorBody),
@@ -278,6 +284,13 @@ pub async fn stream(
                 ))?,
         ),
         None => params.since,
+    };
+    let follow = params.follow.unwrap_or(true);
+    // Without following, the history is the whole answer: start from the beginning.
+    let since = if follow {
+        since
+    } else {
+        Some(since.unwrap_or(0))
     };
     let filter = ChangeFilter::from_params(&params)?;
     let permit = Arc::clone(&state.subscribers)
@@ -308,6 +321,7 @@ pub async fn stream(
         state.clone(),
         live,
         since,
+        follow,
         filter,
         tx,
         Arc::clone(&end),
@@ -334,6 +348,7 @@ async fn feed(
     state: ApiState,
     mut live: broadcast::Receiver<Change>,
     since: Option<u64>,
+    follow: bool,
     filter: ChangeFilter,
     tx: mpsc::Sender<Event>,
     end: EndSlot,
@@ -380,6 +395,9 @@ async fn feed(
             }
         }
         last = Some(cursor);
+    }
+    if !follow {
+        return finish(EndReason::CaughtUp, last);
     }
     loop {
         let change = tokio::select! {

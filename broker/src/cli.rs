@@ -1,0 +1,313 @@
+//! The operator command line: `umbra shadow ...` and `umbra changes`, talking
+//! to a running server's HTTP API.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the API is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Base URL of a running umbra's HTTP API.
+    #[arg(
+        long,
+        env = "UMBRA_API",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub api: String,
+    /// Bearer token (a `read` token for reads, `write` for changes).
+    #[arg(long, env = "UMBRA_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON as it is instead of a readable form.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Shadow operations.
+#[derive(Debug, Subcommand)]
+pub enum ShadowCommand {
+    /// Print a thing's shadow.
+    Get {
+        thing: String,
+        /// A named shadow (the classic shadow when absent).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Update a shadow with a document such as '{"state":{"desired":{"on":true}}}' ('-' reads stdin).
+    Update {
+        thing: String,
+        document: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a shadow.
+    Delete {
+        thing: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the fleet, or the named shadows of one thing.
+    List { thing: Option<String> },
+    /// Search the fleet, e.g. 'shadow.reported.temp>30 AND connectivity.connected:true'.
+    Search { query: String },
+}
+
+/// Options of `umbra changes`.
+#[derive(Debug, Args)]
+pub struct ChangesArgs {
+    /// Keep printing changes as they are committed.
+    #[arg(long)]
+    pub follow: bool,
+    /// Start after this change sequence.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Only changes of this thing.
+    #[arg(long)]
+    pub thing: Option<String>,
+    /// Only changes matching this search query.
+    #[arg(long)]
+    pub q: Option<String>,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{status}: {body}")]
+    Api { status: u16, body: String },
+    #[error("cannot reach {url}: {source}")]
+    Transport {
+        url: String,
+        source: Box<ureq::Transport>,
+    },
+    #[error("reading the response: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the document is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the server ended the stream: {0}")]
+    StreamEnded(String),
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(args: &ApiArgs) -> Api {
+        Api {
+            base: args.api.trim_end_matches('/').to_string(),
+            token: args.token.clone(),
+            agent: ureq::AgentBuilder::new().build(),
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, query: &[(&str, &str)]) -> ureq::Request {
+        let mut request = self.agent.request(method, &format!("{}{path}", self.base));
+        for (k, v) in query {
+            request = request.query(k, v);
+        }
+        if let Some(token) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        request
+    }
+
+    fn call(&self, request: ureq::Request, body: Option<&str>) -> Result<ureq::Response, CliError> {
+        let url = request.url().to_string();
+        let result = match body {
+            Some(body) => request
+                .set("Content-Type", "application/json")
+                .send_string(body),
+            None => request.call(),
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(ureq::Error::Status(status, response)) => Err(CliError::Api {
+                status,
+                body: response.into_string().unwrap_or_default(),
+            }),
+            Err(ureq::Error::Transport(source)) => Err(CliError::Transport {
+                url,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    fn json(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Value, CliError> {
+        let response = self.call(self.request(method, path, query), body)?;
+        Ok(serde_json::from_reader(response.into_reader())?)
+    }
+}
+
+fn name_query(name: &Option<String>) -> Vec<(&str, &str)> {
+    name.as_deref()
+        .map(|n| vec![("name", n)])
+        .unwrap_or_default()
+}
+
+/// Runs one shadow command, writing its result to `out`.
+pub fn run_shadow(
+    args: &ApiArgs,
+    command: &ShadowCommand,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let api = Api::new(args);
+    let value = match command {
+        ShadowCommand::Get { thing, name } => api.json(
+            "GET",
+            &format!("/things/{thing}/shadow"),
+            &name_query(name),
+            None,
+        )?,
+        ShadowCommand::Update {
+            thing,
+            document,
+            name,
+        } => {
+            let document = if document == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                text
+            } else {
+                document.clone()
+            };
+            // Refuse locally what is not JSON, with the parser's position.
+            serde_json::from_str::<Value>(&document)?;
+            api.json(
+                "POST",
+                &format!("/things/{thing}/shadow"),
+                &name_query(name),
+                Some(&document),
+            )?
+        }
+        ShadowCommand::Delete { thing, name } => api.json(
+            "DELETE",
+            &format!("/things/{thing}/shadow"),
+            &name_query(name),
+            None,
+        )?,
+        ShadowCommand::List { thing: Some(thing) } => api.json(
+            "GET",
+            &format!("/api/things/shadow/ListNamedShadowsForThing/{thing}"),
+            &[],
+            None,
+        )?,
+        ShadowCommand::List { thing: None } => api.json("GET", "/v1/things", &[], None)?,
+        ShadowCommand::Search { query } => api.json("GET", "/v1/search", &[("q", query)], None)?,
+    };
+    if args.json {
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    match command {
+        ShadowCommand::List { thing: None } => {
+            writeln!(
+                out,
+                "{:<32} {:<10} shadows (name@version)",
+                "thing", "connected"
+            )?;
+            for thing in value["things"].as_array().into_iter().flatten() {
+                let connected = match thing["connectivity"]["connected"].as_bool() {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "-",
+                };
+                let shadows: Vec<String> = thing["shadows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        format!(
+                            "{}@{}",
+                            s["name"].as_str().unwrap_or("(classic)"),
+                            s["version"]
+                        )
+                    })
+                    .collect();
+                let name = thing["thingName"].as_str().unwrap_or("?");
+                writeln!(out, "{name:<32} {connected:<10} {}", shadows.join(" "))?;
+            }
+            if let Some(next) = value["nextToken"].as_str() {
+                writeln!(out, "(more: nextToken {next})")?;
+            }
+        }
+        _ => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+    }
+    Ok(())
+}
+
+/// Prints the change stream: what is in the log after `--since`, then (with
+/// `--follow`) every change as it is committed.
+pub fn run_changes(
+    args: &ApiArgs,
+    changes: &ChangesArgs,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let api = Api::new(args);
+    let since = changes.since.map(|s| s.to_string());
+    let mut query: Vec<(&str, &str)> =
+        vec![("follow", if changes.follow { "true" } else { "false" })];
+    if let Some(since) = &since {
+        query.push(("since", since));
+    }
+    if let Some(thing) = &changes.thing {
+        query.push(("thing", thing));
+    }
+    if let Some(q) = &changes.q {
+        query.push(("q", q));
+    }
+    let response = api.call(api.request("GET", "/v1/changes", &query), None)?;
+    let reader = BufReader::new(response.into_reader());
+    let mut id = String::new();
+    let mut event_type = String::new();
+    let mut data = String::new();
+    for line in reader.lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("id:") {
+            id = rest.trim().to_string();
+        } else if let Some(rest) = line.strip_prefix("event:") {
+            event_type = rest.trim().to_string();
+        } else if let Some(rest) = line.strip_prefix("data:") {
+            data.push_str(rest.trim_start());
+        } else if line.is_empty() && !data.is_empty() {
+            if event_type == "end" {
+                let end: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                if end["reason"] != "caught-up" {
+                    return Err(CliError::StreamEnded(
+                        end["reason"].as_str().unwrap_or("?").to_string(),
+                    ));
+                }
+                break;
+            }
+            if args.json {
+                writeln!(out, "{data}")?;
+            } else {
+                let event: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                let thing = event["thing"].as_str().unwrap_or("?");
+                let name = event["name"]
+                    .as_str()
+                    .map(|n| format!("/{n}"))
+                    .unwrap_or_default();
+                let kind = event["kind"].as_str().unwrap_or("?");
+                writeln!(
+                    out,
+                    "{id:>8} {kind:<10} {thing}{name} v{}",
+                    event["version"]
+                )?;
+            }
+            out.flush()?;
+            data.clear();
+            event_type.clear();
+        }
+    }
+    Ok(())
+}
