@@ -245,3 +245,29 @@ async fn promtool_accepts_the_metrics() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs schemathesis (PyPI)"]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.http.public_metrics = true;
+    let server = start(config).await;
+    let schema = url(server.addrs().http, "/openapi.json");
+    // The change stream never ends by itself, which a fuzzer cannot handle:
+    // it is covered by the stream tests above instead.
+    let status = tokio::process::Command::new("schemathesis")
+        .args(["run", &schema, "--exclude-path", "/v1/changes", "--max-examples", "50"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        ])
+        .status()
+        .await
+        .expect("schemathesis runs");
+    assert!(
+        status.success(),
+        "schemathesis found failures (see its report above)"
+    );
+    server.shutdown().await;
+}

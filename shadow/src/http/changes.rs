@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
 use tracing::{debug, warn};
 use utoipa::{IntoParams, ToSchema};
 
+use super::error::ApiQuery;
 use super::{ApiError, ApiState};
 use crate::fleet::IndexedShadow;
 use crate::metrics::ShadowMetrics;
@@ -272,7 +273,7 @@ type EndSlot = Arc<Mutex<Option<Event>>>;
 pub async fn stream(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Query(params): Query<StreamParams>,
+    ApiQuery(params): ApiQuery<StreamParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let since = match headers.get("last-event-id") {
         Some(v) => Some(
@@ -493,7 +494,7 @@ pub struct ShadowChanges {
 pub async fn shadow_changes(
     State(state): State<ApiState>,
     Path(thing): Path<String>,
-    Query(params): Query<CatchUpParams>,
+    ApiQuery(params): ApiQuery<CatchUpParams>,
 ) -> Result<Json<ShadowChanges>, ApiError> {
     let limits = state.service.limits();
     limits.check_thing_name(&thing)?;

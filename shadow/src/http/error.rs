@@ -12,6 +12,8 @@ use tracing::error;
 use utoipa::ToSchema;
 
 use crate::error::Rejection;
+use axum::extract::rejection::QueryRejection;
+
 use crate::fleet::IndexError;
 use crate::search::ParseError;
 use crate::service::now_secs;
@@ -31,6 +33,9 @@ pub enum ApiError {
     Query(#[from] ParseError),
     #[error("invalid parameter: {0}")]
     BadParameter(&'static str),
+    /// The query string does not fit the route's parameters.
+    #[error("{}", .0.body_text())]
+    QueryString(#[from] QueryRejection),
     #[error("changes after {since} are no longer retained")]
     Gone { since: u64 },
     #[error("fleet index is loading")]
@@ -79,7 +84,9 @@ impl ApiError {
             }
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::Query(_) | ApiError::BadParameter(_) => StatusCode::BAD_REQUEST,
+            ApiError::Query(_) | ApiError::BadParameter(_) | ApiError::QueryString(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::IndexLoading
             | ApiError::TooManySubscribers
@@ -122,5 +129,28 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// `axum::extract::Query` whose failures are answered as [`ApiError`]s (the
+/// AWS error JSON), not as axum's plain-text rejection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+#[axum::async_trait]
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(value))
     }
 }

@@ -1,11 +1,12 @@
 //! Fleet listing and search, both answered from the in-memory fleet index.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
+use super::error::ApiQuery;
 use super::shadow::PageParams;
 use super::{ApiError, ApiState};
 use crate::fleet::ThingRef;
@@ -66,7 +67,7 @@ pub struct SearchPage {
     ))]
 pub async fn list_things(
     State(state): State<ApiState>,
-    Query(page): Query<PageParams>,
+    ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<Json<ThingsPage>, ApiError> {
     let size = page.size(&state)?;
     let (things, more) =
@@ -119,7 +120,7 @@ pub struct SearchParams {
     ))]
 pub async fn search(
     State(state): State<ApiState>,
-    Query(params): Query<SearchParams>,
+    ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchPage>, ApiError> {
     let query = SearchQuery::parse(&params.q)?;
     let size = PageParams {

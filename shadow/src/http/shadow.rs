@@ -4,7 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
+use super::error::ApiQuery;
 use super::{ApiError, ApiState};
 use crate::error::Rejection;
 use crate::service::{now_secs, Request};
@@ -33,12 +34,14 @@ pub struct ShadowDocument(serde_json::Value);
     params(("thing" = String, Path, description = "Thing name"), ShadowName),
     responses(
         (status = 200, description = "The shadow document (as `/get/accepted`)", body = ShadowDocument),
+        (status = 400, description = "Invalid thing or shadow name", body = super::error::ErrorBody),
         (status = 404, description = "No such shadow", body = super::error::ErrorBody),
+        (status = 429, description = "Too many requests for this thing", body = super::error::ErrorBody),
     ))]
 pub async fn get_shadow(
     State(state): State<ApiState>,
     Path(thing): Path<String>,
-    Query(shadow): Query<ShadowName>,
+    ApiQuery(shadow): ApiQuery<ShadowName>,
     Extension(caller): Extension<Caller>,
 ) -> Response {
     handle(
@@ -62,11 +65,12 @@ pub async fn get_shadow(
         (status = 400, description = "Invalid update", body = super::error::ErrorBody),
         (status = 409, description = "Version conflict", body = super::error::ErrorBody),
         (status = 413, description = "Too large", body = super::error::ErrorBody),
+        (status = 429, description = "Too many requests for this thing", body = super::error::ErrorBody),
     ))]
 pub async fn update_shadow(
     State(state): State<ApiState>,
     Path(thing): Path<String>,
-    Query(shadow): Query<ShadowName>,
+    ApiQuery(shadow): ApiQuery<ShadowName>,
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -84,12 +88,14 @@ pub async fn update_shadow(
     params(("thing" = String, Path, description = "Thing name"), ShadowName),
     responses(
         (status = 200, description = "`{\"version\":N,\"timestamp\":T}`", body = ShadowDocument),
+        (status = 400, description = "Invalid thing or shadow name", body = super::error::ErrorBody),
         (status = 404, description = "No such shadow", body = super::error::ErrorBody),
+        (status = 429, description = "Too many requests for this thing", body = super::error::ErrorBody),
     ))]
 pub async fn delete_shadow(
     State(state): State<ApiState>,
     Path(thing): Path<String>,
-    Query(shadow): Query<ShadowName>,
+    ApiQuery(shadow): ApiQuery<ShadowName>,
     Extension(caller): Extension<Caller>,
 ) -> Response {
     handle(
@@ -172,7 +178,7 @@ pub struct NamedShadowsPage {
 pub async fn list_named_shadows(
     State(state): State<ApiState>,
     Path(thing): Path<String>,
-    Query(page): Query<PageParams>,
+    ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<Json<NamedShadowsPage>, ApiError> {
     let limits = state.service.limits();
     limits.check_thing_name(&thing)?;
