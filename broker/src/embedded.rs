@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::edge::{EdgeContext, EdgeHooks, EdgeProtocol, EdgeSettings};
-use crate::metrics::{bump, EdgeMetrics};
+use crate::metrics::EdgeMetrics;
 use crate::publisher::{AnswerPublisher, Command, PublisherWorker, PUBLISHER_CLIENT_ID};
 
 /// Everything the embedded broker needs to start.
@@ -355,7 +355,6 @@ pub struct RunningBroker {
     runtime: Option<Runtime>,
     addrs: ListenerAddrs,
     listeners: Vec<(ListenerKind, JoinHandle<()>)>,
-    alerts: Option<JoinHandle<()>>,
     publisher: AnswerPublisher,
     publisher_thread: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<EdgeMetrics>,
@@ -445,46 +444,16 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         PublisherWorker::spawn(link_tx, link_rx, settings.publisher_queue, metrics.clone())
             .map_err(StartError::Publisher)?;
 
-    let alerts = match rumqttd::alerts::AlertsLink::new(router_tx.clone()) {
-        Ok(link) => Some(runtime.spawn(watch_alerts(link, metrics.clone()))),
-        Err(cause) => {
-            warn!(%cause, "cannot attach the alerts link");
-            None
-        }
-    };
-
     info!(?addrs, "embedded broker started");
     Ok(RunningBroker {
         runtime: Some(runtime),
         addrs,
         listeners,
-        alerts,
         publisher: worker.handle,
         publisher_thread: Some(worker.thread),
         metrics,
         router_alive,
     })
-}
-
-/// Logs and counts `CursorJump` alerts. Note: rumqttd 0.20 only flushes
-/// alerts to alert links on an internal timer event that `Broker::start`
-/// schedules and that is not reachable from outside, so in embedded mode
-/// this link stays silent; the router still logs each jump at warn level
-/// ("Read cursor start jumped").
-async fn watch_alerts(link: rumqttd::alerts::AlertsLink, metrics: Arc<EdgeMetrics>) {
-    while let Ok(alerts) = link.next().await {
-        for alert in alerts {
-            // The alert kind type is not exported; its name is.
-            if alert.kind.name() == "cursor_jump" {
-                bump(&metrics.cursor_jumps);
-                warn!(
-                    client_id = alert.client_id,
-                    detail = alert.kind.description(),
-                    "subscriber lost messages"
-                );
-            }
-        }
-    }
 }
 
 /// A waker that does nothing: used to poll a listener future once, which
@@ -630,10 +599,6 @@ impl RunningBroker {
         }
         for (kind, task) in std::mem::take(&mut self.listeners) {
             rethrow(kind.to_string(), task.await);
-        }
-        if let Some(alerts) = self.alerts.take() {
-            alerts.abort();
-            rethrow("alerts".to_owned(), alerts.await);
         }
     }
 }

@@ -121,8 +121,6 @@ pub struct EdgeMetrics {
     pub answers_published: AtomicU64,
     /// Answers the publisher could not hand to the router (router gone).
     pub answers_lost: AtomicU64,
-    /// `CursorJump` alerts seen (a subscriber fell behind and lost messages).
-    pub cursor_jumps: AtomicU64,
 }
 
 impl EdgeMetrics {
@@ -274,10 +272,7 @@ impl EdgeCollector {
             "umbra_mqtt_synthetic_acks_total" => one(&m.synthetic_acks),
             "umbra_mqtt_answers_published_total" => one(&m.answers_published),
             "umbra_mqtt_answers_lost_total" => one(&m.answers_lost),
-            "umbra_mqtt_cursor_jumps_total" => vec![(
-                None,
-                (m.cursor_jumps.load(Ordering::Relaxed) + logged_cursor_jumps()) as f64,
-            )],
+            "umbra_mqtt_cursor_jumps_total" => vec![(None, logged_cursor_jumps() as f64)],
             _ => Vec::new(),
         }
     }
