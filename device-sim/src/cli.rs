@@ -257,6 +257,10 @@ pub struct ShadowArgs {
     /// How long to wait for answers still owed after the window.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Also subscribe to `update/delta` and `update/documents`, not only to the answers the
+    /// benchmark reads (`update/accepted|rejected`).
+    #[arg(long)]
+    pub all_answers: bool,
 }
 
 impl FleetArgs {
@@ -340,6 +344,7 @@ impl ShadowArgs {
             inflight: self.inflight.max(1),
             ramp: self.ramp,
             drain_timeout: self.drain_timeout,
+            all_answers: self.all_answers,
             quiet,
         }
     }

@@ -105,6 +105,8 @@ struct Answer {
     delta: Option<Map<String, Value>>,
     /// `state.reported` of a get or of an update/accepted.
     reported: Option<Map<String, Value>>,
+    /// `state.desired` of an update/accepted.
+    desired: Option<Map<String, Value>>,
 }
 
 fn parse_answer(kind: ShadowAnswer, payload: &[u8]) -> Option<Answer> {
@@ -129,6 +131,7 @@ fn parse_answer(kind: ShadowAnswer, payload: &[u8]) -> Option<Answer> {
             _ => None,
         },
         reported: section("reported"),
+        desired: section("desired"),
     })
 }
 
@@ -303,6 +306,20 @@ impl Device {
                 if own {
                     self.counts.reports_accepted.incr();
                     self.mark_synced();
+                }
+                // A desired value equal to what the device has reported produces no delta.
+                if let (Some(pending), Some(setpoint)) = (
+                    &self.pending,
+                    answer
+                        .desired
+                        .as_ref()
+                        .and_then(|d| d.get("setpoint"))
+                        .and_then(Value::as_f64),
+                ) {
+                    let reported = self.reported.get("setpoint").and_then(Value::as_f64);
+                    if reported == Some(setpoint) && !self.unconfirmed.contains_key("setpoint") {
+                        pending.accepted_as_reported(&self.thing, setpoint);
+                    }
                 }
                 self.throttle.reset();
                 if let Some(reported) = answer.reported {
@@ -684,6 +701,10 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
         summary.counts.insert(
             "changes_not_converged".to_owned(),
             pending.outstanding() as u64,
+        );
+        summary.counts.insert(
+            "changes_converged_without_delta".to_owned(),
+            pending.converged_without_delta(),
         );
     }
     summary.notes = notes;

@@ -11,6 +11,7 @@ use crate::Error;
 use rand::Rng;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
@@ -104,6 +105,8 @@ pub struct PendingChanges {
     converged_latency: Arc<LatencySeries>,
     /// Woken whenever a change converges, so a run can end as soon as none is outstanding.
     converged: tokio::sync::Notify,
+    /// Changes whose value the device had already reported: no delta, converged at once.
+    without_delta: AtomicU64,
 }
 
 impl std::fmt::Debug for PendingChanges {
@@ -119,6 +122,7 @@ impl PendingChanges {
             delta_latency,
             converged_latency,
             converged: tokio::sync::Notify::new(),
+            without_delta: AtomicU64::new(0),
         }
     }
 
@@ -160,6 +164,28 @@ impl PendingChanges {
             drop(changes);
             self.converged.notify_waiters();
         }
+    }
+
+    /// The operator's change of `thing` to `setpoint` was accepted while the device's reported
+    /// value already was `setpoint`: the shadow sends no delta, and the change has converged.
+    pub fn accepted_as_reported(&self, thing: &str, setpoint: f64) {
+        let mut changes = self.lock();
+        if changes
+            .get(thing)
+            .is_some_and(|c| c.setpoint == setpoint && !c.delta_seen)
+        {
+            if let Some(change) = changes.remove(thing) {
+                self.converged_latency.record(change.sent.elapsed());
+                self.without_delta.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(changes);
+            self.converged.notify_waiters();
+        }
+    }
+
+    /// Changes that converged without a delta (see [`Self::accepted_as_reported`]).
+    pub fn converged_without_delta(&self) -> u64 {
+        self.without_delta.load(Ordering::Relaxed)
     }
 
     /// Returns once no change is outstanding.

@@ -32,6 +32,9 @@ pub struct ShadowBenchConfig {
     pub ramp: f64,
     /// How long to wait for answers still owed after the window.
     pub drain_timeout: Duration,
+    /// Also subscribe to `update/delta` and `update/documents` (as many SDK clients do), not
+    /// only to the answers the benchmark reads.
+    pub all_answers: bool,
     pub quiet: bool,
 }
 
@@ -43,16 +46,22 @@ struct Shared {
     unanswered: Counter,
 }
 
-fn token_of(payload: &[u8]) -> Option<(String, Option<u64>)> {
+/// The `clientToken` and error `code` of an answer; `None` when it is not a JSON object.
+fn token_of(payload: &[u8]) -> Option<(Option<String>, Option<u64>)> {
     let value: Value = serde_json::from_slice(payload).ok()?;
-    let token = value.get("clientToken")?.as_str()?.to_owned();
-    Some((token, value.get("code").and_then(Value::as_u64)))
+    let object = value.as_object()?;
+    let token = object
+        .get("clientToken")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Some((token, object.get("code").and_then(Value::as_u64)))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn bench_device(
     thing: String,
     inflight: usize,
+    all_answers: bool,
     client: AsyncClient,
     mut eventloop: EventLoop,
     shared: Arc<Shared>,
@@ -111,10 +120,14 @@ async fn bench_device(
                     reconnect.reset();
                     shared.stats.connects.incr();
                     shared.stats.connected.up();
-                    let filters = vec![
+                    let mut filters = vec![
                         SubscribeFilter::new(topics.update_accepted.clone(), QoS::AtLeastOnce),
                         SubscribeFilter::new(topics.update_rejected.clone(), QoS::AtLeastOnce),
                     ];
+                    if all_answers {
+                        filters.push(SubscribeFilter::new(topics.update_delta.clone(), QoS::AtLeastOnce));
+                        filters.push(SubscribeFilter::new(format!("{}/documents", topics.update), QoS::AtLeastOnce));
+                    }
                     if client.try_subscribe_many(filters).is_err() {
                         shared.stats.errors.add("subscribe not queued");
                     }
@@ -131,6 +144,16 @@ async fn bench_device(
                     let kind = ShadowAnswer::of(&publish.topic);
                     let Some((token, code)) = token_of(&publish.payload) else {
                         shared.stats.errors.add("malformed shadow answer");
+                        continue;
+                    };
+                    let Some(token) = token else {
+                        // Which request it answers is unknown: that request stays in flight
+                        // and counts as unanswered if nothing else answers it.
+                        if kind == ShadowAnswer::UpdateRejected {
+                            let code = code.unwrap_or(0);
+                            shared.stats.rejected.add(&format!("{code} without clientToken"));
+                        }
+                        shared.stats.errors.add("answer without clientToken");
                         continue;
                     };
                     let Some(sent) = in_flight.remove(&token) else { continue };
@@ -223,6 +246,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
         devices.spawn(bench_device(
             thing,
             config.inflight,
+            config.all_answers,
             client,
             eventloop,
             Arc::clone(&shared),
