@@ -83,6 +83,11 @@ impl Device {
     pub async fn connect_with(options: MqttOptions) -> Device {
         let id = options.client_id();
         let (client, mut eventloop) = AsyncClient::new(options, 256);
+        // rumqttc's 5 s connect timeout is short for a debug build with a
+        // thousand devices connecting on two cores.
+        eventloop
+            .network_options
+            .set_connection_timeout(WAIT.as_secs());
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {

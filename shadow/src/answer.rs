@@ -51,7 +51,9 @@ impl Answer {
             } => {
                 let (desired, reported) = match command {
                     Command::Update(request) => (&request.desired, &request.reported),
-                    Command::Get(_) | Command::Delete(_) => (&None, &None),
+                    Command::Get(_) | Command::Delete(_) | Command::Refused { .. } => {
+                        (&None, &None)
+                    }
                 };
                 let mut state = Map::new();
                 let mut metadata = Map::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::document::{ShadowState, Timestamp};
 use crate::error::Rejection;
 use crate::limits::Limits;
-use crate::request::{PlainRequest, UpdateRequest};
+use crate::request::{PlainRequest, Refused, UpdateRequest};
 use crate::topic::{Operation, ShadowKey};
 
 /// A shadow as stored. A deleted shadow keeps its version so that
@@ -32,6 +32,13 @@ pub enum Command {
     Update(UpdateRequest),
     Get(PlainRequest),
     Delete(PlainRequest),
+    /// A request refused before it could be applied (invalid, throttled). It
+    /// still goes through the store's queue, so that its answer leaves in
+    /// arrival order with the answers of the requests around it.
+    Refused {
+        op: Operation,
+        refused: Refused,
+    },
 }
 
 impl Command {
@@ -40,6 +47,7 @@ impl Command {
             Command::Update(_) => Operation::Update,
             Command::Get(_) => Operation::Get,
             Command::Delete(_) => Operation::Delete,
+            Command::Refused { op, .. } => *op,
         }
     }
 
@@ -47,6 +55,7 @@ impl Command {
         match self {
             Command::Update(u) => u.client_token.as_deref(),
             Command::Get(p) | Command::Delete(p) => p.client_token.as_deref(),
+            Command::Refused { refused, .. } => refused.client_token.as_deref(),
         }
     }
 
@@ -54,6 +63,7 @@ impl Command {
         match self {
             Command::Update(u) => u.version,
             Command::Get(p) | Command::Delete(p) => p.version,
+            Command::Refused { .. } => None,
         }
     }
 }
@@ -110,6 +120,9 @@ pub fn apply(
     now: Timestamp,
     limits: &Limits,
 ) -> Result<Applied, Rejection> {
+    if let Command::Refused { refused, .. } = command {
+        return Err(refused.rejection.clone());
+    }
     let live = StoredShadow::live(stored);
     let current_version = stored.map_or(0, |s| s.version);
     let not_found = || Rejection::NotFound {
@@ -178,5 +191,6 @@ pub fn apply(
                 timestamp: now,
             },
         }),
+        Command::Refused { refused, .. } => Err(refused.rejection.clone()),
     }
 }

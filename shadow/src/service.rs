@@ -156,36 +156,42 @@ impl ShadowService {
     pub fn submit(&self, request: Request) -> Pending {
         let key = request.key;
         let op = request.op;
-        let refuse = |refused: Refused| Pending {
-            key: key.clone(),
-            op,
-            outbox: self.outbox.clone(),
-            state: PendingState::Refused(refused),
-            measure: self.measure(),
-        };
         // Refused before parsing: still echo the clientToken if there is one,
         // so that the device can tell which request was refused.
-        let refuse_early = |rejection: Rejection| {
-            refuse(Refused {
+        let early = |rejection: Rejection| Command::Refused {
+            op,
+            refused: Refused {
                 rejection,
                 client_token: self.client_token_of(&request.payload),
-            })
+            },
         };
-        if let Err(rejection) = self.check_names(&key) {
-            return refuse_early(rejection);
-        }
-        let Some(permit) = self.throttle.acquire(&key.thing) else {
+        let (command, permit) = if let Err(rejection) = self.check_names(&key) {
+            (early(rejection), None)
+        } else if let Some(permit) = self.throttle.acquire(&key.thing) {
+            match self.parse(op, &request.payload) {
+                Ok(command) => (command, Some(permit)),
+                Err(refused) => (Command::Refused { op, refused }, Some(permit)),
+            }
+        } else {
             debug!(thing = %key.thing, "throttled");
-            return refuse_early(Rejection::Throttled);
+            (early(Rejection::Throttled), None)
         };
-        let command = match self.parse(op, &request.payload) {
-            Ok(command) => command,
-            Err(refused) => return refuse(refused),
-        };
+        self.queue(key, op, command, permit)
+    }
+
+    /// Queues a command, refusals included: they are answered in their place
+    /// in line, after the answers of earlier requests of the same shadow.
+    fn queue(
+        &self,
+        key: ShadowKey,
+        op: Operation,
+        command: Command,
+        permit: Option<Permit>,
+    ) -> Pending {
         let client_token = command.client_token().map(str::to_string);
-        let refused = |rejection| Refused {
-            rejection,
-            client_token: client_token.clone(),
+        let own_refusal = match &command {
+            Command::Refused { refused, .. } => Some(refused.clone()),
+            _ => None,
         };
         let (ticket, answer) = oneshot::channel();
         let job = Job::Shadow {
@@ -193,26 +199,36 @@ impl ShadowService {
             command,
             ticket: Some(ticket),
         };
-        match self.store.submit(job) {
-            Ok(()) => Pending {
-                key: key.clone(),
-                op,
-                outbox: self.outbox.clone(),
-                measure: self.measure(),
-                state: PendingState::Queued {
-                    answer,
-                    client_token: client_token.clone(),
-                    _permit: permit,
-                },
+        let state = match self.store.submit(job) {
+            Ok(()) => PendingState::Queued {
+                answer,
+                client_token,
+                _permit: permit,
             },
-            Err(StoreError::Busy) => {
-                warn!(thing = %key.thing, "store queue full");
-                refuse(refused(Rejection::Throttled))
-            }
             Err(err) => {
-                error!(cause = %err, thing = %key.thing, "could not queue a shadow request");
-                refuse(refused(Rejection::Internal))
+                let rejection = match err {
+                    StoreError::Busy => {
+                        warn!(thing = %key.thing, "store queue full");
+                        Rejection::Throttled
+                    }
+                    err => {
+                        error!(cause = %err, thing = %key.thing, "could not queue a shadow request");
+                        Rejection::Internal
+                    }
+                };
+                // Answered directly, out of line: a refusal keeps its own reason.
+                PendingState::Refused(own_refusal.unwrap_or(Refused {
+                    rejection,
+                    client_token,
+                }))
             }
+        };
+        Pending {
+            key,
+            op,
+            outbox: self.outbox.clone(),
+            measure: self.measure(),
+            state,
         }
     }
 
@@ -319,7 +335,8 @@ enum PendingState {
     Queued {
         answer: oneshot::Receiver<Answer>,
         client_token: Option<String>,
-        _permit: Permit,
+        /// The thing's in-flight slot (none for a request refused before it got one).
+        _permit: Option<Permit>,
     },
     Refused(Refused),
 }
@@ -427,18 +444,21 @@ async fn publish_committed(
                         .count();
                     metrics.deltas_published.inc_by(deltas as u64);
                 }
-                for message in &answer.messages {
+                let messages = answer.messages.clone();
+                // The caller first: that frees the thing's in-flight slot
+                // before the device can see the answer and send its next request.
+                if let Some(ticket) = ticket {
+                    // The caller may have gone away; the answer is published anyway.
+                    let _ = ticket.send(answer);
+                }
+                for message in messages {
                     let sent = match &outbox {
-                        Some(tx) => tx.send(message.clone()).await.is_ok(),
+                        Some(tx) => tx.send(message).await.is_ok(),
                         None => false,
                     };
                     if !sent && outbox.take().is_some() {
                         debug!("outbox closed; answers are no longer published");
                     }
-                }
-                if let Some(ticket) = ticket {
-                    // The caller may have gone away; its answer was published anyway.
-                    let _ = ticket.send(answer);
                 }
             }
             if let Some(change) = change {

@@ -539,6 +539,10 @@ fn apply_shadow(
     now: Timestamp,
     limits: &Limits,
 ) -> Result<(Result<Outcome, Rejection>, Option<Change>), StoreError> {
+    if let Command::Refused { refused, .. } = command {
+        // Queued only for its place in line: nothing to read or write.
+        return Ok((Err(refused.rejection.clone()), None));
+    }
     let loaded;
     let stored = match cache.get(key) {
         Some(stored) => Some(stored),

@@ -59,8 +59,15 @@ pub struct DataLog {
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
     retained_publishes: HashMap<Topic, PublishData>,
-    /// List of filters associated with a topic
-    publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// Umbra patch: the filters with `+` or `#`, the only ones a topic has to
+    /// be matched against one by one (a filter without wildcards matches only
+    /// the topic equal to it, found in `filter_indexes`).
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
+}
+
+/// Umbra patch: whether a filter has wildcards.
+fn is_wildcard(filter: &str) -> bool {
+    filter.contains(['+', '#'])
 }
 
 impl DataLog {
@@ -68,7 +75,7 @@ impl DataLog {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
-        let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +84,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if is_wildcard(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -84,9 +94,9 @@ impl DataLog {
         Ok(DataLog {
             config,
             native,
-            publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -124,45 +134,41 @@ impl DataLog {
 
     // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
     // limitation
+    /// Umbra patch: rumqttd matched every topic against every filter (caching
+    /// only non-empty results, and rescanning every cached topic on each new
+    /// filter), which made the router's cost grow with the number of devices.
+    /// Now an exact filter is one hash lookup and only wildcard filters are
+    /// scanned.
     pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
-        match &self.publish_filters.get(topic) {
-            Some(v) => Some(v.to_vec()),
-            None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
-                    .collect();
-
-                if !v.is_empty() {
-                    self.publish_filters.insert(topic.to_owned(), v.clone());
-                }
-
-                Some(v)
+        // As `protocol::matches`: no filter matches a `$` topic.
+        if topic.starts_with('$') {
+            return Some(Vec::new());
+        }
+        let mut v = Vec::new();
+        if !is_wildcard(topic) {
+            if let Some(idx) = self.filter_indexes.get(topic) {
+                v.push(*idx);
             }
         }
+        v.extend(
+            self.wildcard_filters
+                .iter()
+                .filter(|(filter, _)| matches(topic, filter))
+                .map(|(_, idx)| *idx),
+        );
+        Some(v)
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
-        let publish_filters = &mut self.publish_filters;
-        let filter_indexes = &mut self.filter_indexes;
-
-        let (filter_idx, data) = match filter_indexes.get(filter) {
+        let (filter_idx, data) = match self.filter_indexes.get(filter) {
             Some(idx) => (*idx, self.native.get(*idx).unwrap()),
             None => {
                 let data = Data::new(filter, &self.config);
 
-                // Add commitlog to datalog and add datalog index to filter to
-                // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
-
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
-                    }
+                if is_wildcard(filter) {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
                 }
 
                 (idx, self.native.get(idx).unwrap())
@@ -451,11 +457,13 @@ mod test {
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
-        data.matches("topic/a");
+        assert_eq!(data.matches("topic/a").unwrap().len(), 1);
 
         data.next_native_offset("topic/+");
 
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 2);
+        assert_eq!(data.matches("topic/b").unwrap().len(), 1);
+        assert_eq!(data.matches("$topic/a").unwrap().len(), 0);
     }
 
     #[test]
@@ -471,10 +479,12 @@ mod test {
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
+        data.next_native_offset("#");
+        data.next_native_offset("topic/b");
 
-        data.matches("topic/a");
-
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 2);
+        assert_eq!(data.matches("topic/b").unwrap().len(), 3);
+        assert_eq!(data.matches("topic/a/b").unwrap().len(), 1);
     }
 
     //     #[test]
