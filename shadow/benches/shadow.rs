@@ -5,10 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-// The allocator the `umbra` binary uses, so that the figures are the binary's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::json;
 use umbra_shadow::engine::{self, Command};

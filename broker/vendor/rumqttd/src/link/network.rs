@@ -51,8 +51,10 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // Umbra patch: 1 KiB instead of 10 KiB each; reads reserve what a
+            // packet needs (read_bytes) and writes grow the buffer.
+            read: BytesMut::with_capacity(1024),
+            write: BytesMut::with_capacity(1024),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -72,6 +74,8 @@ impl<P: Protocol> Network<P> {
     async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
+        // Umbra patch: room for the whole packet in one read.
+        self.read.reserve(required);
         loop {
             let read = self.socket.read_buf(&mut self.read).await?;
             if 0 == read {

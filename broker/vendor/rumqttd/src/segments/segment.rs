@@ -29,14 +29,18 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // Umbra patch: grow on demand; most filters (one per device answer
+            // topic) hold a handful of messages, not 1,024.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // Umbra patch: grow on demand; most filters (one per device answer
+            // topic) hold a handful of messages, not 1,024.
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
