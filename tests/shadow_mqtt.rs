@@ -398,3 +398,51 @@ async fn a_thousand_devices_each_updating_twenty_times() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_events_and_connectivity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.mqtt.edge.privileged_clients.insert("watcher".into());
+    let server = start(config).await;
+    let addr = mqtt_addr(&server);
+    let mut watcher = Device::connect(addr, "watcher").await;
+    watcher.subscribe("$aws/events/presence/#").await;
+
+    let device = Device::connect(addr, "porch-light").await;
+    let connected = watcher
+        .next_on("$aws/events/presence/connected/porch-light")
+        .await;
+    assert_eq!(connected["clientId"], "porch-light");
+    assert_eq!(connected["eventType"], "connected");
+    let ts = connected["timestamp"].as_i64().expect("timestamp");
+    assert!(ts > 1_600_000_000_000, "milliseconds: {ts}");
+
+    device.disconnect().await;
+    let disconnected = watcher
+        .next_on("$aws/events/presence/disconnected/porch-light")
+        .await;
+    assert_eq!(disconnected["eventType"], "disconnected");
+    assert_eq!(
+        disconnected["sessionIdentifier"],
+        connected["sessionIdentifier"]
+    );
+
+    // The store records connectivity once the change is committed: wait for
+    // it on the change stream rather than polling.
+    let mut changes = server.service().subscribe_changes();
+    let store = std::sync::Arc::clone(server.service().store());
+    let recorded = loop {
+        if let Some(c) = store.connectivity("porch-light").expect("readable") {
+            if !c.connected {
+                break c;
+            }
+        }
+        tokio::time::timeout(umbra_tests::WAIT, changes.recv())
+            .await
+            .expect("a change arrives")
+            .expect("stream open");
+    };
+    assert!(recorded.last_seen_ms >= ts);
+    server.shutdown().await;
+}
