@@ -397,3 +397,29 @@ async fn a_thing_over_its_rate_gets_429_not_silence() {
     assert_eq!(a.result, Ok(21));
     service.close().await;
 }
+
+#[tokio::test]
+async fn connectivity_does_not_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.db");
+    {
+        let (service, outbox) = open(&path, Limits::default());
+        drop(outbox);
+        let mut changes = service.subscribe_changes();
+        assert!(service.record_presence("lamp", true, 1_000, None));
+        changes.recv().await.expect("the connect is committed");
+        let c = service.store().connectivity("lamp").expect("read");
+        assert_eq!(c.map(|c| c.connected), Some(true));
+        service.close().await;
+    }
+    let (service, outbox) = open(&path, Limits::default());
+    drop(outbox);
+    let c = service
+        .store()
+        .connectivity("lamp")
+        .expect("read")
+        .expect("known");
+    assert!(!c.connected, "a new process starts with nothing connected");
+    assert_eq!(c.last_seen_ms, 1_000);
+    service.close().await;
+}

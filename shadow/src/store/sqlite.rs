@@ -146,6 +146,9 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // The broker lives in this process: whatever was connected when the
+        // previous process stopped (or was killed) is not connected now.
+        conn.execute("UPDATE things SET connected = 0 WHERE connected = 1", [])?;
         if let Some(metrics) = &metrics {
             // Sequences are contiguous and trimmed from the front, so the
             // span is the count, without scanning the log.
