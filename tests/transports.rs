@@ -1,4 +1,5 @@
-//! MQTT over TLS from configured certificate files, with a real TLS client.
+//! The other transports: MQTT over TLS from configured certificate files, and
+//! MQTT over WebSocket, each with a real client.
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
@@ -53,5 +54,30 @@ async fn a_device_keeps_its_shadow_over_tls() {
         .next_on("$aws/things/tls-lamp/shadow/update/accepted")
         .await;
     assert_eq!(accepted["version"], 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_its_shadow_over_websocket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let ws = server.addrs().websocket.expect("websocket listener");
+    let mut options = MqttOptions::new("ws-lamp", format!("ws://{ws}/mqtt"), ws.port());
+    options.set_keep_alive(std::time::Duration::from_secs(30));
+    options.set_transport(Transport::Ws);
+    let mut device = Device::connect_with(options).await;
+    device
+        .subscribe("$aws/things/ws-lamp/shadow/update/delta")
+        .await;
+    device
+        .publish(
+            "$aws/things/ws-lamp/shadow/update",
+            r#"{"state":{"desired":{"on":true}}}"#,
+        )
+        .await;
+    let delta = device
+        .next_on("$aws/things/ws-lamp/shadow/update/delta")
+        .await;
+    assert_eq!(delta["state"]["on"], true);
     server.shutdown().await;
 }
