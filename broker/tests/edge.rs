@@ -444,8 +444,14 @@ async fn credentials_are_required_when_configured() {
     let h = start_broker(settings);
     let port = port(&h.broker, ListenerKind::MqttV4);
 
+    // Refused with CONNACK code 4, not a silently closed socket.
     let mut anonymous = connect("anon", port, Duration::from_secs(30));
-    anonymous.closed().await;
+    let refused = loop {
+        if let Err(e) = anonymous.next().await {
+            break e;
+        }
+    };
+    assert!(refused.contains("BadUserNamePassword"), "{refused}");
 
     let mut options = MqttOptions::new("authed", "127.0.0.1", port);
     options.set_credentials("umbra", "secret");
