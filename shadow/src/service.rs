@@ -20,7 +20,7 @@ use crate::fleet::FleetIndex;
 use crate::limits::Limits;
 use crate::metrics::ShadowMetrics;
 use crate::request::{parse_plain, parse_update, Refused};
-use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError};
+use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError, Ticket};
 use crate::throttle::{Permit, Throttle};
 use crate::topic::{Operation, ShadowKey};
 
@@ -193,17 +193,19 @@ impl ShadowService {
             Command::Refused { refused, .. } => Some(refused.clone()),
             _ => None,
         };
-        let (ticket, answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let job = Job::Shadow {
             key: key.clone(),
             command,
-            ticket: Some(ticket),
+            ticket: Some(Ticket {
+                reply,
+                slot: permit,
+            }),
         };
         let state = match self.store.submit(job) {
             Ok(()) => PendingState::Queued {
                 answer,
                 client_token,
-                _permit: permit,
             },
             Err(err) => {
                 let rejection = match err {
@@ -335,8 +337,6 @@ enum PendingState {
     Queued {
         answer: oneshot::Receiver<Answer>,
         client_token: Option<String>,
-        /// The thing's in-flight slot (none for a request refused before it got one).
-        _permit: Option<Permit>,
     },
     Refused(Refused),
 }
@@ -370,7 +370,6 @@ impl Pending {
             PendingState::Queued {
                 answer,
                 client_token,
-                _permit,
             } => match answer.await {
                 Ok(answer) => return answer,
                 Err(_) => {
@@ -447,9 +446,10 @@ async fn publish_committed(
                 let messages = answer.messages.clone();
                 // The caller first: that frees the thing's in-flight slot
                 // before the device can see the answer and send its next request.
-                if let Some(ticket) = ticket {
+                if let Some(Ticket { reply, slot }) = ticket {
+                    drop(slot);
                     // The caller may have gone away; the answer is published anyway.
-                    let _ = ticket.send(answer);
+                    let _ = reply.send(answer);
                 }
                 for message in messages {
                     let sent = match &outbox {

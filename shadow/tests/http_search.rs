@@ -334,9 +334,29 @@ async fn search_matches_brute_force_live_and_after_restart() {
     drop(router);
     drop(service);
 
-    // Restarted: the index is loaded from the store's snapshot.
+    // Restarted: the index is loaded from the store's snapshot. A new
+    // process starts with nothing connected (the broker restarted with it).
+    let mut models = models;
+    for model in &mut models {
+        if model.connected.is_some() {
+            model.connected = Some(false);
+        }
+    }
     let service = start(&path);
     assert_eq!(service.fleet().wait_loaded().await, IndexStatus::Ready);
+    // Some things connect again; the index follows the committed changes.
+    let mut changes = service.subscribe_changes();
+    let mut reconnected = 0;
+    for (i, model) in models.iter_mut().enumerate() {
+        if model.connected.is_some() && i % 3 == 0 {
+            assert!(service.record_presence(&model.name, true, 1_800_000_000_000, None));
+            model.connected = Some(true);
+            reconnected += 1;
+        }
+    }
+    for _ in 0..reconnected {
+        changes.recv().await.expect("the connect is committed");
+    }
     check_against_brute_force(&app(&service), &models).await;
     service.close().await;
 }

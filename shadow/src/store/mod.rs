@@ -14,10 +14,18 @@ use crate::answer::Answer;
 use crate::document::Timestamp;
 use crate::engine::{Command, Outcome, StoredShadow};
 use crate::error::Rejection;
+use crate::throttle::Permit;
 use crate::topic::ShadowKey;
 
-/// Where the caller waits for its answer; the service's publisher fills it.
-pub type Ticket = oneshot::Sender<Answer>;
+/// Where the caller waits for its answer, and what its request holds until
+/// then: the thing's in-flight slot. The service's publisher frees the slot
+/// and answers before it publishes the answer's messages, so a device that
+/// sees its answer can always send its next request.
+#[derive(Debug)]
+pub struct Ticket {
+    pub reply: oneshot::Sender<Answer>,
+    pub slot: Option<Permit>,
+}
 
 /// A unit of work for the store's writer.
 #[derive(Debug)]
