@@ -90,7 +90,13 @@ fn relay_fan_out_counts_every_copy() {
 async fn fleet_follows_operator_changes_through_a_shadow_service() {
     let broker = Mosquitto::start();
     let stop_shadow = CancellationToken::new();
-    let shadow = tokio::spawn(fake_shadow_service(broker.port, stop_shadow.clone()));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let shadow = tokio::spawn(fake_shadow_service(
+        broker.port,
+        stop_shadow.clone(),
+        ready_tx,
+    ));
+    ready.await.expect("the fake shadow service subscribed");
     let settings = ClientSettings::new(BrokerAddr {
         host: "127.0.0.1".to_owned(),
         port: broker.port,

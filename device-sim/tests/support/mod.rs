@@ -77,7 +77,15 @@ type FakeShadow = (Map<String, Value>, Map<String, Value>, u64);
 
 /// Minimal stand-in for Umbra's shadow service over Mosquitto: flat desired/reported maps per
 /// thing, `accepted` answers, and a delta whenever desired differs from reported.
-pub async fn fake_shadow_service(port: u16, stop: tokio_util::sync::CancellationToken) {
+/// `ready` fires once both request subscriptions are acknowledged, so that
+/// no device request can reach the broker before the service listens.
+pub async fn fake_shadow_service(
+    port: u16,
+    stop: tokio_util::sync::CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut subacks = 0;
     let mut options = MqttOptions::new("fake-shadow", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_inflight(200);
@@ -95,9 +103,23 @@ pub async fn fake_shadow_service(port: u16, stop: tokio_util::sync::Cancellation
                 }
                 continue;
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subacks += 1;
+                if subacks == 2 {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                }
+                continue;
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => p,
             Ok(_) => continue,
-            Err(_) => return,
+            // The broker may not accept connections yet: the next poll
+            // reconnects (after a short backoff, so as not to spin).
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let Some(rest) = publish.topic.strip_prefix("$aws/things/") else {
             continue;
