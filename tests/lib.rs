@@ -10,7 +10,6 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio::time::timeout;
 use umbra_broker::embedded::ListenerSettings;
 use umbra_broker::{Config, Server};
 
@@ -139,17 +138,6 @@ impl Device {
             .unwrap_or_else(|e| panic!("{}: no SUBACK for {filter}: {e}", self.id));
     }
 
-    /// Subscribes to every answer topic of one shadow prefix (`$aws/things/x/shadow[/name/n]`).
-    pub async fn subscribe_answers(&mut self, prefix: &str) {
-        for op in ["update", "get", "delete"] {
-            for kind in ["accepted", "rejected"] {
-                self.subscribe(&format!("{prefix}/{op}/{kind}")).await;
-            }
-        }
-        self.subscribe(&format!("{prefix}/update/delta")).await;
-        self.subscribe(&format!("{prefix}/update/documents")).await;
-    }
-
     /// Publishes at QoS 1.
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
@@ -179,15 +167,6 @@ impl Device {
             if p.topic == topic {
                 return serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
             }
-        }
-    }
-
-    /// Nothing arrives within `quiet` (used only to check for absence after
-    /// a later message proved delivery has caught up).
-    pub async fn try_next_message(&mut self, quiet: Duration) -> Option<Publish> {
-        match timeout(quiet, self.events.recv()).await {
-            Ok(Some(Ok(Packet::Publish(p)))) => Some(p),
-            _ => None,
         }
     }
 

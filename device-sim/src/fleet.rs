@@ -4,7 +4,7 @@
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
 use crate::operator::{drive, thing_name, OperatorOutcome, OperatorPlan, PendingChanges};
-use crate::report::{progress, Summary};
+use crate::report::{ProgressLine, Summary};
 use crate::stats::{Counter, LatencySeries, RunStats};
 use crate::telemetry::TelemetryModel;
 use crate::Error;
@@ -508,14 +508,8 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
         _ => None,
     };
     let stop = shutdown.child_token();
-    let progress_stop = CancellationToken::new();
     let started = Instant::now();
-    let progress_task = tokio::spawn(progress(
-        Arc::clone(&stats),
-        started,
-        config.quiet,
-        progress_stop.clone(),
-    ));
+    let progress = ProgressLine::start(&stats, started, config.quiet);
 
     let counts = Arc::new(ShadowCounts::default());
     let deadline = TokioInstant::now() + config.duration;
@@ -650,8 +644,7 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             }
         }
     }
-    progress_stop.cancel();
-    let _ = progress_task.await;
+    progress.stop().await;
 
     let broker = config
         .clients

@@ -4,7 +4,7 @@
 
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowTopics};
-use crate::report::{progress, Summary};
+use crate::report::{ProgressLine, Summary};
 use crate::stats::{LatencySeries, RunStats};
 use crate::units::{Pacer, Rate};
 use crate::Error;
@@ -605,14 +605,8 @@ pub async fn run(config: OperatorConfig, shutdown: CancellationToken) -> Result<
         .latency(latency_name)
         .unwrap_or_else(|| Arc::new(LatencySeries::new(latency_name)));
     let stop = shutdown.child_token();
-    let progress_stop = CancellationToken::new();
     let started = Instant::now();
-    let progress_task = tokio::spawn(progress(
-        Arc::clone(&stats),
-        started,
-        config.quiet,
-        progress_stop.clone(),
-    ));
+    let progress = ProgressLine::start(&stats, started, config.quiet);
     let timer = {
         let stop = stop.clone();
         let duration = config.duration;
@@ -635,8 +629,7 @@ pub async fn run(config: OperatorConfig, shutdown: CancellationToken) -> Result<
     .await;
     stop.cancel();
     let _ = timer.await;
-    progress_stop.cancel();
-    let _ = progress_task.await;
+    progress.stop().await;
     let outcome = result?;
     let window = started.elapsed();
     let mut summary = Summary::from_stats(

@@ -3,7 +3,7 @@
 
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings};
-use crate::report::{progress, Summary};
+use crate::report::{ProgressLine, Summary};
 use crate::stats::{Counter, LatencySeries, RunStats};
 use crate::units::{Pacer, Rate};
 use crate::Error;
@@ -417,14 +417,8 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Sum
     let go = CancellationToken::new();
     let stop_publishers = shutdown.child_token();
     let stop_subscribers = CancellationToken::new();
-    let progress_stop = CancellationToken::new();
     let load_start = Instant::now();
-    let progress_task = tokio::spawn(progress(
-        Arc::clone(&stats),
-        load_start,
-        config.quiet,
-        progress_stop.clone(),
-    ));
+    let progress = ProgressLine::start(&stats, load_start, config.quiet);
 
     let mut subscriber_tasks = JoinSet::new();
     for (j, filter) in wiring.subscriber_filters.iter().enumerate() {
@@ -485,10 +479,9 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Sum
     if !all_ready {
         stop_publishers.cancel();
         stop_subscribers.cancel();
-        progress_stop.cancel();
         while publisher_tasks.join_next().await.is_some() {}
         while subscriber_tasks.join_next().await.is_some() {}
-        let _ = progress_task.await;
+        progress.stop().await;
         return Err(Error::NotReady {
             ready,
             total: clients,
@@ -542,8 +535,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Sum
             }
         }
     }
-    progress_stop.cancel();
-    let _ = progress_task.await;
+    progress.stop().await;
 
     let received = stats.messages_in.get();
     let mut summary = Summary::from_stats(

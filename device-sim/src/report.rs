@@ -137,9 +137,40 @@ impl Summary {
     }
 }
 
+/// The live progress line of a run: started with the run, stopped before its summary.
+#[derive(Debug)]
+pub struct ProgressLine {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressLine {
+    /// Starts printing; `measure_from` is the time zero of the latency timeline.
+    pub fn start(stats: &Arc<RunStats>, measure_from: Instant, quiet: bool) -> ProgressLine {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(progress(
+            Arc::clone(stats),
+            measure_from,
+            quiet,
+            stop.clone(),
+        ));
+        ProgressLine { stop, task }
+    }
+
+    /// Stops printing and waits for the last interval to close.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(err) = self.task.await {
+            if err.is_panic() {
+                std::panic::resume_unwind(err.into_panic());
+            }
+        }
+    }
+}
+
 /// Prints one progress line per second to stderr and closes each latency interval, until
 /// `stop` is cancelled. `measure_from` is the time zero of the latency timeline.
-pub async fn progress(
+async fn progress(
     stats: Arc<RunStats>,
     measure_from: Instant,
     quiet: bool,

@@ -7,7 +7,7 @@
 use crate::backoff::Backoff;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
 use crate::operator::thing_name;
-use crate::report::{progress, Summary};
+use crate::report::{ProgressLine, Summary};
 use crate::stats::{Counter, LatencySeries, RunStats};
 use crate::Error;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
@@ -225,14 +225,8 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     let go = CancellationToken::new();
     let window_over = CancellationToken::new();
     let stop = shutdown.child_token();
-    let progress_stop = CancellationToken::new();
     let started = Instant::now();
-    let progress_task = tokio::spawn(progress(
-        Arc::clone(&stats),
-        started,
-        config.quiet,
-        progress_stop.clone(),
-    ));
+    let progress = ProgressLine::start(&stats, started, config.quiet);
     let mut devices = JoinSet::new();
     let spacing = Duration::from_secs_f64(1.0 / config.ramp);
     let ramp_start = TokioInstant::now();
@@ -272,8 +266,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     if !all_ready {
         stop.cancel();
         while devices.join_next().await.is_some() {}
-        progress_stop.cancel();
-        let _ = progress_task.await;
+        progress.stop().await;
         return Err(Error::NotReady {
             ready,
             total: config.devices,
@@ -307,8 +300,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
         }
     }
     stop.cancel();
-    progress_stop.cancel();
-    let _ = progress_task.await;
+    progress.stop().await;
     let mut summary = Summary::from_stats(
         "bench shadow",
         &config.client.broker.to_string(),

@@ -10,28 +10,20 @@ use device_sim::units::Rate;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use umbra_broker::embedded::ListenerSettings;
-use umbra_broker::{Config, Server};
+use umbra_broker::Server;
 use umbra_shadow::ShadowKey;
 
 const OPERATOR: &str = "umbra-operator";
 
 /// Umbra on free ports over a database in `dir`, with the operator privileged.
 async fn start_umbra(dir: &std::path::Path) -> Server {
-    let mut config = Config {
-        data_dir: dir.to_path_buf(),
-        http_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..Config::default()
-    };
-    config.mqtt.mqtt_v4 = Some(ListenerSettings::local(0));
-    config.mqtt.websocket = None;
+    let mut config = umbra_tests::test_config(dir);
     config
         .mqtt
         .edge
         .privileged_clients
         .insert(OPERATOR.to_owned());
-    config.validate().expect("valid config");
-    Server::start(config).await.expect("umbra starts")
+    umbra_tests::start(config).await
 }
 
 fn client_settings(server: &Server) -> ClientSettings {

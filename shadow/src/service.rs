@@ -443,14 +443,18 @@ async fn publish_committed(
                         .count();
                     metrics.deltas_published.inc_by(deltas as u64);
                 }
-                let messages = answer.messages.clone();
                 // The caller first: that frees the thing's in-flight slot
                 // before the device can see the answer and send its next request.
-                if let Some(Ticket { reply, slot }) = ticket {
-                    drop(slot);
-                    // The caller may have gone away; the answer is published anyway.
-                    let _ = reply.send(answer);
-                }
+                let messages = match ticket {
+                    Some(Ticket { reply, slot }) => {
+                        drop(slot);
+                        let messages = answer.messages.clone();
+                        // The caller may have gone away; the answer is published anyway.
+                        let _ = reply.send(answer);
+                        messages
+                    }
+                    None => answer.messages,
+                };
                 for message in messages {
                     let sent = match &outbox {
                         Some(tx) => tx.send(message).await.is_ok(),
