@@ -278,7 +278,8 @@ async fn graceful_shutdown_under_load_loses_no_acknowledged_update() {
     // The highest version each device saw accepted.
     let acknowledged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let mut tasks = Vec::new();
-    let (progress_tx, mut progress) = tokio::sync::mpsc::channel::<()>(DEVICES * 4);
+    // Unbounded: test-only, one message per accepted update until shutdown.
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<usize>();
     for d in 0..DEVICES {
         let thing = format!("load-{d}");
         let acknowledged = Arc::clone(&acknowledged);
@@ -303,14 +304,18 @@ async fn graceful_shutdown_under_load_loses_no_acknowledged_update() {
                 let answer: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                 if let Some(v) = answer["version"].as_u64() {
                     acknowledged.lock().await.insert(thing.clone(), v);
-                    let _ = progress.try_send(());
+                    let _ = progress.send(d);
                 }
             }
         }));
     }
-    // Shut down once every device has had a few updates accepted.
-    for _ in 0..DEVICES * 3 {
-        progress.recv().await.expect("progress");
+    // Shut down once every device has had an update accepted, and the
+    // fleet a few per device.
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    while seen.len() < DEVICES || total < DEVICES * 3 {
+        seen.insert(progress.recv().await.expect("progress"));
+        total += 1;
     }
     server.shutdown().await;
     for task in tasks {

@@ -27,26 +27,19 @@ pub struct Config {
     pub shadow: Limits,
     /// The shadow store.
     pub store: StoreSettings,
-    /// How MQTT shadow requests reach the service.
-    pub requests: RequestSettings,
     /// Seconds shutdown may take before connections are cut.
     pub shutdown_grace_secs: u64,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        let mqtt = BrokerSettings {
-            websocket: Some(ListenerSettings::local(8083)),
-            ..BrokerSettings::default()
-        };
         Config {
             data_dir: PathBuf::from("umbra-data"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             http: ApiConfig::default(),
-            mqtt,
+            mqtt: BrokerSettings::default(),
             shadow: Limits::default(),
             store: StoreSettings::default(),
-            requests: RequestSettings::default(),
             shutdown_grace_secs: 10,
         }
     }
@@ -90,28 +83,6 @@ impl StoreSettings {
             queue_capacity: self.queue_capacity,
             change_retention: Duration::from_secs(self.change_retention_hours * 3600),
             cache_shadows: self.cache_shadows,
-        }
-    }
-}
-
-/// The path from the broker's edge to the shadow service.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RequestSettings {
-    /// Requests waiting for the service; when full, requests are answered 429.
-    pub queue: usize,
-    /// Room for requests waiting to be answered 429 when the queue is full.
-    pub overload_queue: usize,
-    /// Requests being handled at once (all devices together).
-    pub max_in_flight: usize,
-}
-
-impl Default for RequestSettings {
-    fn default() -> RequestSettings {
-        RequestSettings {
-            queue: 16_384,
-            overload_queue: 4096,
-            max_in_flight: 16_384,
         }
     }
 }
@@ -195,9 +166,6 @@ impl Config {
         for (field, value) in [
             ("store.max_batch", self.store.max_batch),
             ("store.queue_capacity", self.store.queue_capacity),
-            ("requests.queue", self.requests.queue),
-            ("requests.overload_queue", self.requests.overload_queue),
-            ("requests.max_in_flight", self.requests.max_in_flight),
             ("shadow.max_payload_bytes", self.shadow.max_payload_bytes),
             ("shadow.max_state_bytes", self.shadow.max_state_bytes),
             ("shadow.max_depth", self.shadow.max_depth),
@@ -255,6 +223,17 @@ mod tests {
             Some("127.0.0.1:8083")
         );
         assert_eq!(c.data_dir, PathBuf::from("umbra-data"));
+    }
+
+    #[test]
+    fn a_partial_mqtt_table_keeps_the_other_defaults() {
+        let (_d, path) = write("[mqtt.edge]\nprivileged_clients = [\"console\"]\n");
+        let c = Config::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(
+            c.mqtt.websocket.map(|l| l.addr.to_string()).as_deref(),
+            Some("127.0.0.1:8083")
+        );
+        assert!(c.mqtt.edge.privileged_clients.contains("console"));
     }
 
     #[test]

@@ -1,46 +1,66 @@
-//! Runs rumqttd inside Umbra: router sizing, listeners, authentication, the
-//! config guard, startup on free ports, and shutdown.
-//!
-//! rumqttd's `Broker::start()` blocks forever, cannot be stopped and hides
-//! its pieces, so Umbra assembles the broker from the public lower-level
-//! parts: `Router::new(..).spawn()`, one `Server` per listener wrapped in
-//! [`EdgeProtocol`], and a local link for the [`AnswerPublisher`].
+//! The embedded broker: Umbra's own listeners and connection tasks (see
+//! [`crate::connection`]) in front of rumqttd's router, which routes every
+//! topic outside `$aws/`. Settings, their guard, start-up on free ports, and
+//! shutdown.
 //!
 //! Threads and shutdown:
 //! - listeners and every connection task run on a multi-thread tokio runtime
-//!   owned by [`RunningBroker`] (rumqttd spawns connection tasks with
-//!   `tokio::spawn` on the current runtime, so they cannot be tracked one by
-//!   one; shutting the runtime down drops all of them, which closes their
-//!   sockets and emits `Disconnected` presence events);
-//! - the answer publisher has its own thread, stopped and joined on shutdown;
+//!   owned by [`RunningBroker`]; connections are tracked, so shutdown stops
+//!   the accept loops, tells every connection to end (an MQTT 5 client hears
+//!   "server shutting down"), and waits for them with a deadline;
 //! - the router thread cannot be stopped: it keeps a sender to its own
 //!   channel, so its receive loop never ends, and `Router::spawn` does not
 //!   return its join handle. After shutdown it idles, blocked on that channel,
 //!   until the process exits. [`RunningBroker::router_alive`] reports whether
 //!   it has died (a panic drops its receiver).
 
-use std::future::Future;
+use std::collections::HashSet;
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig,
-};
+use rumqttd::{Router, RouterConfig, RouterTx};
 use serde::Deserialize;
 use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::edge::{EdgeContext, EdgeHooks, EdgeProtocol, EdgeSettings};
+use crate::connection::{Broker, PresenceEvent};
+use crate::fanout::Publisher;
 use crate::metrics::EdgeMetrics;
-use crate::publisher::{AnswerPublisher, Command, PublisherWorker, PUBLISHER_CLIENT_ID};
+use crate::requests::ShadowRequests;
+use crate::sessions::Sessions;
+use crate::transport::{self, Transport};
+
+/// How often parked sessions are checked for expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(5);
+
+/// Rules of the connection edge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeSettings {
+    /// Client ids allowed to publish and subscribe anywhere under `$aws/`
+    /// (services, operators' tools). Everyone else is a device limited to
+    /// `$aws/things/{its client id}/...`.
+    pub privileged_clients: HashSet<String>,
+}
+
+/// Where the broker sends what it takes from connections.
+#[derive(Clone)]
+pub struct EdgeHooks {
+    pub shadow: Arc<dyn ShadowRequests>,
+    /// The `$aws` table answers are published into (made before the broker,
+    /// so that the shadow service can publish into it).
+    pub publisher: Publisher,
+    /// Presence events, sent with `try_send` (dropped and counted when full).
+    pub presence: Option<mpsc::Sender<PresenceEvent>>,
+}
 
 /// Everything the embedded broker needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,11 +68,12 @@ use crate::publisher::{AnswerPublisher, Command, PublisherWorker, PUBLISHER_CLIE
 pub struct BrokerSettings {
     pub router: RouterSizing,
     pub connection: ConnectionLimits,
-    /// MQTT 3.1.1 over TCP.
+    /// MQTT 3.1.1 and 5 over TCP (or TLS).
     pub mqtt_v4: Option<ListenerSettings>,
-    /// MQTT 5 over TCP.
+    /// Another MQTT 3.1.1 and 5 listener (kept for configurations that
+    /// named a separate MQTT 5 port; every listener speaks both).
     pub mqtt_v5: Option<ListenerSettings>,
-    /// MQTT 3.1.1 over WebSocket (rumqttd's WebSocket listener speaks 3.1.1 only).
+    /// MQTT 3.1.1 and 5 over WebSocket (or WebSocket over TLS).
     pub websocket: Option<ListenerSettings>,
     /// Username and password every client must present; `None` = anonymous.
     pub auth: Option<Credentials>,
@@ -60,8 +81,6 @@ pub struct BrokerSettings {
     pub allow_anonymous_remote: bool,
     /// Worker threads of the broker's runtime.
     pub worker_threads: usize,
-    /// Capacity of the answer publisher's queue.
-    pub publisher_queue: usize,
     pub edge: EdgeSettings,
 }
 
@@ -72,27 +91,24 @@ impl Default for BrokerSettings {
             connection: ConnectionLimits::default(),
             mqtt_v4: Some(ListenerSettings::local(1883)),
             mqtt_v5: None,
-            websocket: None,
+            websocket: Some(ListenerSettings::local(8083)),
             auth: None,
             allow_anonymous_remote: false,
             worker_threads: 2,
-            publisher_queue: 4096,
             edge: EdgeSettings::default(),
         }
     }
 }
 
-/// Router sizing. Every distinct subscription filter gets its own in-memory
-/// commit log of at most `max_segment_count` segments of `max_segment_size`
-/// bytes, and every device subscribes to a few filters of its own (its shadow
-/// answer topics), so segments are small: shadow answers are small and a
-/// subscriber that falls more than a segment count behind loses the oldest
-/// messages (rumqttd raises a `CursorJump` alert).
+/// Router sizing (rumqttd's router carries every topic outside `$aws/`).
+/// Every distinct subscription filter gets its own in-memory commit log of
+/// at most `max_segment_count` segments of `max_segment_size` bytes; a
+/// subscriber that falls more than that behind loses the oldest messages
+/// (logged and counted as a cursor jump).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterSizing {
-    /// Connections the router accepts (remote and local), for tens of
-    /// thousands of devices.
+    /// Router links at once (connections that use non-`$aws` topics).
     pub max_connections: usize,
     /// Packets the router moves per connection per scheduling round.
     pub max_outgoing_packet_count: u64,
@@ -113,25 +129,61 @@ impl Default for RouterSizing {
     }
 }
 
-/// Per-connection limits, applied by rumqttd.
+/// Per-connection limits, applied by Umbra's connection tasks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionLimits {
-    /// Time a new connection has to send CONNECT.
-    pub connect_timeout_ms: u16,
-    /// Largest accepted packet payload (AWS IoT: 128 KiB).
+    /// Connections open at once (all listeners); more wait in the backlog.
+    pub max_connections: usize,
+    /// Connections the kernel queues for each listener before they are accepted.
+    pub listen_backlog: u32,
+    /// Time a new connection has for its TLS/WebSocket handshake and CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Largest accepted packet (AWS IoT: 128 KiB).
     pub max_payload_size: usize,
-    /// Packets read from one connection before handing them to the router.
+    /// Longest client id (AWS IoT's thing-name limit); longer ones are refused.
+    pub max_client_id_bytes: usize,
+    /// Subscriptions one connection may hold; more are refused.
+    pub max_subscriptions: usize,
+    /// Shadow requests of one connection being handled at once; while it has
+    /// that many, Umbra stops reading from it.
+    pub max_pending_requests: usize,
+    /// QoS 1 messages sent to a client and not yet acknowledged.
     pub max_inflight_count: usize,
+    /// Messages kept for one session while its client is slow or away.
+    pub max_queued_messages: usize,
+    /// How long a persistent session outlives its connection (and the most an
+    /// MQTT 5 client may ask for).
+    pub session_expiry_secs: u64,
+    /// How long a write to a client may take before it is disconnected.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
+            max_connections: 50_000,
+            listen_backlog: 4096,
             connect_timeout_ms: 5_000,
             max_payload_size: 128 * 1024,
+            max_client_id_bytes: 128,
+            max_subscriptions: 50,
+            max_pending_requests: 16,
             max_inflight_count: 100,
+            max_queued_messages: 1000,
+            session_expiry_secs: 3600,
+            write_timeout_ms: 30_000,
         }
+    }
+}
+
+impl ConnectionLimits {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 
@@ -140,8 +192,7 @@ impl Default for ConnectionLimits {
 #[serde(deny_unknown_fields)]
 pub struct ListenerSettings {
     pub addr: SocketAddr,
-    /// Serve TLS with this certificate chain and key (PEM). rumqttd reads the
-    /// files on every accept and runs the handshake inside its accept loop.
+    /// Serve TLS with this certificate chain and key (PEM), read at start.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
 }
@@ -218,8 +269,10 @@ pub enum ConfigError {
     SegmentTooSmall(usize),
     #[error("router max_segment_count must be at least 1")]
     NoSegments,
-    #[error("router max_connections must be at least 2")]
+    #[error("router max_connections must be at least 1")]
     TooFewConnections,
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
     #[error("worker_threads must be at least 1")]
     NoWorkerThreads,
     #[error("auth username must not be empty")]
@@ -239,8 +292,12 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot attach the answer publisher to the router")]
-    Publisher(#[source] io::Error),
+    #[error("tls of listener {listener}: {source}")]
+    Tls {
+        listener: ListenerKind,
+        #[source]
+        source: transport::TlsError,
+    },
 }
 
 impl BrokerSettings {
@@ -268,9 +325,26 @@ impl BrokerSettings {
         if self.router.max_segment_count == 0 {
             return Err(ConfigError::NoSegments);
         }
-        // One connection is the answer publisher's.
-        if self.router.max_connections < 2 {
+        if self.router.max_connections == 0 {
             return Err(ConfigError::TooFewConnections);
+        }
+        let c = &self.connection;
+        for (field, value) in [
+            ("connection.max_connections", c.max_connections),
+            ("connection.max_payload_size", c.max_payload_size),
+            ("connection.max_client_id_bytes", c.max_client_id_bytes),
+            ("connection.max_pending_requests", c.max_pending_requests),
+            ("connection.max_inflight_count", c.max_inflight_count),
+            ("connection.max_queued_messages", c.max_queued_messages),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(field));
+            }
+        }
+        if c.connect_timeout_ms == 0 || c.write_timeout_ms == 0 {
+            return Err(ConfigError::Zero(
+                "connection.connect_timeout_ms/write_timeout_ms",
+            ));
         }
         if self.worker_threads == 0 {
             return Err(ConfigError::NoWorkerThreads);
@@ -313,32 +387,6 @@ impl BrokerSettings {
             shared_subscriptions_strategy: Default::default(),
         }
     }
-
-    fn connection_settings(&self) -> ConnectionSettings {
-        let mut connections = ConnectionSettings {
-            connection_timeout_ms: self.connection.connect_timeout_ms,
-            max_payload_size: self.connection.max_payload_size,
-            max_inflight_count: self.connection.max_inflight_count,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
-        };
-        if let Some(credentials) = self.auth.clone() {
-            connections.set_auth_handler(move |_client_id, username: String, password: String| {
-                let ok = constant_time_eq(username.as_bytes(), credentials.username.as_bytes())
-                    & constant_time_eq(password.as_bytes(), credentials.password.as_bytes());
-                std::future::ready(ok)
-            });
-        }
-        connections
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The actual addresses the listeners are bound to.
@@ -355,10 +403,10 @@ pub struct RunningBroker {
     runtime: Option<Runtime>,
     addrs: ListenerAddrs,
     listeners: Vec<(ListenerKind, JoinHandle<()>)>,
-    publisher: AnswerPublisher,
-    publisher_thread: Option<std::thread::JoinHandle<()>>,
-    metrics: Arc<EdgeMetrics>,
-    router_alive: Box<dyn Fn() -> bool + Send + Sync>,
+    stop_accepting: CancellationToken,
+    connections: TaskTracker,
+    broker: Arc<Broker>,
+    sweeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningBroker {
@@ -369,20 +417,30 @@ impl std::fmt::Debug for RunningBroker {
     }
 }
 
-macro_rules! server_future {
-    ($settings:expr, $router_tx:expr, $protocol:expr, $link:expr) => {{
-        let mut server = Server::new($settings, $router_tx, $protocol);
-        Box::pin(async move { server.start($link).await.map_err(|e| e.to_string()) })
-            as ServerFuture
-    }};
-}
-
-/// Starts the broker: validates `settings`, spawns the router, binds every
-/// listener (port 0 resolves to a free port) and attaches the answer
-/// publisher. Returns once every listener accepts connections. Callable from
-/// inside or outside a tokio runtime.
+/// Starts the broker: validates `settings`, spawns the router and binds
+/// every listener (port 0 resolves to a free port). Returns once every
+/// listener accepts connections. Callable from inside or outside a tokio
+/// runtime.
 pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker, StartError> {
     settings.validate()?;
+    let mut transports = Vec::new();
+    for (kind, listener) in settings.listeners() {
+        let tls = match &listener.tls {
+            Some(files) => Some(transport::tls_acceptor(&files.cert, &files.key).map_err(
+                |source| StartError::Tls {
+                    listener: kind,
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let transport = match (kind, tls) {
+            (ListenerKind::WebSocket, tls) => Transport::WebSocket(tls),
+            (_, Some(tls)) => Transport::Tls(tls),
+            (_, None) => Transport::Tcp,
+        };
+        transports.push((kind, listener.addr, transport));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.worker_threads)
         .thread_name("umbra-broker")
@@ -390,153 +448,87 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         .build()
         .map_err(StartError::Runtime)?;
 
-    let router_tx = Router::new(0, settings.router_config()).spawn();
-    let router_probe = router_tx.clone();
-    let router_alive = Box::new(move || !router_probe.is_disconnected());
+    let router: RouterTx = Router::new(0, settings.router_config()).spawn();
+    let publisher = hooks.publisher;
+    let metrics = publisher.metrics();
+    let broker = Arc::new(Broker {
+        limits: settings.connection.clone(),
+        edge: settings.edge.clone(),
+        auth: settings.auth.clone(),
+        sessions: Sessions::new(publisher.clone(), settings.connection.max_queued_messages),
+        publisher,
+        shadow: hooks.shadow,
+        presence: hooks.presence,
+        metrics,
+        router,
+        next_session: AtomicU64::new(1),
+        stop: CancellationToken::new(),
+    });
 
-    let metrics = Arc::new(EdgeMetrics::default());
-    let edge = EdgeContext::new(settings.edge.clone(), hooks, metrics.clone());
-    let connections = settings.connection_settings();
-
-    // A closure, because rumqttd does not export the router channel's type.
-    let make_server = |kind: ListenerKind, server: ServerSettings| -> ServerFuture {
-        let router_tx = router_tx.clone();
-        let edge = edge.clone();
-        match kind {
-            ListenerKind::MqttV4 => server_future!(
-                server,
-                router_tx,
-                EdgeProtocol::new(V4, edge),
-                LinkType::Remote
-            ),
-            ListenerKind::MqttV5 => server_future!(
-                server,
-                router_tx,
-                EdgeProtocol::new(V5, edge),
-                LinkType::Remote
-            ),
-            ListenerKind::WebSocket => server_future!(
-                server,
-                router_tx,
-                EdgeProtocol::new(V4, edge),
-                LinkType::Websocket
-            ),
-        }
-    };
-
+    let stop_accepting = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(settings.connection.max_connections));
     let mut addrs = ListenerAddrs::default();
     let mut listeners = Vec::new();
-    for (kind, listener) in settings.listeners() {
-        let (addr, task) = bind_listener(&runtime, kind, listener, &connections, &make_server)?;
-        match kind {
-            ListenerKind::MqttV4 => addrs.mqtt_v4 = Some(addr),
-            ListenerKind::MqttV5 => addrs.mqtt_v5 = Some(addr),
-            ListenerKind::WebSocket => addrs.websocket = Some(addr),
+    for (kind, addr, transport) in transports {
+        let listener = {
+            let _entered = runtime.enter();
+            transport::bind(addr, settings.connection.listen_backlog)
         }
+        .map_err(|source| StartError::Bind {
+            listener: kind,
+            addr,
+            source,
+        })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            listener: kind,
+            addr,
+            source,
+        })?;
+        info!(listener = %kind, addr = %bound, transport = ?transport, "listening");
+        match kind {
+            ListenerKind::MqttV4 => addrs.mqtt_v4 = Some(bound),
+            ListenerKind::MqttV5 => addrs.mqtt_v5 = Some(bound),
+            ListenerKind::WebSocket => addrs.websocket = Some(bound),
+        }
+        let task = runtime.spawn(transport::accept_loop(
+            listener,
+            transport,
+            Arc::clone(&broker),
+            Arc::clone(&limit),
+            connections.clone(),
+            stop_accepting.clone(),
+        ));
         listeners.push((kind, task));
     }
-
-    // Blocks briefly on the router's reply: it is running and idle.
-    let (link_tx, link_rx, _connack) = LinkBuilder::new(PUBLISHER_CLIENT_ID, router_tx.clone())
-        .build()
-        .map_err(|e| StartError::Publisher(io::Error::other(e.to_string())))?;
-    let worker =
-        PublisherWorker::spawn(link_tx, link_rx, settings.publisher_queue, metrics.clone())
-            .map_err(StartError::Publisher)?;
+    let sweeper = {
+        let broker = Arc::clone(&broker);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(EXPIRY_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let expired = broker.sessions.expire();
+                        if expired > 0 {
+                            info!(expired, "persistent sessions expired");
+                        }
+                    }
+                    () = broker.stop.cancelled() => return,
+                }
+            }
+        })
+    };
 
     info!(?addrs, "embedded broker started");
     Ok(RunningBroker {
         runtime: Some(runtime),
         addrs,
         listeners,
-        publisher: worker.handle,
-        publisher_thread: Some(worker.thread),
-        metrics,
-        router_alive,
+        stop_accepting,
+        connections,
+        broker,
+        sweeper: Some(sweeper),
     })
-}
-
-/// A waker that does nothing: used to poll a listener future once, which
-/// binds its socket synchronously; the runtime re-polls it with a real waker.
-struct NoopWake;
-
-impl Wake for NoopWake {
-    fn wake(self: Arc<Self>) {}
-}
-
-type ServerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
-
-/// Builds the (not yet polled) accept loop of one listener.
-type MakeServer<'a> = &'a dyn Fn(ListenerKind, ServerSettings) -> ServerFuture;
-
-fn bind_listener(
-    runtime: &Runtime,
-    kind: ListenerKind,
-    listener: &ListenerSettings,
-    connections: &ConnectionSettings,
-    make_server: MakeServer<'_>,
-) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
-    // A requested port 0 is resolved to a concrete free port first, because
-    // rumqttd binds the listener itself and never reveals the bound address.
-    // Another process could grab that port before rumqttd binds it: retry.
-    let attempts = if listener.addr.port() == 0 { 5 } else { 1 };
-    let mut last_error = None;
-    for _ in 0..attempts {
-        let addr = resolve_port(listener.addr).map_err(|source| StartError::Bind {
-            listener: kind,
-            addr: listener.addr,
-            source,
-        })?;
-        let settings = ServerSettings {
-            name: kind.to_string(),
-            listen: addr,
-            tls: listener.tls.as_ref().map(|tls| TlsConfig::Rustls {
-                capath: None,
-                certpath: tls.cert.display().to_string(),
-                keypath: tls.key.display().to_string(),
-            }),
-            // rumqttd sleeps this long after every accept.
-            next_connection_delay_ms: 0,
-            connections: connections.clone(),
-        };
-        let mut server = make_server(kind, settings);
-
-        // The first poll binds the socket (tokio binds synchronously) and then
-        // waits in accept: a bind error surfaces here, not in a log line.
-        let _entered = runtime.enter();
-        let waker = Waker::from(Arc::new(NoopWake));
-        match server.as_mut().poll(&mut Context::from_waker(&waker)) {
-            Poll::Pending => {
-                let task = runtime.spawn(async move {
-                    if let Err(cause) = server.await {
-                        error!(listener = %kind, cause, "listener stopped");
-                    }
-                });
-                info!(listener = %kind, %addr, "listening");
-                return Ok((addr, task));
-            }
-            Poll::Ready(result) => {
-                let message = match result {
-                    Ok(()) => "listener ended at once".to_owned(),
-                    Err(message) => message,
-                };
-                last_error = Some(io::Error::new(io::ErrorKind::AddrInUse, message));
-            }
-        }
-    }
-    Err(StartError::Bind {
-        listener: kind,
-        addr: listener.addr,
-        source: last_error.unwrap_or_else(|| io::Error::other("bind failed")),
-    })
-}
-
-fn resolve_port(addr: SocketAddr) -> io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    let probe = StdTcpListener::bind(addr)?;
-    probe.local_addr()
 }
 
 impl RunningBroker {
@@ -545,40 +537,41 @@ impl RunningBroker {
         self.addrs
     }
 
-    /// A handle for publishing answers; clone it freely.
-    pub fn publisher(&self) -> AnswerPublisher {
-        self.publisher.clone()
+    /// Publishes into the `$aws` topic space; clone it freely.
+    pub fn publisher(&self) -> Publisher {
+        self.broker.publisher.clone()
     }
 
     pub fn metrics(&self) -> Arc<EdgeMetrics> {
-        self.metrics.clone()
+        Arc::clone(&self.broker.metrics)
+    }
+
+    /// Persistent sessions waiting for their client.
+    pub fn parked_sessions(&self) -> usize {
+        self.broker.sessions.parked()
     }
 
     /// False once the router thread has died (it panicked).
     pub fn router_alive(&self) -> bool {
-        (self.router_alive)()
+        !self.broker.router.is_disconnected()
     }
 
-    /// Stops accepting, closes every connection, stops the answer publisher
-    /// and waits up to `deadline` for the runtime's blocking work. Must be
-    /// called from within a tokio runtime (not the broker's own). Panics of
-    /// listener tasks or the publisher thread are re-raised here.
+    /// Stops accepting, ends every connection, and waits up to `deadline`
+    /// for them. Must be called from within a tokio runtime (not the
+    /// broker's own). Panics of listener or connection tasks are re-raised.
     pub async fn shutdown(mut self, deadline: Duration) {
-        // 1. Stop accepting (if the caller has not already).
         self.stop_accepting().await;
-
-        // 2. Stop the publisher after what is already queued.
-        let stopped = tokio::time::timeout(deadline, self.publisher.queue_stop()).await;
-        if stopped.is_err() {
-            warn!("answer publisher queue did not drain before the deadline");
+        self.broker.stop.cancel();
+        self.connections.close();
+        if tokio::time::timeout(deadline, self.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections did not end before the deadline");
         }
-        if let Some(thread) = self.publisher_thread.take() {
-            if stopped.is_ok() {
-                join_thread(thread).await;
-            }
+        if let Some(sweeper) = self.sweeper.take() {
+            rethrow("session expiry".into(), sweeper.await);
         }
-
-        // 3. Close every connection: dropping the runtime drops their tasks.
         if let Some(runtime) = self.runtime.take() {
             let joined =
                 tokio::task::spawn_blocking(move || runtime.shutdown_timeout(deadline)).await;
@@ -594,21 +587,10 @@ impl RunningBroker {
     /// Stops accepting new connections; connected clients stay connected
     /// (so that answers to their requests can still reach them).
     pub async fn stop_accepting(&mut self) {
-        for (_, task) in &self.listeners {
-            task.abort();
-        }
+        self.stop_accepting.cancel();
         for (kind, task) in std::mem::take(&mut self.listeners) {
             rethrow(kind.to_string(), task.await);
         }
-    }
-}
-
-async fn join_thread(thread: std::thread::JoinHandle<()>) {
-    match tokio::task::spawn_blocking(move || thread.join()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => {}
     }
 }
 
@@ -621,18 +603,11 @@ fn rethrow(what: String, result: Result<(), tokio::task::JoinError>) {
     }
 }
 
-impl AnswerPublisher {
-    async fn queue_stop(&self) {
-        // Err means the thread already ended (router gone): nothing to stop.
-        let _ignored_if_already_stopped = self.queue.send(Command::Stop).await;
-    }
-}
-
 impl Drop for RunningBroker {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             // Not shut down: stop without waiting (safe in async context).
-            self.publisher.queue.try_send(Command::Stop).ok();
+            self.broker.stop.cancel();
             runtime.shutdown_background();
         }
     }

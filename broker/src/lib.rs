@@ -1,6 +1,6 @@
-//! Umbra's embedded MQTT broker: rumqttd run under Umbra's control, with the
-//! `$aws` topic space, per-device authorization, presence and shadow request
-//! hand-off added at the connection edge.
+//! Umbra's embedded MQTT broker: Umbra's own connection layer serving the
+//! `$aws` topic space (shadow requests, answers, presence) in front of
+//! rumqttd's router, which carries every other topic.
 //!
 //! # Layout
 //!
@@ -8,33 +8,46 @@
 //! - [`config`]: umbra's configuration (file < env < flags) and its validation.
 //! - [`server`]: the umbra server: store, shadow service and broker wired
 //!   together; ordered start-up and a draining shutdown.
-//! - [`embedded`]: settings and their guard, starting the router, listeners
-//!   and answer publisher on free ports, shutdown.
-//! - [`edge`]: the per-connection protocol wrapper (keep-alive 0, `$aws`
-//!   mapping, authorization, presence, synthetic acks, packet counters).
-//! - [`topics`]: pure rules of the `$aws` topic space (mapping, shadow request
-//!   parsing, who may publish/subscribe where).
-//! - [`requests`]: how shadow requests leave the edge (sink trait, bounded
-//!   channels, overload path for 429 answers).
-//! - [`publisher`]: publishing answers into the broker through a local link.
+//! - [`embedded`]: broker settings and their guard, start-up on free ports,
+//!   shutdown.
+//! - [`transport`]: listeners, the accept loop, TLS and WebSocket handshakes.
+//! - [`codec`]: MQTT 3.1.1 or 5, chosen from the CONNECT.
+//! - [`connection`]: one connection's task: CONNECT rules, keep-alive,
+//!   shadow requests, `$aws` deliveries, its router link.
+//! - [`sessions`]: sessions by client id: takeover, persistence, expiry.
+//! - [`fanout`]: the `$aws` subscription table and per-session mailboxes.
+//! - [`topics`]: pure rules of the topic space (routes, authorization,
+//!   topic and filter syntax, matching).
+//! - [`requests`]: how shadow requests leave a connection.
 //! - [`metrics`]: atomic counters for Umbra's metrics endpoint.
+//!
+//! A device's shadow update takes one chain: its connection task
+//! ([`connection`]) → [`umbra_shadow::ShadowService::submit`] → the store's
+//! writer thread (group commit) → the service's commit task, which hands
+//! each answer to [`fanout::Publisher`] → the subscribers' mailboxes → their
+//! connection tasks, which write them.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod codec;
 pub mod config;
-pub mod edge;
+pub mod connection;
 pub mod embedded;
+pub mod fanout;
 pub mod metrics;
-pub mod publisher;
 pub mod requests;
 pub mod server;
+pub mod sessions;
 pub mod topics;
+pub mod transport;
 
 pub use config::{Config, ConfigError, Overrides};
-pub use edge::{EdgeHooks, EdgeSettings, PresenceEvent};
-pub use embedded::{start, BrokerSettings, ListenerAddrs, ListenerSettings, RunningBroker};
+pub use connection::PresenceEvent;
+pub use embedded::{
+    start, BrokerSettings, EdgeHooks, EdgeSettings, ListenerAddrs, ListenerSettings, RunningBroker,
+};
+pub use fanout::Publisher;
 pub use metrics::{CursorJumpLayer, EdgeCollector, EdgeMetrics};
-pub use publisher::AnswerPublisher;
-pub use requests::{ChannelShadowSink, Overloaded, ShadowInbox, ShadowPublish, ShadowRequestSink};
+pub use requests::{ShadowPublish, ShadowRequests};
 pub use server::{Server, ServerAddrs};

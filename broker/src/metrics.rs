@@ -1,5 +1,5 @@
-//! Plain atomic counters kept by the connection edge and the answer
-//! publisher; Umbra's Prometheus registry reads them (no labels by device).
+//! Plain atomic counters kept by the connection layer and the `$aws` table;
+//! Umbra's Prometheus registry reads them (no labels by device).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,27 +100,35 @@ pub struct EdgeMetrics {
     pub connections_accepted: AtomicU64,
     /// Connections currently past a successful CONNACK.
     pub connections_current: AtomicU64,
-    /// Keep-alive 0 CONNECTs rewritten so that rumqttd accepts them.
-    pub keep_alive_zero_rewrites: AtomicU64,
-    /// Connections closed for a forbidden publish, subscribe or connect.
+    /// CONNECTs refused (bad credentials, client id, will).
+    pub connects_refused: AtomicU64,
+    /// Connections that sent no CONNECT within the connect timeout.
+    pub connect_timeouts: AtomicU64,
+    /// CONNECTs with keep-alive 0 (no keep-alive) accepted.
+    pub keep_alive_zero: AtomicU64,
+    /// Connections closed for a forbidden publish or subscribe.
     pub forbidden: AtomicU64,
-    /// Subscriptions answered with a failure SUBACK.
+    /// Connections closed for breaking the protocol (malformed packets,
+    /// a second CONNECT, a wildcard in a PUBLISH topic).
+    pub protocol_errors: AtomicU64,
+    /// Subscriptions answered with a failure code.
     pub refused_subscriptions: AtomicU64,
-    /// Shadow requests handed to the shadow sink (including overload records).
+    /// Shadow requests handed to the shadow service.
     pub shadow_requests: AtomicU64,
-    /// Shadow requests the sink could neither take nor record as overloaded.
-    pub shadow_requests_lost: AtomicU64,
+    /// Times a connection stopped reading because too many of its shadow
+    /// requests were being handled.
+    pub request_stalls: AtomicU64,
     /// Presence events dropped because the presence channel was full or closed.
     pub presence_dropped: AtomicU64,
-    /// Internal-prefix publishes not written because the connection holds no
-    /// matching `$aws` subscription (e.g. they matched `#`).
-    pub suppressed_publishes: AtomicU64,
-    /// Acknowledgements synthesized for suppressed QoS 1/2 publishes.
-    pub synthetic_acks: AtomicU64,
-    /// Answers the publisher handed to the router.
+    /// `$aws` messages queued for a subscriber.
     pub answers_published: AtomicU64,
-    /// Answers the publisher could not hand to the router (router gone).
-    pub answers_lost: AtomicU64,
+    /// `$aws` messages not queued for a subscriber (its queue was full, or it
+    /// was offline and the message QoS 0).
+    pub answers_dropped: AtomicU64,
+    /// `$aws` messages no one was subscribed to.
+    pub answers_unrouted: AtomicU64,
+    /// Router links created (connections that used non-`$aws` topics).
+    pub router_links: AtomicU64,
 }
 
 impl EdgeMetrics {
@@ -128,8 +136,8 @@ impl EdgeMetrics {
         self.packets_in[PacketKind::of(packet).index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_out(&self, kind: PacketKind) {
-        self.packets_out[kind.index()].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_out(&self, packet: &Packet) {
+        self.packets_out[PacketKind::of(packet).index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Packets of `kind` read from clients.
@@ -154,7 +162,8 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 15] = [
+/// (name, help, kind) of every metric the collector exports.
+const EDGE_FAMILIES: [(&str, &str, MetricType); 18] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -163,6 +172,16 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 15] = [
     (
         "umbra_mqtt_connections_accepted_total",
         "MQTT connections accepted.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_connects_refused_total",
+        "CONNECTs refused (credentials, client id, will).",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_connect_timeouts_total",
+        "Connections without a CONNECT within the connect timeout.",
         MetricType::COUNTER,
     ),
     (
@@ -186,18 +205,23 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 15] = [
         MetricType::COUNTER,
     ),
     (
+        "umbra_mqtt_protocol_errors_total",
+        "Connections closed for breaking the MQTT protocol.",
+        MetricType::COUNTER,
+    ),
+    (
         "umbra_mqtt_refused_subscriptions_total",
-        "Subscriptions answered with a failure SUBACK.",
+        "Subscriptions answered with a failure code.",
         MetricType::COUNTER,
     ),
     (
         "umbra_mqtt_shadow_requests_total",
-        "Shadow requests handed from the broker to the shadow service.",
+        "Shadow requests handed from connections to the shadow service.",
         MetricType::COUNTER,
     ),
     (
-        "umbra_mqtt_shadow_requests_lost_total",
-        "Shadow requests neither queued nor answered 429 (both queues full).",
+        "umbra_mqtt_request_stalls_total",
+        "Times a connection stopped reading while its shadow requests were handled.",
         MetricType::COUNTER,
     ),
     (
@@ -206,28 +230,28 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 15] = [
         MetricType::COUNTER,
     ),
     (
-        "umbra_mqtt_suppressed_publishes_total",
-        "$aws messages withheld from wildcard subscribers.",
-        MetricType::COUNTER,
-    ),
-    (
-        "umbra_mqtt_synthetic_acks_total",
-        "Acknowledgements made for withheld QoS 1/2 messages.",
-        MetricType::COUNTER,
-    ),
-    (
         "umbra_mqtt_answers_published_total",
-        "Shadow answers published into the broker.",
+        "$aws messages queued for subscribers.",
         MetricType::COUNTER,
     ),
     (
-        "umbra_mqtt_answers_lost_total",
-        "Shadow answers that could not be published into the broker.",
+        "umbra_mqtt_answers_dropped_total",
+        "$aws messages dropped: subscriber queue full, or offline at QoS 0.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_answers_unrouted_total",
+        "$aws messages without a subscriber.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_router_links_total",
+        "Router links created (connections using non-$aws topics).",
         MetricType::COUNTER,
     ),
     (
         "umbra_mqtt_cursor_jumps_total",
-        "Times a subscriber fell behind and lost messages (rumqttd cursor jump).",
+        "Times a router subscriber fell behind and lost messages (rumqttd cursor jump).",
         MetricType::COUNTER,
     ),
 ];
@@ -254,6 +278,8 @@ impl EdgeCollector {
         match name {
             "umbra_mqtt_connections" => one(&m.connections_current),
             "umbra_mqtt_connections_accepted_total" => one(&m.connections_accepted),
+            "umbra_mqtt_connects_refused_total" => one(&m.connects_refused),
+            "umbra_mqtt_connect_timeouts_total" => one(&m.connect_timeouts),
             "umbra_mqtt_packets_received_total" => PacketKind::ALL
                 .iter()
                 .map(|k| (Some(k.as_str()), m.packets_in(*k) as f64))
@@ -262,16 +288,17 @@ impl EdgeCollector {
                 .iter()
                 .map(|k| (Some(k.as_str()), m.packets_out(*k) as f64))
                 .collect(),
-            "umbra_mqtt_keep_alive_zero_total" => one(&m.keep_alive_zero_rewrites),
+            "umbra_mqtt_keep_alive_zero_total" => one(&m.keep_alive_zero),
             "umbra_mqtt_forbidden_total" => one(&m.forbidden),
+            "umbra_mqtt_protocol_errors_total" => one(&m.protocol_errors),
             "umbra_mqtt_refused_subscriptions_total" => one(&m.refused_subscriptions),
             "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
-            "umbra_mqtt_shadow_requests_lost_total" => one(&m.shadow_requests_lost),
+            "umbra_mqtt_request_stalls_total" => one(&m.request_stalls),
             "umbra_mqtt_presence_dropped_total" => one(&m.presence_dropped),
-            "umbra_mqtt_suppressed_publishes_total" => one(&m.suppressed_publishes),
-            "umbra_mqtt_synthetic_acks_total" => one(&m.synthetic_acks),
             "umbra_mqtt_answers_published_total" => one(&m.answers_published),
-            "umbra_mqtt_answers_lost_total" => one(&m.answers_lost),
+            "umbra_mqtt_answers_dropped_total" => one(&m.answers_dropped),
+            "umbra_mqtt_answers_unrouted_total" => one(&m.answers_unrouted),
+            "umbra_mqtt_router_links_total" => one(&m.router_links),
             "umbra_mqtt_cursor_jumps_total" => vec![(None, logged_cursor_jumps() as f64)],
             _ => Vec::new(),
         }

@@ -1,32 +1,30 @@
 //! The `umbra` server: the shadow service, its SQLite store and the embedded
 //! broker wired together, with ordered start-up and a draining shutdown.
 //!
-//! Device requests arrive from the broker's edge in arrival order and are
-//! submitted to the service in that order; answers leave the service's
-//! outbox in commit order and go back into the broker through one publisher.
+//! Each connection task submits its device's requests to the service in
+//! arrival order; the service hands answers, in commit order, straight to the
+//! broker's `$aws` table, from which subscribers' connections write them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::json;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 use umbra_shadow::http::ApiState;
 use umbra_shadow::store::ShadowStore;
-use umbra_shadow::{
-    Message, Rejection, Request, ServiceConfig, ShadowMetrics, ShadowService, SqliteStore,
-};
+use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
 
 use crate::config::Config;
-use crate::edge::{EdgeHooks, PresenceEvent};
-use crate::embedded::{self, RunningBroker};
-use crate::publisher::AnswerPublisher;
-use crate::requests::{ChannelShadowSink, ShadowInbox, ShadowPublish};
+use crate::connection::PresenceEvent;
+use crate::embedded::{self, EdgeHooks, RunningBroker};
+use crate::fanout::Publisher;
+use crate::metrics::EdgeMetrics;
 
 /// Presence events that may wait to be recorded.
 const PRESENCE_QUEUE: usize = 16_384;
@@ -71,14 +69,9 @@ pub struct Server {
     readiness: JoinHandle<()>,
     broker: RunningBroker,
     service: Arc<ShadowService>,
-    /// Stops taking device requests and presence events (after draining what arrived).
-    intake: CancellationToken,
-    intake_tasks: TaskTracker,
-    /// Requests being handled.
-    requests: TaskTracker,
-    /// Tells the outbox pump that the service is closed and it may finish.
-    service_closed: CancellationToken,
-    outbox_pump: JoinHandle<()>,
+    /// Stops recording presence events.
+    presence_stop: CancellationToken,
+    presence: JoinHandle<()>,
     grace: std::time::Duration,
 }
 
@@ -111,11 +104,13 @@ impl Server {
             limits: config.shadow.clone(),
             ..ServiceConfig::default()
         };
-        let (service, outbox) = ShadowService::start_with_metrics(
+        let publisher = Publisher::new(Arc::new(EdgeMetrics::default()));
+        let service = ShadowService::start_with_sink(
             service_config,
             store,
             committed,
             Some(metrics.clone()),
+            Arc::new(publisher.clone()),
         );
         let http_listener = match tokio::net::TcpListener::bind(config.http_addr).await {
             Ok(listener) => listener,
@@ -134,11 +129,10 @@ impl Server {
                 source,
             })?;
 
-        let (sink, inbox) =
-            ChannelShadowSink::channel(config.requests.queue, config.requests.overload_queue);
         let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
         let hooks = EdgeHooks {
-            shadow_sink: Arc::new(sink),
+            shadow: Arc::clone(&service) as Arc<dyn crate::requests::ShadowRequests>,
+            publisher: publisher.clone(),
             presence: Some(presence_tx),
         };
         let broker = match embedded::start(config.mqtt.clone(), hooks) {
@@ -148,7 +142,6 @@ impl Server {
                 return Err(err.into());
             }
         };
-        let publisher = broker.publisher();
         registry.register(Box::new(crate::metrics::EdgeCollector::new(
             broker.metrics(),
         )?))?;
@@ -175,34 +168,13 @@ impl Server {
             std::future::pending::<()>().await;
         });
 
-        let intake = CancellationToken::new();
-        let intake_tasks = TaskTracker::new();
-        let requests = TaskTracker::new();
-        let ShadowInbox {
-            requests: request_rx,
-            overloaded,
-        } = inbox;
-        intake_tasks.spawn(take_requests(
-            request_rx,
-            Arc::clone(&service),
-            requests.clone(),
-            Arc::new(Semaphore::new(config.requests.max_in_flight)),
-            intake.clone(),
-        ));
-        intake_tasks.spawn(refuse_overloaded(
-            overloaded,
-            Arc::clone(&service),
-            intake.clone(),
-        ));
-        intake_tasks.spawn(record_presence(
+        let presence_stop = CancellationToken::new();
+        let presence = tokio::spawn(record_presence(
             presence_rx,
             Arc::clone(&service),
-            publisher.clone(),
-            intake.clone(),
+            publisher,
+            presence_stop.clone(),
         ));
-        intake_tasks.close();
-        let service_closed = CancellationToken::new();
-        let outbox_pump = tokio::spawn(pump_outbox(outbox, publisher, service_closed.clone()));
 
         let server = Server {
             http_addr,
@@ -211,11 +183,8 @@ impl Server {
             readiness,
             broker,
             service,
-            intake,
-            intake_tasks,
-            requests,
-            service_closed,
-            outbox_pump,
+            presence_stop,
+            presence,
             grace: config.shutdown_grace(),
         };
         info!(addrs = ?server.addrs(), "umbra started");
@@ -254,90 +223,19 @@ impl Server {
         }
         self.readiness.abort();
         self.broker.stop_accepting().await;
-        // Requests already received are drained and submitted by the intake
-        // loops before they stop; later ones are refused at the edge.
-        self.intake.cancel();
-        self.intake_tasks.wait().await;
-        self.requests.close();
-        self.requests.wait().await;
+        // Requests already submitted are committed and answered (into the
+        // connections' mailboxes) before the store stops; one that arrives
+        // after that is answered 500.
         self.service.close().await;
-        self.service_closed.cancel();
-        if let Err(err) = (&mut self.outbox_pump).await {
+        self.presence_stop.cancel();
+        if let Err(err) = (&mut self.presence).await {
             if err.is_panic() {
                 std::panic::resume_unwind(err.into_panic());
             }
         }
+        // Each connection writes what its mailbox holds, then closes.
         self.broker.shutdown(self.grace).await;
         info!("umbra stopped");
-    }
-}
-
-fn to_request(publish: ShadowPublish) -> Request {
-    Request {
-        key: publish.request.key,
-        op: publish.request.op,
-        payload: publish.payload,
-        client: publish.client_id,
-    }
-}
-
-/// Submits device requests in arrival order; waits for their answers on
-/// tracked tasks, at most `in_flight` at once (beyond that the edge's queue
-/// fills and its overload path answers 429).
-async fn take_requests(
-    mut inbox: mpsc::Receiver<ShadowPublish>,
-    service: Arc<ShadowService>,
-    requests: TaskTracker,
-    in_flight: Arc<Semaphore>,
-    stop: CancellationToken,
-) {
-    loop {
-        let publish = tokio::select! {
-            biased;
-            publish = inbox.recv() => match publish {
-                Some(publish) => publish,
-                None => break,
-            },
-            () = stop.cancelled() => {
-                // Close first, so nothing new arrives, then take what did.
-                inbox.close();
-                match inbox.recv().await {
-                    Some(publish) => publish,
-                    None => break,
-                }
-            }
-        };
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-            break;
-        };
-        let pending = service.submit(to_request(publish));
-        requests.spawn(async move {
-            pending.answer().await;
-            drop(permit);
-        });
-    }
-}
-
-/// Answers 429 to requests the edge could not queue.
-async fn refuse_overloaded(
-    mut overloaded: mpsc::Receiver<crate::requests::Overloaded>,
-    service: Arc<ShadowService>,
-    stop: CancellationToken,
-) {
-    loop {
-        let lost = tokio::select! {
-            biased;
-            lost = overloaded.recv() => lost,
-            () = stop.cancelled() => {
-                overloaded.close();
-                overloaded.recv().await
-            }
-        };
-        let Some(lost) = lost else { break };
-        debug!(client_id = lost.0.client_id, "request refused: overloaded");
-        service
-            .refuse(to_request(*lost.0), Rejection::Throttled)
-            .await;
     }
 }
 
@@ -347,7 +245,7 @@ async fn refuse_overloaded(
 async fn record_presence(
     mut events: mpsc::Receiver<PresenceEvent>,
     service: Arc<ShadowService>,
-    publisher: AnswerPublisher,
+    publisher: Publisher,
     stop: CancellationToken,
 ) {
     let mut sessions: HashMap<String, u64> = HashMap::new();
@@ -389,40 +287,9 @@ async fn record_presence(
             "versionNumber": session,
         });
         let topic = format!("$aws/events/presence/{kind}/{client_id}");
-        if let Err(err) = publisher.try_publish(&topic, event.to_string()) {
+        if let Err(err) = publisher.publish(&topic, Bytes::from(event.to_string())) {
             warn!(cause = %err, client_id, "presence event not published");
         }
-    }
-}
-
-/// Publishes the service's messages into the broker, in order. After the
-/// service has closed, publishes what is left and stops.
-async fn pump_outbox(
-    mut outbox: mpsc::Receiver<Message>,
-    publisher: AnswerPublisher,
-    service_closed: CancellationToken,
-) {
-    loop {
-        let message = tokio::select! {
-            biased;
-            message = outbox.recv() => message,
-            () = service_closed.cancelled() => {
-                while let Ok(message) = outbox.try_recv() {
-                    publish(&publisher, message).await;
-                }
-                break;
-            }
-        };
-        match message {
-            Some(message) => publish(&publisher, message).await,
-            None => break,
-        }
-    }
-}
-
-async fn publish(publisher: &AnswerPublisher, message: Message) {
-    if let Err(err) = publisher.publish(&message.topic, message.payload).await {
-        error!(cause = %err, topic = message.topic, "answer not published");
     }
 }
 

@@ -1,11 +1,6 @@
-//! The `$aws/...` topic space: mapping to the broker-internal prefix, shadow
-//! request topic parsing, and the per-client authorization rules.
-//!
-//! rumqttd refuses subscriptions to filters that start with `$` and never
-//! matches a `$` topic against any filter. Umbra therefore stores every
-//! `$aws/X` topic and filter as [`INTERNAL_PREFIX`]`X` inside the router and
-//! maps it back at the connection edge. Clients may never use the internal
-//! prefix directly.
+//! Pure rules of the topic space: where a publish or a subscription goes
+//! (Umbra's `$aws` table, the shadow service, rumqttd's router), who may
+//! publish and subscribe where, and MQTT's topic and filter syntax.
 //!
 //! Authorization follows AWS IoT's default device policy: a device (client id
 //! == thing name) may only touch `$aws/things/{its own name}/...`; privileged
@@ -13,46 +8,10 @@
 //! is read-only and reserved to privileged clients. Topics outside `$` are
 //! unrestricted.
 
-use rumqttd::protocol::matches;
 use umbra_shadow::topic::{parse_request_topic, RequestTopic};
 
-/// Prefix of the real AWS IoT reserved topics.
+/// Prefix of the AWS IoT reserved topics, which Umbra serves itself.
 pub const AWS_PREFIX: &str = "$aws/";
-/// Prefix under which `$aws/` topics live inside the router.
-pub const INTERNAL_PREFIX: &str = "umbra-aws/";
-/// Filter substituted for a subscription Umbra refuses with a failure SUBACK.
-/// Nobody can publish to it: the internal prefix is forbidden to clients and
-/// `$aws/$refused` is never an answer topic.
-pub const REFUSED_FILTER: &str = "umbra-aws/$refused";
-/// Client ids starting with this are reserved for Umbra's own local links.
-pub const RESERVED_CLIENT_PREFIX: &str = "umbra-internal";
-
-/// `$aws/X` -> `umbra-aws/X`; `None` if `topic` is not under `$aws/`.
-pub fn to_internal(topic: &str) -> Option<String> {
-    topic
-        .strip_prefix(AWS_PREFIX)
-        .map(|rest| format!("{INTERNAL_PREFIX}{rest}"))
-}
-
-/// `umbra-aws/X` -> `$aws/X`; `None` if `topic` is not internal.
-pub fn to_aws(topic: &str) -> Option<String> {
-    topic
-        .strip_prefix(INTERNAL_PREFIX)
-        .map(|rest| format!("{AWS_PREFIX}{rest}"))
-}
-
-/// Whether `topic` uses the reserved internal prefix.
-pub fn is_internal(topic: &str) -> bool {
-    topic.starts_with(INTERNAL_PREFIX)
-}
-
-/// Whether an internal-prefix topic matches one of the internal-prefix filters
-/// a connection subscribed through `$aws/...`.
-pub fn matches_any(internal_topic: &str, internal_filters: &[String]) -> bool {
-    internal_filters
-        .iter()
-        .any(|filter| matches(internal_topic, filter))
-}
 
 /// The thing named by `$aws/things/{thing}/...` (topic or filter).
 fn thing_of(topic: &str) -> Option<&str> {
@@ -64,8 +23,6 @@ fn thing_of(topic: &str) -> Option<&str> {
 /// Why an operation is forbidden (logged; the connection is closed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forbidden {
-    /// The broker-internal prefix is not for clients.
-    ReservedTopic,
     /// `$aws/things/{thing}/...` of a thing other than the client itself.
     OtherThing,
     /// Shadow answer topics (`accepted`, `rejected`, `delta`, `documents`)
@@ -78,7 +35,6 @@ pub enum Forbidden {
 impl Forbidden {
     pub fn as_str(self) -> &'static str {
         match self {
-            Forbidden::ReservedTopic => "reserved internal topic",
             Forbidden::OtherThing => "topic of another thing",
             Forbidden::AnswerTopic => "shadow answer topic",
             Forbidden::ReservedAws => "reserved $aws topic",
@@ -86,30 +42,30 @@ impl Forbidden {
     }
 }
 
-/// What the edge does with an incoming PUBLISH.
+/// Where an incoming PUBLISH goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishRoute {
-    /// Hand to the router unchanged (ordinary topics; other `$` topics, which
-    /// the router acknowledges and drops).
-    PassThrough,
-    /// A shadow request: pass through unchanged (acknowledged, reaches no
-    /// subscriber) and hand it to the shadow service.
+    /// An ordinary topic: rumqttd's router.
+    Router,
+    /// A shadow request: the shadow service.
     ShadowRequest(RequestTopic),
-    /// An `$aws/...` topic that subscribers should receive: rewrite to this
-    /// internal topic.
-    MapToInternal(String),
+    /// Another `$aws/...` topic the client may publish to: Umbra's
+    /// subscribers of it.
+    Aws,
+    /// Another `$` topic: acknowledged, reaches nobody.
+    Drop,
     /// Close the connection.
     Forbidden(Forbidden),
 }
 
 /// Decides the route of a publish to `topic` by `client_id`.
 pub fn route_publish(topic: &str, client_id: &str, privileged: bool) -> PublishRoute {
-    if is_internal(topic) {
-        return PublishRoute::Forbidden(Forbidden::ReservedTopic);
+    if !topic.starts_with(AWS_PREFIX) {
+        if topic.starts_with('$') {
+            return PublishRoute::Drop;
+        }
+        return PublishRoute::Router;
     }
-    let Some(internal) = to_internal(topic) else {
-        return PublishRoute::PassThrough;
-    };
     if let Ok(request) = parse_request_topic(topic) {
         if privileged || request.key.thing == client_id {
             return PublishRoute::ShadowRequest(request);
@@ -117,26 +73,27 @@ pub fn route_publish(topic: &str, client_id: &str, privileged: bool) -> PublishR
         return PublishRoute::Forbidden(Forbidden::OtherThing);
     }
     if privileged {
-        return PublishRoute::MapToInternal(internal);
+        return PublishRoute::Aws;
     }
     match thing_of(topic) {
         Some(thing) if thing != client_id => PublishRoute::Forbidden(Forbidden::OtherThing),
         Some(_) if topic.split('/').nth(3) == Some("shadow") => {
             PublishRoute::Forbidden(Forbidden::AnswerTopic)
         }
-        Some(_) => PublishRoute::MapToInternal(internal),
+        Some(_) => PublishRoute::Aws,
         None => PublishRoute::Forbidden(Forbidden::ReservedAws),
     }
 }
 
-/// What the edge does with one filter of an incoming SUBSCRIBE.
+/// Where one filter of an incoming SUBSCRIBE goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubscribeRoute {
-    PassThrough,
-    /// An allowed `$aws/...` filter, rewritten to this internal filter.
-    MapToInternal(String),
-    /// Answer with a failure code in the SUBACK (unsupported `$` filters such
-    /// as `$SYS/#`); the connection stays open.
+    /// rumqttd's router (ordinary filters and `$share/...`).
+    Router,
+    /// Umbra's `$aws` subscription table.
+    Aws,
+    /// Answer with a failure code (a malformed filter, or a `$` filter Umbra
+    /// does not serve, such as `$SYS/#`); the connection stays open.
     Refuse,
     /// Close the connection.
     Forbidden(Forbidden),
@@ -146,51 +103,88 @@ pub enum SubscribeRoute {
 pub fn route_subscribe(filter: &str, client_id: &str, privileged: bool) -> SubscribeRoute {
     if let Some(shared) = filter.strip_prefix("$share/") {
         // `$share/{group}/{filter}`: the router matches `{filter}`.
-        let inner = shared.split_once('/').map(|(_, f)| f).unwrap_or("");
-        if is_internal(inner) {
-            return SubscribeRoute::Forbidden(Forbidden::ReservedTopic);
-        }
-        if inner.starts_with('$') {
+        let inner = match shared.split_once('/') {
+            Some((group, inner)) if !group.is_empty() && !has_wildcard(group) => inner,
+            _ => return SubscribeRoute::Refuse,
+        };
+        if inner.starts_with('$') || !valid_filter(inner) {
             return SubscribeRoute::Refuse;
         }
-        return SubscribeRoute::PassThrough;
+        return SubscribeRoute::Router;
     }
-    if is_internal(filter) {
-        return SubscribeRoute::Forbidden(Forbidden::ReservedTopic);
+    if !valid_filter(filter) {
+        return SubscribeRoute::Refuse;
     }
-    let Some(internal) = to_internal(filter) else {
+    if !filter.starts_with(AWS_PREFIX) {
         if filter.starts_with('$') {
             return SubscribeRoute::Refuse;
         }
-        return SubscribeRoute::PassThrough;
-    };
+        return SubscribeRoute::Router;
+    }
     if privileged {
-        return SubscribeRoute::MapToInternal(internal);
+        return SubscribeRoute::Aws;
     }
     match thing_of(filter) {
-        Some(thing) if thing == client_id => SubscribeRoute::MapToInternal(internal),
+        Some(thing) if thing == client_id => SubscribeRoute::Aws,
         Some(_) => SubscribeRoute::Forbidden(Forbidden::OtherThing),
         None => SubscribeRoute::Forbidden(Forbidden::ReservedAws),
     }
 }
 
+fn has_wildcard(s: &str) -> bool {
+    s.contains(['+', '#'])
+}
+
+/// A topic name a PUBLISH may carry: not empty, no wildcards, no NUL
+/// (MQTT-3.3.2-2, MQTT-4.7.3-1).
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// A topic filter as MQTT defines it: `#` only as the whole last level, `+`
+/// only as a whole level (MQTT-4.7.1).
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == last,
+        "+" => true,
+        level => !has_wildcard(level),
+    })
+}
+
+/// Whether `topic` matches `filter` (`+` one level, `#` the rest, the parent
+/// included). Unlike rumqttd's matcher this applies to `$` topics too; a
+/// filter starting with a wildcard never matches a `$` topic (MQTT-4.7.2-1).
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match level {
+            "#" => return true,
+            "+" => {
+                if topic_levels.next().is_none() {
+                    return false;
+                }
+            }
+            level => {
+                if topic_levels.next() != Some(level) {
+                    return false;
+                }
+            }
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_both_ways() {
-        assert_eq!(
-            to_internal("$aws/things/a/shadow/get").as_deref(),
-            Some("umbra-aws/things/a/shadow/get")
-        );
-        assert_eq!(
-            to_aws("umbra-aws/things/a/shadow/get").as_deref(),
-            Some("$aws/things/a/shadow/get")
-        );
-        assert_eq!(to_internal("things/a"), None);
-        assert_eq!(to_aws("$aws/x"), None);
-    }
 
     #[test]
     fn device_publish_rules() {
@@ -215,16 +209,9 @@ mod tests {
             route("$aws/events/presence/connected/dev1"),
             PublishRoute::Forbidden(Forbidden::ReservedAws)
         );
-        assert_eq!(
-            route("umbra-aws/things/dev1/shadow/get/accepted"),
-            PublishRoute::Forbidden(Forbidden::ReservedTopic)
-        );
-        assert_eq!(
-            route("$aws/things/dev1/jobs/notify"),
-            PublishRoute::MapToInternal("umbra-aws/things/dev1/jobs/notify".into())
-        );
-        assert_eq!(route("telemetry/dev1"), PublishRoute::PassThrough);
-        assert_eq!(route("$SYS/x"), PublishRoute::PassThrough);
+        assert_eq!(route("$aws/things/dev1/jobs/notify"), PublishRoute::Aws);
+        assert_eq!(route("telemetry/dev1"), PublishRoute::Router);
+        assert_eq!(route("$SYS/x"), PublishRoute::Drop);
     }
 
     #[test]
@@ -236,21 +223,14 @@ mod tests {
         ));
         assert_eq!(
             route("$aws/things/dev2/shadow/get/accepted"),
-            PublishRoute::MapToInternal("umbra-aws/things/dev2/shadow/get/accepted".into())
-        );
-        assert_eq!(
-            route("umbra-aws/x"),
-            PublishRoute::Forbidden(Forbidden::ReservedTopic)
+            PublishRoute::Aws
         );
     }
 
     #[test]
     fn subscribe_rules() {
         let device = |f: &str| route_subscribe(f, "dev1", false);
-        assert_eq!(
-            device("$aws/things/dev1/shadow/#"),
-            SubscribeRoute::MapToInternal("umbra-aws/things/dev1/shadow/#".into())
-        );
+        assert_eq!(device("$aws/things/dev1/shadow/#"), SubscribeRoute::Aws);
         assert_eq!(
             device("$aws/things/dev2/shadow/#"),
             SubscribeRoute::Forbidden(Forbidden::OtherThing)
@@ -263,38 +243,44 @@ mod tests {
             device("$aws/events/presence/#"),
             SubscribeRoute::Forbidden(Forbidden::ReservedAws)
         );
-        assert_eq!(
-            device("umbra-aws/#"),
-            SubscribeRoute::Forbidden(Forbidden::ReservedTopic)
-        );
         assert_eq!(device("$SYS/#"), SubscribeRoute::Refuse);
         assert_eq!(device("$share/g/$aws/#"), SubscribeRoute::Refuse);
-        assert_eq!(
-            device("$share/g/umbra-aws/#"),
-            SubscribeRoute::Forbidden(Forbidden::ReservedTopic)
-        );
-        assert_eq!(device("$share/g/telemetry/#"), SubscribeRoute::PassThrough);
-        assert_eq!(device("#"), SubscribeRoute::PassThrough);
+        assert_eq!(device("$share/g/telemetry/#"), SubscribeRoute::Router);
+        assert_eq!(device("$share//telemetry/#"), SubscribeRoute::Refuse);
+        assert_eq!(device("#"), SubscribeRoute::Router);
+        assert_eq!(device("a/#/b"), SubscribeRoute::Refuse);
+        assert_eq!(device("a/b+"), SubscribeRoute::Refuse);
         assert_eq!(
             route_subscribe("$aws/things/+/shadow/#", "svc", true),
-            SubscribeRoute::MapToInternal("umbra-aws/things/+/shadow/#".into())
+            SubscribeRoute::Aws
         );
     }
 
     #[test]
-    fn delivery_needs_a_matching_aws_filter() {
-        let filters = vec!["umbra-aws/things/dev1/shadow/+/accepted".to_owned()];
-        assert!(matches_any(
-            "umbra-aws/things/dev1/shadow/get/accepted",
-            &filters
+    fn topic_and_filter_syntax() {
+        assert!(valid_topic("a/b"));
+        assert!(!valid_topic("dt/+/x"));
+        assert!(!valid_topic("a/#"));
+        assert!(!valid_topic(""));
+        assert!(valid_filter("a/+/c/#"));
+        assert!(valid_filter("#"));
+        assert!(!valid_filter("a/#/c"));
+        assert!(!valid_filter("a+"));
+    }
+
+    #[test]
+    fn matching() {
+        let t = "$aws/things/d1/shadow/get/accepted";
+        assert!(topic_matches(t, t));
+        assert!(topic_matches(t, "$aws/things/d1/shadow/#"));
+        assert!(topic_matches(t, "$aws/things/+/shadow/+/accepted"));
+        assert!(topic_matches(
+            "$aws/things/d1/shadow",
+            "$aws/things/d1/shadow/#"
         ));
-        assert!(!matches_any(
-            "umbra-aws/things/dev1/shadow/get/rejected",
-            &filters
-        ));
-        assert!(!matches_any(
-            "umbra-aws/things/dev1/shadow/get/accepted",
-            &[]
-        ));
+        assert!(!topic_matches(t, "$aws/things/d1/shadow/+"));
+        assert!(!topic_matches(t, "#"));
+        assert!(!topic_matches(t, "+/things/d1/shadow/get/accepted"));
+        assert!(!topic_matches("$aws/things/d1", "$aws/things/d1/shadow"));
     }
 }

@@ -40,6 +40,6 @@ pub use answer::{Answer, Message};
 pub use error::Rejection;
 pub use limits::Limits;
 pub use metrics::ShadowMetrics;
-pub use service::{Pending, Request, ServiceConfig, ShadowService};
+pub use service::{MessageSink, Pending, Request, ServiceConfig, ShadowService};
 pub use store::{ShadowStore, SqliteStore, StoreConfig, Synchronous};
 pub use topic::{Operation, ShadowKey};

@@ -34,6 +34,44 @@ pub struct Request {
     pub client: String,
 }
 
+/// Where the service's messages go when they are not read from a channel:
+/// a transport that delivers them itself (the broker's `$aws` table).
+/// Called in commit order from one task; must not block.
+pub trait MessageSink: Send + Sync + 'static {
+    fn publish(&self, message: Message);
+}
+
+/// Where every message the service produces leaves, in order.
+#[derive(Clone)]
+enum Outbox {
+    /// A bounded channel the caller drains (the service waits when it is full).
+    Channel(mpsc::Sender<Message>),
+    /// Handed to the transport directly.
+    Sink(Arc<dyn MessageSink>),
+}
+
+impl Outbox {
+    /// False once the channel's receiver is gone.
+    async fn send(&self, message: Message) -> bool {
+        match self {
+            Outbox::Channel(tx) => tx.send(message).await.is_ok(),
+            Outbox::Sink(sink) => {
+                sink.publish(message);
+                true
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outbox::Channel(_) => "Outbox::Channel",
+            Outbox::Sink(_) => "Outbox::Sink",
+        })
+    }
+}
+
 /// Settings of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -59,7 +97,7 @@ pub struct ShadowService {
     limits: Limits,
     store: Arc<dyn ShadowStore>,
     throttle: Arc<Throttle>,
-    outbox: mpsc::Sender<Message>,
+    outbox: Outbox,
     changes: broadcast::Sender<Change>,
     publisher: Mutex<Option<JoinHandle<()>>>,
     fleet: Arc<FleetIndex>,
@@ -94,6 +132,30 @@ impl ShadowService {
         metrics: Option<ShadowMetrics>,
     ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
         let (outbox, outbox_rx) = mpsc::channel(config.outbox_capacity.max(1));
+        let service =
+            ShadowService::launch(config, store, committed, metrics, Outbox::Channel(outbox));
+        (service, outbox_rx)
+    }
+
+    /// [`ShadowService::start_with_metrics`], handing every message to
+    /// `sink` (in commit order) instead of a channel.
+    pub fn start_with_sink(
+        config: ServiceConfig,
+        store: Arc<dyn ShadowStore>,
+        committed: mpsc::Receiver<CommittedBatch>,
+        metrics: Option<ShadowMetrics>,
+        sink: Arc<dyn MessageSink>,
+    ) -> Arc<ShadowService> {
+        ShadowService::launch(config, store, committed, metrics, Outbox::Sink(sink))
+    }
+
+    fn launch(
+        config: ServiceConfig,
+        store: Arc<dyn ShadowStore>,
+        committed: mpsc::Receiver<CommittedBatch>,
+        metrics: Option<ShadowMetrics>,
+        outbox: Outbox,
+    ) -> Arc<ShadowService> {
         let (changes, _) = broadcast::channel(config.change_buffer.max(1));
         let fleet = Arc::new(FleetIndex::new());
         let publisher = tokio::spawn(publish_committed(
@@ -122,7 +184,7 @@ impl ShadowService {
             fleet,
             metrics,
         };
-        (Arc::new(service), outbox_rx)
+        Arc::new(service)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -326,7 +388,7 @@ impl ShadowService {
 pub struct Pending {
     key: ShadowKey,
     op: Operation,
-    outbox: mpsc::Sender<Message>,
+    outbox: Outbox,
     state: PendingState,
     /// Where and since when to measure the request, when metrics are on.
     measure: Option<(ShadowMetrics, Instant)>,
@@ -389,7 +451,7 @@ impl Pending {
             now_secs(),
         );
         for message in &answer.messages {
-            if self.outbox.send(message.clone()).await.is_err() {
+            if !self.outbox.send(message.clone()).await {
                 debug!("outbox closed; rejection not published");
             }
         }
@@ -401,7 +463,7 @@ impl Pending {
 /// messages on the outbox, broadcasts their changes and wakes their callers.
 async fn publish_committed(
     mut committed: mpsc::Receiver<CommittedBatch>,
-    outbox: mpsc::Sender<Message>,
+    outbox: Outbox,
     changes: broadcast::Sender<Change>,
     fleet: Arc<FleetIndex>,
     metrics: Option<ShadowMetrics>,
@@ -457,7 +519,7 @@ async fn publish_committed(
                 };
                 for message in messages {
                     let sent = match &outbox {
-                        Some(tx) => tx.send(message).await.is_ok(),
+                        Some(outbox) => outbox.send(message).await,
                         None => false,
                     };
                     if !sent && outbox.take().is_some() {

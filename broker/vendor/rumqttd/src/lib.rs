@@ -34,6 +34,9 @@ mod segments;
 mod server;
 
 pub type ConnectionId = usize;
+/// Umbra patch: the router's channel, as `Router::spawn` returns it and
+/// `LinkBuilder::new` takes it, nameable outside this crate.
+pub type RouterTx = flume::Sender<(ConnectionId, router::Event)>;
 pub type RouterId = usize;
 pub type NodeId = usize;
 pub type Topic = String;

@@ -98,6 +98,56 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// Umbra patch: [`LinkBuilder::build`] without blocking the async
+    /// runtime's thread while the router answers.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, outgoing_data_buffer, incoming_data_buffer, link_rx) = self.connect_event();
+        let router_tx = self.router_tx;
+        router_tx.send_async((0, event)).await?;
+        link_rx.recv_async().await?;
+        let notification = outgoing_data_buffer
+            .lock()
+            .pop_front()
+            .ok_or(LinkError::NotConnectionAck)?;
+        let id = match notification {
+            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
+            _message => return Err(LinkError::NotConnectionAck),
+        };
+        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        Ok((tx, rx, notification))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn connect_event(
+        &self,
+    ) -> (
+        Event,
+        Arc<Mutex<VecDeque<Notification>>>,
+        Arc<Mutex<VecDeque<Packet>>>,
+        Receiver<()>,
+    ) {
+        let mut connection = Connection::new(
+            self.tenant_id.clone(),
+            self.client_id.to_owned(),
+            self.clean_session,
+            self.dynamic_filters,
+        );
+        connection
+            .last_will(self.last_will.clone(), self.last_will_properties.clone())
+            .topic_alias_max(self.topic_alias_max);
+        let incoming = Incoming::new(connection.client_id.to_owned());
+        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let outgoing_data_buffer = outgoing.buffer();
+        let incoming_data_buffer = incoming.buffer();
+        let event = Event::Connect {
+            connection,
+            incoming,
+            outgoing,
+        };
+        (event, outgoing_data_buffer, incoming_data_buffer, link_rx)
+    }
+
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
@@ -178,6 +228,8 @@ impl LinkTx {
     }
 
     /// Send raw device data
+    /// (Umbra patch: waits asynchronously when the router's channel is full
+    /// instead of blocking the runtime's thread.)
     pub async fn send(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
             let mut buffer = self.recv_buffer.lock();
@@ -186,9 +238,20 @@ impl LinkTx {
         };
 
         self.router_tx
-            .send((self.connection_id, Event::DeviceData))?;
+            .send_async((self.connection_id, Event::DeviceData))
+            .await?;
 
         Ok(len)
+    }
+
+    /// Umbra patch: tells the router that this link's connection has ended
+    /// (what rumqttd's own server does when a remote link stops), so that it
+    /// frees the connection's state or keeps it as a persistent session.
+    pub async fn disconnect(self) -> Result<(), LinkError> {
+        self.router_tx
+            .send_async((self.connection_id, Event::Disconnect))
+            .await?;
+        Ok(())
     }
 
     fn try_push(&mut self, data: Packet) -> Result<usize, LinkError> {
@@ -374,6 +437,16 @@ impl LinkRx {
                 Ok(self.cache.pop_front())
             }
         }
+    }
+
+    /// Umbra patch: the next notification if one is already there, without
+    /// waiting (so that a connection can write a batch with one syscall).
+    pub fn try_next(&mut self) -> Option<Notification> {
+        if let Some(v) = self.cache.pop_front() {
+            return Some(v);
+        }
+        mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+        self.cache.pop_front()
     }
 
     pub async fn next(&mut self) -> Result<Option<Notification>, LinkError> {

@@ -169,9 +169,11 @@ pub struct ConnAckProperties {
 /// Publish packet
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Publish {
-    pub(crate) dup: bool,
-    pub(crate) qos: QoS,
-    pub(crate) pkid: u16,
+    // Umbra patch: public, so that a connection layer outside this crate can
+    // read and set QoS, packet id and DUP.
+    pub dup: bool,
+    pub qos: QoS,
+    pub pkid: u16,
     pub retain: bool,
     pub topic: Bytes,
     pub payload: Bytes,

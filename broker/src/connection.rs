@@ -1,0 +1,1071 @@
+//! One device connection, served by Umbra: the transport handshake and the
+//! CONNECT under one timeout, authentication and the CONNECT rules, then a
+//! single task that reads packets, hands shadow requests to the shadow
+//! service, writes what Umbra's `$aws` table delivers into its mailbox, and
+//! talks to rumqttd's router (for every other topic) through a router link
+//! that it creates only when it first needs it.
+//!
+//! Packet ids on the wire belong to this task: messages from the router get
+//! a wire id of their own (mapped back to the router's when acknowledged),
+//! so that they never collide with Umbra's own QoS 1 deliveries.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use rumqttd::{Notification, RouterTx};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::codec::{sniff, Codec, Sniffed};
+use crate::embedded::{ConnectionLimits, Credentials, EdgeSettings};
+use crate::fanout::{min_qos, Delivery, Publisher};
+use crate::metrics::{bump, EdgeMetrics};
+use crate::requests::{Answered, ShadowPublish, ShadowRequests};
+use crate::sessions::{Attached, Sessions};
+use crate::topics::{self, Forbidden, PublishRoute, SubscribeRoute};
+use crate::transport::{self, Stream, Transport};
+
+/// A device connected or disconnected. `session` increases with every
+/// accepted connection of this broker, so a consumer can tell a stale
+/// `Disconnected` (an old connection taken over by a new one with the same
+/// client id) from a current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceEvent {
+    Connected { client_id: String, session: u64 },
+    Disconnected { client_id: String, session: u64 },
+}
+
+/// What every connection shares.
+pub struct Broker {
+    pub limits: ConnectionLimits,
+    pub edge: EdgeSettings,
+    pub auth: Option<Credentials>,
+    pub publisher: Publisher,
+    pub sessions: Sessions,
+    pub shadow: Arc<dyn ShadowRequests>,
+    /// Presence events, sent with `try_send` (dropped and counted when full).
+    pub presence: Option<mpsc::Sender<PresenceEvent>>,
+    pub metrics: Arc<EdgeMetrics>,
+    pub router: RouterTx,
+    pub next_session: AtomicU64,
+    /// Ends every connection.
+    pub stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    fn emit(&self, event: PresenceEvent) {
+        if let Some(presence) = &self.presence {
+            if presence.try_send(event).is_err() {
+                bump(&self.metrics.presence_dropped);
+            }
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT.
+    Graceful {
+        will: bool,
+    },
+    /// The client closed the socket.
+    Closed,
+    Io(std::io::Error),
+    KeepAlive,
+    TakenOver,
+    Shutdown,
+    /// The client broke the protocol (the reason is logged).
+    Protocol(&'static str, DisconnectReasonCode),
+    Malformed(protocol::Error),
+    Forbidden,
+    /// The router link failed (boxed: rumqttd's error carries a whole event).
+    Router(Box<LinkError>),
+}
+
+impl End {
+    /// The DISCONNECT reason an MQTT 5 client is told, when the server ends it.
+    fn reason(&self) -> Option<DisconnectReasonCode> {
+        match self {
+            End::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            End::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            End::Protocol(_, code) => Some(*code),
+            End::Malformed(protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                Some(DisconnectReasonCode::PacketTooLarge)
+            }
+            End::Malformed(_) => Some(DisconnectReasonCode::MalformedPacket),
+            End::Forbidden => Some(DisconnectReasonCode::NotAuthorized),
+            End::Router(_) => Some(DisconnectReasonCode::UnspecifiedError),
+            End::Graceful { .. } | End::Closed | End::Io(_) => None,
+        }
+    }
+
+    /// Whether the client's will is published (any end but a plain
+    /// DISCONNECT, and not when the server shuts down).
+    fn publishes_will(&self) -> bool {
+        match self {
+            End::Graceful { will } => *will,
+            End::Shutdown => false,
+            _ => true,
+        }
+    }
+}
+
+impl From<std::io::Error> for End {
+    fn from(err: std::io::Error) -> End {
+        End::Io(err)
+    }
+}
+
+impl From<LinkError> for End {
+    fn from(err: LinkError) -> End {
+        End::Router(Box::new(err))
+    }
+}
+
+/// Serves one accepted TCP connection until it ends.
+pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, broker: Arc<Broker>) {
+    let opened = tokio::select! {
+        biased;
+        () = broker.stop.cancelled() => return,
+        opened = tokio::time::timeout(
+            broker.limits.connect_timeout(),
+            open(stream, &transport, &broker),
+        ) => opened,
+    };
+    let opened = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(why)) => {
+            debug!(%peer, ?transport, why, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            bump(&broker.metrics.connect_timeouts);
+            debug!(%peer, ?transport, "no CONNECT before the connect timeout");
+            return;
+        }
+    };
+    let Some(connection) = accept(opened, &broker).await else {
+        return;
+    };
+    let span = tracing::info_span!("mqtt", client_id = %connection.client_id);
+    connection.serve().instrument(span).await;
+}
+
+/// A connection that has sent its CONNECT.
+struct Opened {
+    stream: Box<dyn Stream>,
+    codec: Codec,
+    connect: Packet,
+    read: BytesMut,
+}
+
+/// The transport handshake, then the CONNECT packet.
+async fn open(stream: TcpStream, transport: &Transport, broker: &Broker) -> Result<Opened, String> {
+    let mut stream = transport::handshake(stream, transport)
+        .await
+        .map_err(|e| format!("handshake failed: {e}"))?;
+    let mut read = BytesMut::with_capacity(256);
+    let codec = loop {
+        match sniff(&read) {
+            Sniffed::Codec(codec) => break codec,
+            Sniffed::Incomplete => {}
+            Sniffed::NotConnect => return Err("the first packet is not a CONNECT".into()),
+            Sniffed::UnsupportedLevel(level) => {
+                // MQTT 3.1.1 tells an unsupported level with CONNACK 1.
+                let mut out = BytesMut::new();
+                let refusal = ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::RefusedProtocolVersion,
+                };
+                if Codec::V4
+                    .write(Packet::ConnAck(refusal, None), &mut out)
+                    .is_ok()
+                {
+                    stream.write_all(&out).await.ok();
+                }
+                return Err(format!("unsupported protocol level {level}"));
+            }
+        }
+        if stream
+            .read_buf(&mut read)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("closed".into());
+        }
+    };
+    let max = broker.limits.max_payload_size;
+    let connect = loop {
+        match codec.read(&mut read, max) {
+            Ok(packet) => break packet,
+            Err(protocol::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("malformed CONNECT: {e}")),
+        }
+        read.reserve(256);
+        if stream
+            .read_buf(&mut read)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("closed".into());
+        }
+    };
+    broker.metrics.count_in(&connect);
+    Ok(Opened {
+        stream,
+        codec,
+        connect,
+        read,
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Applies the CONNECT rules, attaches the session and answers CONNACK.
+async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
+    let Opened {
+        mut stream,
+        codec,
+        connect,
+        read,
+    } = opened;
+    let Packet::Connect(connect, props, will, _will_props, login) = connect else {
+        return None;
+    };
+    let limits = &broker.limits;
+    let refusal = if connect.client_id.len() > limits.max_client_id_bytes {
+        Some((
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id too long",
+        ))
+    } else if connect.client_id.is_empty() && !connect.clean_session && codec == Codec::V4 {
+        Some((
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "empty client id needs a clean session",
+        ))
+    } else if broker.auth.as_ref().is_some_and(|auth| {
+        !login.as_ref().is_some_and(|login| {
+            constant_time_eq(login.username.as_bytes(), auth.username.as_bytes())
+                & constant_time_eq(login.password.as_bytes(), auth.password.as_bytes())
+        })
+    }) {
+        Some((
+            ConnectReturnCode::BadUserNamePassword,
+            "bad user name or password",
+        ))
+    } else if will.as_ref().is_some_and(|will| !will_allowed(will)) {
+        Some((ConnectReturnCode::NotAuthorized, "will on a $ topic"))
+    } else {
+        None
+    };
+    // Each of these codes exists in MQTT 3.1.1 and 5 alike.
+    if let Some((code, why)) = refusal {
+        bump(&broker.metrics.connects_refused);
+        info!(
+            client_id = %connect.client_id.chars().take(64).collect::<String>(),
+            why, "connection refused"
+        );
+        let mut out = BytesMut::new();
+        let ack = ConnAck {
+            session_present: false,
+            code,
+        };
+        if codec.write(Packet::ConnAck(ack, None), &mut out).is_ok() {
+            stream.write_all(&out).await.ok();
+            stream.flush().await.ok();
+        }
+        return None;
+    }
+
+    let assigned = connect
+        .client_id
+        .is_empty()
+        .then(|| format!("auto-{:016x}", rand::random::<u64>()));
+    let client_id = assigned.clone().unwrap_or(connect.client_id);
+    let conn = broker.next_session.fetch_add(1, Ordering::Relaxed);
+    // MQTT 5: the session outlives the connection when the client asks for
+    // an expiry (capped by the server's); MQTT 3.1.1: clean session 0.
+    let max_expiry = limits.session_expiry_secs;
+    let keep = match codec {
+        Codec::V4 => (!connect.clean_session).then_some(max_expiry),
+        Codec::V5 => props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .filter(|secs| *secs > 0)
+            .map(|secs| u64::from(secs).min(max_expiry)),
+    }
+    .map(Duration::from_secs);
+    let attached = broker
+        .sessions
+        .attach(&client_id, conn, connect.clean_session)
+        .await;
+    let keep_alive = match connect.keep_alive {
+        0 => {
+            bump(&broker.metrics.keep_alive_zero);
+            None
+        }
+        secs => Some(Duration::from_secs(u64::from(secs)) * 3 / 2),
+    };
+    let mut connection = Connection {
+        broker: Arc::clone(broker),
+        stream,
+        codec,
+        privileged: broker.edge.privileged_clients.contains(&client_id),
+        client_id,
+        conn,
+        read,
+        write: BytesMut::new(),
+        keep_alive,
+        clean: connect.clean_session,
+        keep,
+        will,
+        link: None,
+        link_rx: None,
+        router_inflight: HashMap::new(),
+        next_pkid: 0,
+        qos2_received: HashSet::new(),
+        pending_acks: HashMap::new(),
+        router_filters: HashSet::new(),
+        requests: FuturesUnordered::new(),
+        stalled: false,
+        aliases: HashMap::new(),
+        attached,
+    };
+    let props = assigned.map(|id| ConnAckProperties {
+        assigned_client_identifier: Some(id),
+        ..ConnAckProperties::default()
+    });
+    let ack = ConnAck {
+        session_present: connection.attached.present,
+        code: ConnectReturnCode::Success,
+    };
+    if connection.send(Packet::ConnAck(ack, props)).is_err() {
+        return None;
+    }
+    Some(connection)
+}
+
+/// A will is published through the router: `$` topics (Umbra's `$aws`
+/// included) cannot carry one.
+fn will_allowed(will: &LastWill) -> bool {
+    std::str::from_utf8(&will.topic)
+        .is_ok_and(|topic| topics::valid_topic(topic) && !topic.starts_with('$'))
+}
+
+/// An acknowledgement waiting for the router's part of it.
+enum PendingAck {
+    SubAck(Vec<Option<SubscribeReasonCode>>),
+    UnsubAck(Vec<Option<UnsubAckReason>>),
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    stream: Box<dyn Stream>,
+    codec: Codec,
+    client_id: String,
+    privileged: bool,
+    /// This connection's number (also its presence session identifier).
+    conn: u64,
+    read: BytesMut,
+    write: BytesMut,
+    /// 1.5 × the client's keep-alive; `None` for keep-alive 0.
+    keep_alive: Option<Duration>,
+    clean: bool,
+    /// How long the session is kept after this connection ends.
+    keep: Option<Duration>,
+    will: Option<LastWill>,
+    link: Option<LinkTx>,
+    link_rx: Option<LinkRx>,
+    /// Router publishes in flight at QoS 1/2: wire packet id -> router's.
+    router_inflight: HashMap<u16, u16>,
+    next_pkid: u16,
+    /// QoS 2 publishes from the client answered with PUBREC, until PUBREL.
+    qos2_received: HashSet<u16>,
+    /// SUBACKs and UNSUBACKs waiting for the router's part, by packet id.
+    pending_acks: HashMap<u16, PendingAck>,
+    /// Filters this connection holds in the router.
+    router_filters: HashSet<String>,
+    /// Shadow requests being handled.
+    requests: FuturesUnordered<Answered>,
+    /// Parsing stopped because `requests` was full.
+    stalled: bool,
+    /// MQTT 5 client-to-server topic aliases.
+    aliases: HashMap<u16, Bytes>,
+    attached: Attached,
+}
+
+impl Connection {
+    async fn serve(mut self) {
+        let broker = Arc::clone(&self.broker);
+        let metrics = &broker.metrics;
+        bump(&metrics.connections_accepted);
+        metrics.connections_current.fetch_add(1, Ordering::Relaxed);
+        debug!(conn = self.conn, codec = ?self.codec, "connection accepted");
+        broker.emit(PresenceEvent::Connected {
+            client_id: self.client_id.clone(),
+            session: self.conn,
+        });
+        let end = match self.run().await {
+            Ok(()) => End::Closed,
+            Err(end) => end,
+        };
+        self.close(end).await;
+        metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
+        broker.emit(PresenceEvent::Disconnected {
+            client_id: self.client_id.clone(),
+            session: self.conn,
+        });
+        let Connection {
+            client_id,
+            conn,
+            keep,
+            attached,
+            ..
+        } = self;
+        broker.sessions.detach(&client_id, conn, attached, keep);
+    }
+
+    async fn run(&mut self) -> Result<(), End> {
+        if !self.clean && self.attached.session.router {
+            self.link().await?;
+        }
+        self.resume()?;
+        self.parse().await?;
+        self.flush().await?;
+        let mailbox = Arc::clone(&self.attached.session.mailbox);
+        let kick = self.attached.kick.clone();
+        let stop = self.broker.stop.clone();
+        let max_requests = self.broker.limits.max_pending_requests.max(1);
+        let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle);
+        loop {
+            let can_read = !self.stalled && self.requests.len() < max_requests;
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(End::Shutdown),
+                () = kick.cancelled() => return Err(End::TakenOver),
+                Some(()) = self.requests.next(), if !self.requests.is_empty() => {
+                    if self.stalled {
+                        self.stalled = false;
+                        self.parse().await?;
+                    }
+                }
+                () = mailbox.ready() => self.deliver()?,
+                notification = next_notification(&mut self.link_rx), if self.link_rx.is_some() => {
+                    self.on_router(notification?).await?;
+                }
+                read = self.stream.read_buf(&mut self.read), if can_read => {
+                    if read? == 0 {
+                        return Err(End::Closed);
+                    }
+                    if let Some(keep_alive) = self.keep_alive {
+                        idle.as_mut().reset(Instant::now() + keep_alive);
+                    }
+                    self.parse().await?;
+                }
+                () = &mut idle, if self.keep_alive.is_some() => return Err(End::KeepAlive),
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Frames and handles every complete packet in the read buffer, unless
+    /// too many shadow requests are outstanding (then the rest waits).
+    async fn parse(&mut self) -> Result<(), End> {
+        let max = self.broker.limits.max_payload_size;
+        let max_requests = self.broker.limits.max_pending_requests.max(1);
+        loop {
+            if self.requests.len() >= max_requests {
+                self.stalled = true;
+                bump(&self.broker.metrics.request_stalls);
+                return Ok(());
+            }
+            match self.codec.read(&mut self.read, max) {
+                Ok(packet) => {
+                    self.broker.metrics.count_in(&packet);
+                    self.incoming(packet).await?;
+                }
+                Err(protocol::Error::InsufficientBytes(n)) => {
+                    if self.read.is_empty() && self.read.capacity() > 4096 {
+                        // Give back what one large packet needed.
+                        self.read = BytesMut::new();
+                    }
+                    self.read.reserve(n.clamp(256, max + 8));
+                    return Ok(());
+                }
+                Err(err) => return Err(End::Malformed(err)),
+            }
+        }
+    }
+
+    /// Encodes a packet for the next flush.
+    fn send(&mut self, packet: Packet) -> Result<(), End> {
+        self.broker.metrics.count_out(&packet);
+        self.codec
+            .write(packet, &mut self.write)
+            .map(drop)
+            .map_err(End::Malformed)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.write.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.broker.limits.write_timeout();
+        let written = tokio::time::timeout(timeout, async {
+            self.stream.write_all(&self.write).await?;
+            self.stream.flush().await
+        })
+        .await;
+        match written {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(End::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client does not read",
+                )))
+            }
+        }
+        self.write.clear();
+        if self.write.capacity() > 16 * 1024 {
+            self.write = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            let pkid = self.next_pkid;
+            let taken = self.router_inflight.contains_key(&pkid)
+                || self
+                    .attached
+                    .session
+                    .inflight
+                    .iter()
+                    .any(|(p, _)| *p == pkid);
+            if !taken {
+                return pkid;
+            }
+        }
+    }
+
+    /// A resumed session: retransmit what was sent and not acknowledged,
+    /// with DUP set and the same packet ids, then what queued meanwhile.
+    fn resume(&mut self) -> Result<(), End> {
+        let retransmit: Vec<(u16, Delivery)> =
+            self.attached.session.inflight.iter().cloned().collect();
+        for (pkid, delivery) in retransmit {
+            self.next_pkid = self.next_pkid.max(pkid);
+            let mut publish = Publish::new(delivery.topic, delivery.payload, false);
+            publish.qos = delivery.qos;
+            publish.pkid = pkid;
+            publish.dup = true;
+            self.send(Packet::Publish(publish, None))?;
+        }
+        self.deliver()
+    }
+
+    /// Moves messages from the mailbox to the wire, within the window of
+    /// unacknowledged QoS 1 messages.
+    fn deliver(&mut self) -> Result<(), End> {
+        let window = self.broker.limits.max_inflight_count.max(1);
+        while self.attached.session.inflight.len() < window {
+            let Some(delivery) = self.attached.session.mailbox.pop() else {
+                break;
+            };
+            let mut publish = Publish::new(delivery.topic.clone(), delivery.payload.clone(), false);
+            publish.qos = delivery.qos;
+            if delivery.qos != QoS::AtMostOnce {
+                publish.pkid = self.alloc_pkid();
+                self.attached
+                    .session
+                    .inflight
+                    .push_back((publish.pkid, delivery));
+            }
+            self.send(Packet::Publish(publish, None))?;
+        }
+        Ok(())
+    }
+
+    /// The router link, created on first use.
+    async fn link(&mut self) -> Result<&mut LinkTx, End> {
+        if self.link.is_none() {
+            let (tx, rx, _connack) = LinkBuilder::new(&self.client_id, self.broker.router.clone())
+                .clean_session(self.clean)
+                .build_async()
+                .await?;
+            bump(&self.broker.metrics.router_links);
+            self.attached.session.router = true;
+            self.link_rx = Some(rx);
+            self.link = Some(tx);
+        }
+        match self.link.as_mut() {
+            Some(link) => Ok(link),
+            None => Err(LinkError::NotConnectionAck.into()),
+        }
+    }
+
+    async fn forward(&mut self, packet: Packet) -> Result<(), End> {
+        self.link().await?.send(packet).await?;
+        Ok(())
+    }
+
+    fn forbidden(&self, what: &'static str, target: &str, why: Forbidden) -> End {
+        bump(&self.broker.metrics.forbidden);
+        info!(
+            what,
+            target,
+            reason = why.as_str(),
+            "forbidden, closing the connection"
+        );
+        End::Forbidden
+    }
+
+    fn protocol_error(&self, why: &'static str, code: DisconnectReasonCode) -> End {
+        bump(&self.broker.metrics.protocol_errors);
+        End::Protocol(why, code)
+    }
+
+    async fn incoming(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish, props) => self.publish(publish, props).await,
+            Packet::PubRel(rel, _) => {
+                self.qos2_received.remove(&rel.pkid);
+                self.send(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ))
+            }
+            Packet::PubAck(ack, props) => {
+                let inflight = &mut self.attached.session.inflight;
+                if let Some(at) = inflight.iter().position(|(p, _)| *p == ack.pkid) {
+                    inflight.remove(at);
+                    return self.deliver();
+                }
+                if let Some(pkid) = self.router_inflight.remove(&ack.pkid) {
+                    let ack = PubAck { pkid, ..ack };
+                    self.forward(Packet::PubAck(ack, props)).await?;
+                }
+                Ok(())
+            }
+            Packet::PubRec(rec, props) => {
+                // Kept until PUBCOMP: the router answers with PUBREL.
+                if let Some(&pkid) = self.router_inflight.get(&rec.pkid) {
+                    let rec = PubRec { pkid, ..rec };
+                    self.forward(Packet::PubRec(rec, props)).await?;
+                }
+                Ok(())
+            }
+            Packet::PubComp(comp, props) => {
+                if let Some(pkid) = self.router_inflight.remove(&comp.pkid) {
+                    let comp = PubComp { pkid, ..comp };
+                    self.forward(Packet::PubComp(comp, props)).await?;
+                }
+                Ok(())
+            }
+            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
+            Packet::Unsubscribe(unsubscribe, props) => self.unsubscribe(unsubscribe, props).await,
+            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
+            Packet::Disconnect(disconnect, _) => Err(End::Graceful {
+                will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::Connect(..) => {
+                Err(self.protocol_error("second CONNECT", DisconnectReasonCode::ProtocolError))
+            }
+            _ => Err(self.protocol_error(
+                "a packet only a server sends",
+                DisconnectReasonCode::ProtocolError,
+            )),
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        mut publish: Publish,
+        props: Option<protocol::PublishProperties>,
+    ) -> Result<(), End> {
+        if let Some(alias) = props.as_ref().and_then(|p| p.topic_alias) {
+            if publish.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => {
+                        return Err(self.protocol_error(
+                            "unknown topic alias",
+                            DisconnectReasonCode::TopicAliasInvalid,
+                        ))
+                    }
+                }
+            } else if self.aliases.len() < 64 || self.aliases.contains_key(&alias) {
+                self.aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Err(
+                self.protocol_error("topic is not UTF-8", DisconnectReasonCode::TopicNameInvalid)
+            );
+        };
+        if !topics::valid_topic(topic) {
+            return Err(self.protocol_error(
+                "wildcard or empty topic in PUBLISH",
+                DisconnectReasonCode::TopicNameInvalid,
+            ));
+        }
+        let pkid = publish.pkid;
+        let qos = publish.qos;
+        if qos == QoS::ExactlyOnce && !self.qos2_received.insert(pkid) {
+            // A retransmission of a QoS 2 message already taken.
+            return self.send(pubrec(pkid));
+        }
+        match topics::route_publish(topic, &self.client_id, self.privileged) {
+            PublishRoute::ShadowRequest(request) => {
+                bump(&self.broker.metrics.shadow_requests);
+                let answered = self.broker.shadow.submit(ShadowPublish {
+                    client_id: self.client_id.clone(),
+                    request,
+                    payload: publish.payload,
+                });
+                self.requests.push(answered);
+            }
+            PublishRoute::Aws => {
+                let topic = topic.to_owned();
+                let qos = min_qos(qos, QoS::AtLeastOnce);
+                // The route said `$aws/`, so this cannot fail.
+                let _routed = self
+                    .broker
+                    .publisher
+                    .publish_at(&topic, publish.payload, qos);
+            }
+            PublishRoute::Drop => {}
+            PublishRoute::Router => {
+                // The connection acknowledges QoS 1 and 2 itself, in order;
+                // the router gets QoS 1 at most and its PUBACK is not needed.
+                publish.qos = min_qos(qos, QoS::AtLeastOnce);
+                publish.dup = false;
+                let props = props.map(|mut p| {
+                    p.topic_alias = None;
+                    p
+                });
+                self.forward(Packet::Publish(publish, props)).await?;
+            }
+            PublishRoute::Forbidden(why) => {
+                let topic = topic.to_owned();
+                return Err(self.forbidden("publish", &topic, why));
+            }
+        }
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => self.send(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            QoS::ExactlyOnce => self.send(pubrec(pkid)),
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.attached.session.filters.len() + self.router_filters.len()
+    }
+
+    fn refusal(&self, v5: SubscribeReasonCode) -> SubscribeReasonCode {
+        match self.codec {
+            Codec::V4 => SubscribeReasonCode::Failure,
+            Codec::V5 => v5,
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        props: Option<protocol::SubscribeProperties>,
+    ) -> Result<(), End> {
+        let max = self.broker.limits.max_subscriptions;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut routed = Vec::new();
+        for filter in subscribe.filters {
+            let already = self.router_filters.contains(&filter.path)
+                || self
+                    .attached
+                    .session
+                    .filters
+                    .iter()
+                    .any(|(f, _)| *f == filter.path);
+            if !already && self.held() >= max {
+                bump(&self.broker.metrics.refused_subscriptions);
+                debug!(filter = filter.path, max, "subscription refused: too many");
+                codes.push(Some(self.refusal(SubscribeReasonCode::QuotaExceeded)));
+                continue;
+            }
+            match topics::route_subscribe(&filter.path, &self.client_id, self.privileged) {
+                SubscribeRoute::Aws => {
+                    let qos = min_qos(filter.qos, QoS::AtLeastOnce);
+                    let session = &mut self.attached.session;
+                    self.broker
+                        .publisher
+                        .subscribe(&filter.path, qos, &session.mailbox);
+                    match session.filters.iter_mut().find(|(f, _)| *f == filter.path) {
+                        Some((_, held)) => *held = qos,
+                        None => session.filters.push((filter.path, qos)),
+                    }
+                    codes.push(Some(SubscribeReasonCode::Success(qos)));
+                }
+                SubscribeRoute::Router => {
+                    self.router_filters.insert(filter.path.clone());
+                    routed.push(filter);
+                    codes.push(None);
+                }
+                SubscribeRoute::Refuse => {
+                    bump(&self.broker.metrics.refused_subscriptions);
+                    debug!(filter = filter.path, "subscription refused");
+                    codes.push(Some(self.refusal(SubscribeReasonCode::TopicFilterInvalid)));
+                }
+                SubscribeRoute::Forbidden(why) => {
+                    return Err(self.forbidden("subscribe", &filter.path, why));
+                }
+            }
+        }
+        if routed.is_empty() {
+            return self.send(suback(subscribe.pkid, codes));
+        }
+        self.pending_acks
+            .insert(subscribe.pkid, PendingAck::SubAck(codes));
+        let subscribe = Subscribe {
+            pkid: subscribe.pkid,
+            filters: routed,
+        };
+        self.forward(Packet::Subscribe(subscribe, props)).await
+    }
+
+    async fn unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        props: Option<protocol::UnsubscribeProperties>,
+    ) -> Result<(), End> {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        let mut routed = Vec::new();
+        for filter in unsubscribe.filters {
+            if self.router_filters.remove(&filter) {
+                routed.push(filter);
+                reasons.push(None);
+                continue;
+            }
+            let session = &mut self.attached.session;
+            match session.filters.iter().position(|(f, _)| *f == filter) {
+                Some(at) => {
+                    session.filters.remove(at);
+                    self.broker.publisher.unsubscribe(&filter, &session.mailbox);
+                    reasons.push(Some(UnsubAckReason::Success));
+                }
+                None if self.link.is_some() && !filter.starts_with(topics::AWS_PREFIX) => {
+                    // Perhaps held by the router from a resumed session.
+                    routed.push(filter);
+                    reasons.push(None);
+                }
+                None => reasons.push(Some(UnsubAckReason::NoSubscriptionExisted)),
+            }
+        }
+        if routed.is_empty() {
+            return self.send(unsuback(unsubscribe.pkid, reasons));
+        }
+        self.pending_acks
+            .insert(unsubscribe.pkid, PendingAck::UnsubAck(reasons));
+        let unsubscribe = Unsubscribe {
+            pkid: unsubscribe.pkid,
+            filters: routed,
+        };
+        self.forward(Packet::Unsubscribe(unsubscribe, props)).await
+    }
+
+    /// Handles one router notification and whatever else is already queued.
+    async fn on_router(&mut self, first: Option<Notification>) -> Result<(), End> {
+        let mut next = first;
+        let mut unscheduled = false;
+        for _ in 0..1024 {
+            let Some(notification) = next else { break };
+            match notification {
+                Notification::Forward(forward) => {
+                    let mut publish = forward.publish;
+                    if publish.qos != QoS::AtMostOnce {
+                        let wire = self.alloc_pkid();
+                        self.router_inflight.insert(wire, publish.pkid);
+                        publish.pkid = wire;
+                    }
+                    self.send(Packet::Publish(publish, forward.properties))?;
+                }
+                Notification::DeviceAck(ack) => self.router_ack(ack.into())?,
+                Notification::Unschedule => unscheduled = true,
+                Notification::Disconnect(..) => {
+                    return Err(LinkError::NotConnectionAck.into());
+                }
+                _ => {}
+            }
+            next = self.link_rx.as_mut().and_then(LinkRx::try_next);
+        }
+        if unscheduled {
+            if let Some(rx) = &self.link_rx {
+                rx.wake().await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn router_ack(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::SubAck(ack, props) => {
+                if let Some(PendingAck::SubAck(codes)) = self.pending_acks.remove(&ack.pkid) {
+                    let mut routed = ack.return_codes.into_iter();
+                    let codes = codes
+                        .into_iter()
+                        .map(|c| c.or_else(|| routed.next()))
+                        .collect();
+                    let mut suback = suback(ack.pkid, codes);
+                    if let Packet::SubAck(_, p) = &mut suback {
+                        *p = props;
+                    }
+                    return self.send(suback);
+                }
+                Ok(())
+            }
+            Packet::UnsubAck(ack, _) => {
+                if let Some(PendingAck::UnsubAck(reasons)) = self.pending_acks.remove(&ack.pkid) {
+                    let mut routed = ack.reasons.into_iter();
+                    let reasons = reasons
+                        .into_iter()
+                        .map(|r| r.or_else(|| routed.next()))
+                        .collect();
+                    return self.send(unsuback(ack.pkid, reasons));
+                }
+                Ok(())
+            }
+            Packet::PubRel(rel, props) => {
+                let wire = self
+                    .router_inflight
+                    .iter()
+                    .find(|(_, router)| **router == rel.pkid)
+                    .map(|(wire, _)| *wire);
+                match wire {
+                    Some(pkid) => {
+                        self.send(Packet::PubRel(protocol::PubRel { pkid, ..rel }, props))
+                    }
+                    None => Ok(()),
+                }
+            }
+            // Acknowledgements of what this connection already acknowledged.
+            _ => Ok(()),
+        }
+    }
+
+    /// Says goodbye: a DISCONNECT with the reason to an MQTT 5 client, the
+    /// will when it is due, and the router link's end.
+    async fn close(&mut self, end: End) {
+        match &end {
+            End::Graceful { .. } | End::Closed => debug!("client disconnected"),
+            End::Io(err) => debug!(cause = %err, "connection lost"),
+            End::TakenOver => debug!("taken over by a new connection"),
+            End::Shutdown => debug!("closed for shutdown"),
+            End::KeepAlive => debug!("keep-alive expired"),
+            End::Forbidden => {}
+            End::Protocol(why, _) => info!(why, "protocol violation, closing the connection"),
+            End::Malformed(err) => {
+                bump(&self.broker.metrics.protocol_errors);
+                info!(cause = %err, "malformed packet, closing the connection");
+            }
+            End::Router(err) => warn!(cause = %err, "router link failed"),
+        }
+        if let (Codec::V5, Some(reason_code)) = (self.codec, end.reason()) {
+            self.write.clear();
+            if self
+                .send(Packet::Disconnect(Disconnect { reason_code }, None))
+                .is_ok()
+            {
+                let _best_effort = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+            }
+        }
+        if end.publishes_will() {
+            if let Some(will) = self.will.take() {
+                let mut publish = Publish::new(will.topic, will.message, will.retain);
+                publish.qos = min_qos(will.qos, QoS::AtLeastOnce);
+                publish.pkid = 1;
+                if let Err(err) = self.forward(Packet::Publish(publish, None)).await {
+                    warn!(cause = ?err, "will not published");
+                }
+            }
+        }
+        if let Some(link) = self.link.take() {
+            self.link_rx = None;
+            if let Err(err) = link.disconnect().await {
+                debug!(cause = %err, "router gone before the link's end");
+            }
+        }
+        self.stream.shutdown().await.ok();
+    }
+}
+
+async fn next_notification(rx: &mut Option<LinkRx>) -> Result<Option<Notification>, LinkError> {
+    match rx {
+        Some(rx) => rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(
+        PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+fn suback(pkid: u16, codes: Vec<Option<SubscribeReasonCode>>) -> Packet {
+    let return_codes = codes
+        .into_iter()
+        .map(|c| c.unwrap_or(SubscribeReasonCode::Failure))
+        .collect();
+    Packet::SubAck(SubAck { pkid, return_codes }, None)
+}
+
+fn unsuback(pkid: u16, reasons: Vec<Option<UnsubAckReason>>) -> Packet {
+    let reasons = reasons
+        .into_iter()
+        .map(|r| r.unwrap_or(UnsubAckReason::UnspecifiedError))
+        .collect();
+    Packet::UnsubAck(UnsubAck { pkid, reasons }, None)
+}

@@ -1,0 +1,207 @@
+//! Listeners and transports: binding with a deep backlog, the accept loop,
+//! and the TLS and WebSocket handshakes, which run in each connection's own
+//! task under its connect timeout (never in the accept loop, so one client
+//! that never finishes its handshake delays nobody else).
+
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+use ws_stream_tungstenite::WsStream;
+
+use crate::connection::{self, Broker};
+
+/// A connection's byte stream, whatever the transport.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What a listener speaks on top of TCP.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(TlsAcceptor),
+    WebSocket(Option<TlsAcceptor>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::WebSocket(None) => "websocket",
+            Transport::WebSocket(Some(_)) => "websocket+tls",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("no certificate in {0}")]
+    NoCertificate(String),
+    #[error("no private key in {0}")]
+    NoKey(String),
+    #[error("certificate and key do not make a TLS config: {0}")]
+    Config(#[from] tokio_rustls::rustls::Error),
+}
+
+/// A TLS acceptor from PEM files, read once at start.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let open = |path: &Path| {
+        File::open(path)
+            .map(BufReader::new)
+            .map_err(|source| TlsError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+    };
+    let certs = rustls_pemfile::certs(&mut open(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Read {
+            path: cert.display().to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(cert.display().to_string()));
+    }
+    let key = rustls_pemfile::private_key(&mut open(key)?)
+        .map_err(|source| TlsError::Read {
+            path: key.display().to_string(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey(key.display().to_string()))?;
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Binds `addr` with room for `backlog` connections waiting to be accepted.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Accepts connections until `stop`; each connection takes a permit of
+/// `limit` before it is accepted and holds it until it ends.
+pub async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    broker: Arc<Broker>,
+    limit: Arc<Semaphore>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors or a connection reset before it
+                // was accepted: say so, give the system a moment, go on.
+                warn!(cause = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(cause = %err, %peer, "cannot set TCP_NODELAY");
+        }
+        let transport = transport.clone();
+        let broker = Arc::clone(&broker);
+        connections.spawn(async move {
+            connection::run(stream, peer, transport, broker).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Runs the transport's handshake on an accepted TCP stream.
+pub async fn handshake(stream: TcpStream, transport: &Transport) -> io::Result<Box<dyn Stream>> {
+    match transport {
+        Transport::Tcp => Ok(Box::new(stream)),
+        Transport::Tls(acceptor) => Ok(Box::new(acceptor.accept(stream).await?)),
+        Transport::WebSocket(None) => websocket(stream).await,
+        Transport::WebSocket(Some(acceptor)) => websocket(acceptor.accept(stream).await?).await,
+    }
+}
+
+/// Subprotocols of MQTT over WebSocket, in order of preference.
+const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+async fn websocket<S>(stream: S) -> io::Result<Box<dyn Stream>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ws = async_tungstenite::tokio::accept_hdr_async(stream, choose_subprotocol)
+        .await
+        .map_err(io::Error::other)?;
+    Ok(Box::new(WsStream::new(ws)))
+}
+
+/// Answers with the first subprotocol the client offered that Umbra speaks;
+/// refuses the upgrade when it offered none of them.
+#[allow(clippy::result_large_err)] // the signature tungstenite's callback requires
+fn choose_subprotocol(
+    request: &Request,
+    mut response: Response,
+) -> Result<Response, ErrorResponse> {
+    let offered = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| SUBPROTOCOLS.contains(p));
+    match offered {
+        Some(protocol) => {
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(if protocol == "mqtt" {
+                    "mqtt"
+                } else {
+                    "mqttv3.1"
+                }),
+            );
+            Ok(response)
+        }
+        None => {
+            let mut refusal = ErrorResponse::new(Some(
+                "MQTT over WebSocket needs the subprotocol \"mqtt\"".to_owned(),
+            ));
+            *refusal.status_mut() = StatusCode::BAD_REQUEST;
+            Err(refusal)
+        }
+    }
+}
