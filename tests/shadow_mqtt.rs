@@ -451,3 +451,121 @@ async fn presence_events_and_connectivity() {
     assert!(recorded.last_seen_ms >= ts);
     server.shutdown().await;
 }
+
+/// Like AWS IoT's persistent sessions: a device that connected with clean
+/// session 0 gets the delta published while it was offline when it comes
+/// back, without asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_gets_the_delta_published_while_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let addr = mqtt_addr(&server);
+    let delta = "$aws/things/sleepy/shadow/update/delta";
+    let persistent = || {
+        let mut options = rumqttc::MqttOptions::new("sleepy", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(std::time::Duration::from_secs(30));
+        options.set_clean_session(false);
+        options
+    };
+    let mut device = Device::connect_with(persistent()).await;
+    device.subscribe(delta).await;
+    device.client.disconnect().await.expect("disconnect queued");
+    // Gone once the server saw it go.
+    while device.next_packet(|_| false).await.is_ok() {}
+
+    let answer = server
+        .service()
+        .handle(umbra_shadow::Request {
+            key: umbra_shadow::ShadowKey::classic("sleepy".to_owned()),
+            op: umbra_shadow::Operation::Update,
+            payload: json!({"state": {"desired": {"mode": "eco"}}})
+                .to_string()
+                .into(),
+            client: "operator".into(),
+        })
+        .await;
+    assert_eq!(answer.result, Ok(1));
+
+    let mut device = Device::connect_with(persistent()).await;
+    let body = device.next_on(delta).await;
+    assert_eq!(body["state"]["mode"], "eco");
+    assert_eq!(body["version"], 1);
+    server.shutdown().await;
+}
+
+/// One device flooding shadow updates at QoS 0 as fast as its socket takes
+/// them costs the others neither answers nor 429s: it is slowed down by its
+/// own connection's request window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_does_not_cost_the_others_answers() {
+    const DEVICES: usize = 10;
+    const UPDATES: u64 = 5;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let addr = mqtt_addr(&server);
+
+    let flooder = Device::connect(addr, "flood").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = json!({"state": {"reported": {"n": sent}}}).to_string();
+                if flooder
+                    .client
+                    .publish(
+                        "$aws/things/flood/shadow/update",
+                        rumqttc::QoS::AtMostOnce,
+                        false,
+                        body,
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+
+    let mut devices = Vec::new();
+    for d in 0..DEVICES {
+        let thing = format!("calm-{d}");
+        let mut device = Device::connect(addr, &thing).await;
+        device
+            .subscribe(&format!("$aws/things/{thing}/shadow/update/+"))
+            .await;
+        devices.push(tokio::spawn(async move {
+            for i in 1..=UPDATES {
+                let token = format!("t{i}");
+                device
+                    .publish(
+                        &format!("$aws/things/{thing}/shadow/update"),
+                        json!({"state": {"reported": {"i": i}}, "clientToken": token}).to_string(),
+                    )
+                    .await;
+                let answer = device
+                    .next_on(&format!("$aws/things/{thing}/shadow/update/accepted"))
+                    .await;
+                assert_eq!(answer["clientToken"], token.as_str(), "{thing}: {answer}");
+                assert_eq!(answer["version"], i, "{thing}");
+            }
+        }));
+    }
+    for device in devices {
+        device.await.expect("every calm device got every answer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.await.expect("flood task");
+    assert!(sent > 0);
+    let stalls = server
+        .broker()
+        .metrics()
+        .request_stalls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(stalls > 0, "the flooder was slowed down ({sent} sent)");
+    server.shutdown().await;
+}

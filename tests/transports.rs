@@ -1,15 +1,18 @@
 //! The other transports: MQTT over TLS from configured certificate files, and
 //! MQTT over WebSocket, each with a real client.
 
+use std::time::Duration;
+
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use umbra_broker::embedded::{ListenerSettings, TlsFiles};
 use umbra_tests::{start, test_config, Device};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_keeps_its_shadow_over_tls() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // A CA and a server certificate for localhost, written as PEM files.
+/// A CA and a server certificate for localhost, written as PEM files into
+/// `dir`; returns the CA's PEM and the listener settings.
+fn tls_listener(dir: &std::path::Path) -> (String, TlsFiles) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_key = KeyPair::generate().expect("ca key");
@@ -17,30 +20,42 @@ async fn a_device_keeps_its_shadow_over_tls() {
     let params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
     let key = KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, &ca, &ca_key).expect("cert");
-    let cert_path = dir.path().join("server.pem");
-    let key_path = dir.path().join("server.key");
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server.key");
     std::fs::write(&cert_path, cert.pem()).expect("write cert");
     std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-
-    let mut config = test_config(&dir.path().join("data"));
-    config.mqtt.mqtt_v4 = Some(ListenerSettings {
-        tls: Some(TlsFiles {
+    (
+        ca.pem(),
+        TlsFiles {
             cert: cert_path,
             key: key_path,
-        }),
+        },
+    )
+}
+
+fn tls_options(client_id: &str, port: u16, ca: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, "localhost", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca.as_bytes().to_vec(),
+        alpn: None,
+        client_auth: None,
+    }));
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_its_shadow_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, files) = tls_listener(dir.path());
+    let mut config = test_config(&dir.path().join("data"));
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(files),
         ..ListenerSettings::local(0)
     });
     let server = start(config).await;
     let port = server.addrs().mqtt.expect("tls listener").port();
-
-    let mut options = MqttOptions::new("tls-lamp", "localhost", port);
-    options.set_keep_alive(std::time::Duration::from_secs(30));
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-        ca: ca.pem().into_bytes(),
-        alpn: None,
-        client_auth: None,
-    }));
-    let mut device = Device::connect_with(options).await;
+    let mut device = Device::connect_with(tls_options("tls-lamp", port, &ca)).await;
     device
         .subscribe("$aws/things/tls-lamp/shadow/update/accepted")
         .await;
@@ -63,7 +78,7 @@ async fn a_device_keeps_its_shadow_over_websocket() {
     let server = start(test_config(dir.path())).await;
     let ws = server.addrs().websocket.expect("websocket listener");
     let mut options = MqttOptions::new("ws-lamp", format!("ws://{ws}/mqtt"), ws.port());
-    options.set_keep_alive(std::time::Duration::from_secs(30));
+    options.set_keep_alive(Duration::from_secs(30));
     options.set_transport(Transport::Ws);
     let mut device = Device::connect_with(options).await;
     device
@@ -79,5 +94,75 @@ async fn a_device_keeps_its_shadow_over_websocket() {
         .next_on("$aws/things/ws-lamp/shadow/update/delta")
         .await;
     assert_eq!(delta["state"]["on"], true);
+    server.shutdown().await;
+}
+
+/// Waits until the server closes `stream` (it reads nothing but EOF).
+async fn closed_by_server(stream: &mut TcpStream) {
+    let mut buf = [0u8; 256];
+    loop {
+        let read = tokio::time::timeout(umbra_tests::WAIT, stream.read(&mut buf))
+            .await
+            .expect("closed in time");
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A client that opens a TCP connection to a TLS (or WebSocket) listener
+/// and never starts its handshake delays no one: handshakes run in the
+/// connection's task, not the accept loop. It is closed at the connect
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_handshake_delays_no_other_client_and_is_closed_at_the_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, files) = tls_listener(dir.path());
+    let mut config = test_config(&dir.path().join("data"));
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(files),
+        ..ListenerSettings::local(0)
+    });
+    // Longer than the test waits: if the idle client blocked the accept
+    // loop, the others could not connect before it gave up.
+    config.mqtt.connection.connect_timeout_ms = 60_000;
+    let server = start(config.clone()).await;
+    let tls = server.addrs().mqtt.expect("tls listener");
+    let ws = server.addrs().websocket.expect("websocket listener");
+    let _idle_tls = TcpStream::connect(tls).await.expect("tcp connect");
+    let _idle_ws = TcpStream::connect(ws).await.expect("tcp connect");
+
+    let started = std::time::Instant::now();
+    let device = Device::connect_with(tls_options("tls-2", tls.port(), &ca)).await;
+    let mut options = MqttOptions::new("ws-2", format!("ws://{ws}/mqtt"), ws.port());
+    options.set_transport(Transport::Ws);
+    let ws_device = Device::connect_with(options).await;
+    println!("connected past idle handshakes in {:?}", started.elapsed());
+    device.disconnect().await;
+    ws_device.disconnect().await;
+    server.shutdown().await;
+
+    // With a short timeout the idle connections are closed.
+    config.mqtt.connection.connect_timeout_ms = 300;
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        ..config.mqtt.mqtt_v4.clone().expect("tls listener")
+    });
+    let server = start(config).await;
+    let mut idle_tls = TcpStream::connect(server.addrs().mqtt.expect("tls"))
+        .await
+        .expect("tcp connect");
+    let mut idle_ws = TcpStream::connect(server.addrs().websocket.expect("ws"))
+        .await
+        .expect("tcp connect");
+    closed_by_server(&mut idle_tls).await;
+    closed_by_server(&mut idle_ws).await;
+    let timeouts = server
+        .broker()
+        .metrics()
+        .connect_timeouts
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(timeouts, 2);
     server.shutdown().await;
 }

@@ -764,10 +764,8 @@ impl Connection {
                 let topic = topic.to_owned();
                 let qos = min_qos(qos, QoS::AtLeastOnce);
                 // The route said `$aws/`, so this cannot fail.
-                let _routed = self
-                    .broker
-                    .publisher
-                    .publish_at(&topic, publish.payload, qos);
+                let payload = Bytes::copy_from_slice(&publish.payload);
+                let _routed = self.broker.publisher.publish_at(&topic, payload, qos);
             }
             PublishRoute::Drop => {}
             PublishRoute::Router => {
@@ -775,6 +773,11 @@ impl Connection {
                 // the router gets QoS 1 at most and its PUBACK is not needed.
                 publish.qos = min_qos(qos, QoS::AtLeastOnce);
                 publish.dup = false;
+                // The router keeps what it is given: copies of their own, so
+                // that a kept message does not pin this connection's whole
+                // read buffer.
+                publish.topic = Bytes::copy_from_slice(&publish.topic);
+                publish.payload = Bytes::copy_from_slice(&publish.payload);
                 let props = props.map(|mut p| {
                     p.topic_alias = None;
                     p
@@ -1007,6 +1010,13 @@ impl Connection {
                 info!(cause = %err, "malformed packet, closing the connection");
             }
             End::Router(err) => warn!(cause = %err, "router link failed"),
+        }
+        if matches!(end, End::Shutdown) {
+            // What the service answered before it stopped is still in the
+            // mailbox: write it before saying goodbye.
+            if self.deliver().is_ok() {
+                let _best_effort = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+            }
         }
         if let (Codec::V5, Some(reason_code)) = (self.codec, end.reason()) {
             self.write.clear();
