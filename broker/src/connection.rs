@@ -9,8 +9,10 @@
 //! a wire id of their own (mapped back to the router's when acknowledged),
 //! so that they never collide with Umbra's own QoS 1 deliveries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +40,7 @@ use crate::metrics::{bump, EdgeMetrics};
 use crate::requests::{Answered, ShadowPublish, ShadowRequests};
 use crate::sessions::{Attached, Sessions};
 use crate::topics::{self, Forbidden, PublishRoute, SubscribeRoute};
-use crate::transport::{self, Stream, Transport};
+use crate::transport::{self, Io, Transport};
 
 /// A device connected or disconnected. `session` increases with every
 /// accepted connection of this broker, so a consumer can tell a stale
@@ -147,12 +149,15 @@ impl From<LinkError> for End {
 
 /// Serves one accepted TCP connection until it ends.
 pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, broker: Arc<Broker>) {
+    // Each phase is its own heap future: a task's future is as large as its
+    // largest state, and the TLS and WebSocket handshakes alone are over
+    // 10 KiB that an idle connection must not keep.
     let opened = tokio::select! {
         biased;
         () = broker.stop.cancelled() => return,
         opened = tokio::time::timeout(
             broker.limits.connect_timeout(),
-            open(stream, &transport, &broker),
+            opening(stream, &transport, &broker),
         ) => opened,
     };
     let opened = match opened {
@@ -167,16 +172,37 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, brok
             return;
         }
     };
-    let Some(connection) = accept(opened, &broker).await else {
+    let Some(connection) = accepting(opened, &broker).await else {
         return;
     };
-    let span = tracing::info_span!("mqtt", client_id = %connection.client_id);
-    connection.serve().instrument(span).await;
+    serving(connection).await;
+}
+
+type Phase<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+fn opening<'a>(
+    stream: TcpStream,
+    transport: &'a Transport,
+    broker: &'a Broker,
+) -> Phase<'a, Result<Opened, String>> {
+    Box::pin(open(stream, transport, broker))
+}
+
+fn accepting<'a>(opened: Opened, broker: &'a Arc<Broker>) -> Phase<'a, Option<Connection>> {
+    Box::pin(accept(opened, broker))
+}
+
+fn serving(connection: Connection) -> Phase<'static, ()> {
+    // At debug level: a span is kept for as long as the connection lives,
+    // so at the default level the few info/warn lines name the client
+    // themselves.
+    let span = tracing::debug_span!("mqtt", client_id = %connection.client_id);
+    Box::pin(connection.serve().instrument(span))
 }
 
 /// A connection that has sent its CONNECT.
 struct Opened {
-    stream: Box<dyn Stream>,
+    stream: Io,
     codec: Codec,
     connect: Packet,
     read: BytesMut,
@@ -187,7 +213,7 @@ async fn open(stream: TcpStream, transport: &Transport, broker: &Broker) -> Resu
     let mut stream = transport::handshake(stream, transport)
         .await
         .map_err(|e| format!("handshake failed: {e}"))?;
-    let mut read = BytesMut::with_capacity(256);
+    let mut read = BytesMut::with_capacity(128);
     let codec = loop {
         match sniff(&read) {
             Sniffed::Codec(codec) => break codec,
@@ -349,14 +375,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         clean: connect.clean_session,
         keep,
         will,
-        link: None,
-        link_rx: None,
-        router_inflight: HashMap::new(),
+        router: None,
         next_pkid: 0,
         qos2_received: HashSet::new(),
-        pending_acks: HashMap::new(),
-        router_filters: HashSet::new(),
-        requests: FuturesUnordered::new(),
+        requests: None,
         stalled: false,
         aliases: HashMap::new(),
         attached,
@@ -388,9 +410,24 @@ enum PendingAck {
     UnsubAck(Vec<Option<UnsubAckReason>>),
 }
 
+/// A connection's side of rumqttd's router.
+#[derive(Default)]
+struct RouterSide {
+    link: Option<LinkTx>,
+    rx: Option<LinkRx>,
+    /// Router publishes in flight at QoS 1/2: wire packet id -> router's.
+    inflight: HashMap<u16, u16>,
+    /// SUBACKs and UNSUBACKs waiting for the router's part, by packet id.
+    pending_acks: HashMap<u16, PendingAck>,
+    /// Filters this connection holds in the router.
+    filters: HashSet<String>,
+    /// Packets for the router, handed over after each batch of reads.
+    routed: Vec<Packet>,
+}
+
 struct Connection {
     broker: Arc<Broker>,
-    stream: Box<dyn Stream>,
+    stream: Io,
     codec: Codec,
     client_id: String,
     privileged: bool,
@@ -404,19 +441,15 @@ struct Connection {
     /// How long the session is kept after this connection ends.
     keep: Option<Duration>,
     will: Option<LastWill>,
-    link: Option<LinkTx>,
-    link_rx: Option<LinkRx>,
-    /// Router publishes in flight at QoS 1/2: wire packet id -> router's.
-    router_inflight: HashMap<u16, u16>,
+    /// Router state, once the connection uses a topic outside `$aws/`
+    /// (boxed: most devices never do).
+    router: Option<Box<RouterSide>>,
     next_pkid: u16,
     /// QoS 2 publishes from the client answered with PUBREC, until PUBREL.
     qos2_received: HashSet<u16>,
-    /// SUBACKs and UNSUBACKs waiting for the router's part, by packet id.
-    pending_acks: HashMap<u16, PendingAck>,
-    /// Filters this connection holds in the router.
-    router_filters: HashSet<String>,
-    /// Shadow requests being handled.
-    requests: FuturesUnordered<Answered>,
+    /// Shadow requests being handled (`None` while there are none, which
+    /// keeps an idle connection from holding the set's allocation).
+    requests: Option<FuturesUnordered<Answered>>,
     /// Parsing stopped because `requests` was full.
     stalled: bool,
     /// MQTT 5 client-to-server topic aliases.
@@ -439,7 +472,7 @@ impl Connection {
             Ok(()) => End::Closed,
             Err(end) => end,
         };
-        self.close(end).await;
+        Box::pin(self.close(end)).await;
         metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
         broker.emit(PresenceEvent::Disconnected {
             client_id: self.client_id.clone(),
@@ -457,10 +490,11 @@ impl Connection {
 
     async fn run(&mut self) -> Result<(), End> {
         if !self.clean && self.attached.session.router {
-            self.link().await?;
+            Box::pin(self.link()).await?;
         }
         self.resume()?;
-        self.parse().await?;
+        self.parse()?;
+        self.hand_to_router().await?;
         self.flush().await?;
         let mailbox = Arc::clone(&self.attached.session.mailbox);
         let kick = self.attached.kick.clone();
@@ -469,29 +503,41 @@ impl Connection {
         let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
-            let can_read = !self.stalled && self.requests.len() < max_requests;
+            let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
+            let can_read = !self.stalled && pending < max_requests;
+            let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err(End::Shutdown),
                 () = kick.cancelled() => return Err(End::TakenOver),
-                Some(()) = self.requests.next(), if !self.requests.is_empty() => {
+                Some(()) = next_answered(&mut self.requests), if pending > 0 => {
+                    if self.requests.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                        self.requests = None;
+                    }
                     if self.stalled {
                         self.stalled = false;
-                        self.parse().await?;
+                        self.parse()?;
+                        self.hand_to_router().await?;
                     }
                 }
                 () = mailbox.ready() => self.deliver()?,
-                notification = next_notification(&mut self.link_rx), if self.link_rx.is_some() => {
-                    self.on_router(notification?).await?;
+                notification = next_notification(&mut self.router), if linked => {
+                    if self.on_router(notification?)? {
+                        if let Some(rx) = self.router.as_ref().and_then(|r| r.rx.as_ref()) {
+                            Box::pin(rx.wake()).await?;
+                        }
+                    }
+                    self.hand_to_router().await?;
                 }
-                read = self.stream.read_buf(&mut self.read), if can_read => {
+                read = self.stream.read_some(&mut self.read), if can_read => {
                     if read? == 0 {
                         return Err(End::Closed);
                     }
                     if let Some(keep_alive) = self.keep_alive {
                         idle.as_mut().reset(Instant::now() + keep_alive);
                     }
-                    self.parse().await?;
+                    self.parse()?;
+                    self.hand_to_router().await?;
                 }
                 () = &mut idle, if self.keep_alive.is_some() => return Err(End::KeepAlive),
             }
@@ -501,11 +547,11 @@ impl Connection {
 
     /// Frames and handles every complete packet in the read buffer, unless
     /// too many shadow requests are outstanding (then the rest waits).
-    async fn parse(&mut self) -> Result<(), End> {
+    fn parse(&mut self) -> Result<(), End> {
         let max = self.broker.limits.max_payload_size;
         let max_requests = self.broker.limits.max_pending_requests.max(1);
         loop {
-            if self.requests.len() >= max_requests {
+            if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= max_requests {
                 self.stalled = true;
                 bump(&self.broker.metrics.request_stalls);
                 return Ok(());
@@ -513,14 +559,15 @@ impl Connection {
             match self.codec.read(&mut self.read, max) {
                 Ok(packet) => {
                     self.broker.metrics.count_in(&packet);
-                    self.incoming(packet).await?;
+                    self.incoming(packet)?;
                 }
                 Err(protocol::Error::InsufficientBytes(n)) => {
-                    if self.read.is_empty() && self.read.capacity() > 4096 {
-                        // Give back what one large packet needed.
+                    if self.read.is_empty() {
+                        // Idle between packets: keep nothing (see `Io::read_some`).
                         self.read = BytesMut::new();
+                    } else {
+                        self.read.reserve(n.min(max + 8));
                     }
-                    self.read.reserve(n.clamp(256, max + 8));
                     return Ok(());
                 }
                 Err(err) => return Err(End::Malformed(err)),
@@ -556,10 +603,9 @@ impl Connection {
                 )))
             }
         }
-        self.write.clear();
-        if self.write.capacity() > 16 * 1024 {
-            self.write = BytesMut::new();
-        }
+        // An idle connection keeps no write buffer (one allocation per
+        // flush costs far less than the write itself).
+        self.write = BytesMut::new();
         Ok(())
     }
 
@@ -567,7 +613,10 @@ impl Connection {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
             let pkid = self.next_pkid;
-            let taken = self.router_inflight.contains_key(&pkid)
+            let taken = self
+                .router
+                .as_ref()
+                .is_some_and(|r| r.inflight.contains_key(&pkid))
                 || self
                     .attached
                     .session
@@ -618,32 +667,60 @@ impl Connection {
         Ok(())
     }
 
-    /// The router link, created on first use.
-    async fn link(&mut self) -> Result<&mut LinkTx, End> {
-        if self.link.is_none() {
-            let (tx, rx, _connack) = LinkBuilder::new(&self.client_id, self.broker.router.clone())
-                .clean_session(self.clean)
-                .build_async()
-                .await?;
-            bump(&self.broker.metrics.router_links);
-            self.attached.session.router = true;
-            self.link_rx = Some(rx);
-            self.link = Some(tx);
-        }
-        match self.link.as_mut() {
-            Some(link) => Ok(link),
-            None => Err(LinkError::NotConnectionAck.into()),
-        }
+    fn router_side(&mut self) -> &mut RouterSide {
+        self.router.get_or_insert_with(Box::default)
     }
 
-    async fn forward(&mut self, packet: Packet) -> Result<(), End> {
-        self.link().await?.send(packet).await?;
+    /// Queues a packet for the router; [`hand_to_router`](Self::hand_to_router)
+    /// hands the queue over.
+    fn forward(&mut self, packet: Packet) {
+        self.router_side().routed.push(packet);
+    }
+
+    /// Hands the router what [`forward`](Self::forward) queued, if anything.
+    /// Boxed: a send on the router's channel holds a whole router event
+    /// (about 1 KiB), which an idle connection's future must not carry.
+    async fn hand_to_router(&mut self) -> Result<(), End> {
+        if self.router.as_ref().is_none_or(|r| r.routed.is_empty()) {
+            return Ok(());
+        }
+        Box::pin(self.send_routed()).await
+    }
+
+    /// Hands the router what [`forward`](Self::forward) queued, with one
+    /// notification, creating the router link if this is the first time.
+    async fn send_routed(&mut self) -> Result<(), End> {
+        self.link().await?;
+        let router = self.router_side();
+        let packets = std::mem::take(&mut router.routed);
+        let Some(link) = router.link.as_mut() else {
+            return Err(LinkError::NotConnectionAck.into());
+        };
+        link.buffer().extend(packets);
+        link.notify().await?;
+        Ok(())
+    }
+
+    /// Creates the router link unless there is one.
+    async fn link(&mut self) -> Result<(), End> {
+        if self.router.as_ref().is_some_and(|r| r.link.is_some()) {
+            return Ok(());
+        }
+        let builder =
+            LinkBuilder::new(&self.client_id, self.broker.router.clone()).clean_session(self.clean);
+        let (tx, rx, _connack) = Box::pin(builder.build_async()).await?;
+        bump(&self.broker.metrics.router_links);
+        self.attached.session.router = true;
+        let router = self.router_side();
+        router.link = Some(tx);
+        router.rx = Some(rx);
         Ok(())
     }
 
     fn forbidden(&self, what: &'static str, target: &str, why: Forbidden) -> End {
         bump(&self.broker.metrics.forbidden);
         info!(
+            client_id = self.client_id,
             what,
             target,
             reason = why.as_str(),
@@ -657,9 +734,9 @@ impl Connection {
         End::Protocol(why, code)
     }
 
-    async fn incoming(&mut self, packet: Packet) -> Result<(), End> {
+    fn incoming(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish, props) => self.publish(publish, props).await,
+            Packet::Publish(publish, props) => self.publish(publish, props),
             Packet::PubRel(rel, _) => {
                 self.qos2_received.remove(&rel.pkid);
                 self.send(Packet::PubComp(
@@ -674,31 +751,43 @@ impl Connection {
                 let inflight = &mut self.attached.session.inflight;
                 if let Some(at) = inflight.iter().position(|(p, _)| *p == ack.pkid) {
                     inflight.remove(at);
+                    if inflight.is_empty() {
+                        *inflight = VecDeque::new();
+                    }
                     return self.deliver();
                 }
-                if let Some(pkid) = self.router_inflight.remove(&ack.pkid) {
+                let router = self
+                    .router
+                    .as_mut()
+                    .and_then(|r| r.inflight.remove(&ack.pkid));
+                if let Some(pkid) = router {
                     let ack = PubAck { pkid, ..ack };
-                    self.forward(Packet::PubAck(ack, props)).await?;
+                    self.forward(Packet::PubAck(ack, props));
                 }
                 Ok(())
             }
             Packet::PubRec(rec, props) => {
                 // Kept until PUBCOMP: the router answers with PUBREL.
-                if let Some(&pkid) = self.router_inflight.get(&rec.pkid) {
+                let router = self.router.as_ref().and_then(|r| r.inflight.get(&rec.pkid));
+                if let Some(&pkid) = router {
                     let rec = PubRec { pkid, ..rec };
-                    self.forward(Packet::PubRec(rec, props)).await?;
+                    self.forward(Packet::PubRec(rec, props));
                 }
                 Ok(())
             }
             Packet::PubComp(comp, props) => {
-                if let Some(pkid) = self.router_inflight.remove(&comp.pkid) {
+                let router = self
+                    .router
+                    .as_mut()
+                    .and_then(|r| r.inflight.remove(&comp.pkid));
+                if let Some(pkid) = router {
                     let comp = PubComp { pkid, ..comp };
-                    self.forward(Packet::PubComp(comp, props)).await?;
+                    self.forward(Packet::PubComp(comp, props));
                 }
                 Ok(())
             }
-            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
-            Packet::Unsubscribe(unsubscribe, props) => self.unsubscribe(unsubscribe, props).await,
+            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props),
+            Packet::Unsubscribe(unsubscribe, props) => self.unsubscribe(unsubscribe, props),
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
             Packet::Disconnect(disconnect, _) => Err(End::Graceful {
                 will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
@@ -713,7 +802,7 @@ impl Connection {
         }
     }
 
-    async fn publish(
+    fn publish(
         &mut self,
         mut publish: Publish,
         props: Option<protocol::PublishProperties>,
@@ -758,7 +847,9 @@ impl Connection {
                     request,
                     payload: publish.payload,
                 });
-                self.requests.push(answered);
+                self.requests
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(answered);
             }
             PublishRoute::Aws => {
                 let topic = topic.to_owned();
@@ -782,7 +873,7 @@ impl Connection {
                     p.topic_alias = None;
                     p
                 });
-                self.forward(Packet::Publish(publish, props)).await?;
+                self.forward(Packet::Publish(publish, props));
             }
             PublishRoute::Forbidden(why) => {
                 let topic = topic.to_owned();
@@ -803,7 +894,7 @@ impl Connection {
     }
 
     fn held(&self) -> usize {
-        self.attached.session.filters.len() + self.router_filters.len()
+        self.attached.session.filters.len() + self.router.as_ref().map_or(0, |r| r.filters.len())
     }
 
     fn refusal(&self, v5: SubscribeReasonCode) -> SubscribeReasonCode {
@@ -813,7 +904,7 @@ impl Connection {
         }
     }
 
-    async fn subscribe(
+    fn subscribe(
         &mut self,
         subscribe: Subscribe,
         props: Option<protocol::SubscribeProperties>,
@@ -822,7 +913,10 @@ impl Connection {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut routed = Vec::new();
         for filter in subscribe.filters {
-            let already = self.router_filters.contains(&filter.path)
+            let already = self
+                .router
+                .as_ref()
+                .is_some_and(|r| r.filters.contains(&filter.path))
                 || self
                     .attached
                     .session
@@ -849,7 +943,7 @@ impl Connection {
                     codes.push(Some(SubscribeReasonCode::Success(qos)));
                 }
                 SubscribeRoute::Router => {
-                    self.router_filters.insert(filter.path.clone());
+                    self.router_side().filters.insert(filter.path.clone());
                     routed.push(filter);
                     codes.push(None);
                 }
@@ -866,16 +960,18 @@ impl Connection {
         if routed.is_empty() {
             return self.send(suback(subscribe.pkid, codes));
         }
-        self.pending_acks
+        self.router_side()
+            .pending_acks
             .insert(subscribe.pkid, PendingAck::SubAck(codes));
         let subscribe = Subscribe {
             pkid: subscribe.pkid,
             filters: routed,
         };
-        self.forward(Packet::Subscribe(subscribe, props)).await
+        self.forward(Packet::Subscribe(subscribe, props));
+        Ok(())
     }
 
-    async fn unsubscribe(
+    fn unsubscribe(
         &mut self,
         unsubscribe: Unsubscribe,
         props: Option<protocol::UnsubscribeProperties>,
@@ -883,7 +979,11 @@ impl Connection {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         let mut routed = Vec::new();
         for filter in unsubscribe.filters {
-            if self.router_filters.remove(&filter) {
+            if self
+                .router
+                .as_mut()
+                .is_some_and(|r| r.filters.remove(&filter))
+            {
                 routed.push(filter);
                 reasons.push(None);
                 continue;
@@ -895,7 +995,7 @@ impl Connection {
                     self.broker.publisher.unsubscribe(&filter, &session.mailbox);
                     reasons.push(Some(UnsubAckReason::Success));
                 }
-                None if self.link.is_some() && !filter.starts_with(topics::AWS_PREFIX) => {
+                None if self.attached.session.router && !filter.starts_with(topics::AWS_PREFIX) => {
                     // Perhaps held by the router from a resumed session.
                     routed.push(filter);
                     reasons.push(None);
@@ -906,17 +1006,21 @@ impl Connection {
         if routed.is_empty() {
             return self.send(unsuback(unsubscribe.pkid, reasons));
         }
-        self.pending_acks
+        self.router_side()
+            .pending_acks
             .insert(unsubscribe.pkid, PendingAck::UnsubAck(reasons));
         let unsubscribe = Unsubscribe {
             pkid: unsubscribe.pkid,
             filters: routed,
         };
-        self.forward(Packet::Unsubscribe(unsubscribe, props)).await
+        self.forward(Packet::Unsubscribe(unsubscribe, props));
+        Ok(())
     }
 
     /// Handles one router notification and whatever else is already queued.
-    async fn on_router(&mut self, first: Option<Notification>) -> Result<(), End> {
+    /// Returns whether the router unscheduled this link (it then waits to
+    /// be woken).
+    fn on_router(&mut self, first: Option<Notification>) -> Result<bool, End> {
         let mut next = first;
         let mut unscheduled = false;
         for _ in 0..1024 {
@@ -926,7 +1030,7 @@ impl Connection {
                     let mut publish = forward.publish;
                     if publish.qos != QoS::AtMostOnce {
                         let wire = self.alloc_pkid();
-                        self.router_inflight.insert(wire, publish.pkid);
+                        self.router_side().inflight.insert(wire, publish.pkid);
                         publish.pkid = wire;
                     }
                     self.send(Packet::Publish(publish, forward.properties))?;
@@ -938,20 +1042,20 @@ impl Connection {
                 }
                 _ => {}
             }
-            next = self.link_rx.as_mut().and_then(LinkRx::try_next);
+            next = self
+                .router
+                .as_mut()
+                .and_then(|r| r.rx.as_mut())
+                .and_then(LinkRx::try_next);
         }
-        if unscheduled {
-            if let Some(rx) = &self.link_rx {
-                rx.wake().await?;
-            }
-        }
-        Ok(())
+        Ok(unscheduled)
     }
 
     fn router_ack(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::SubAck(ack, props) => {
-                if let Some(PendingAck::SubAck(codes)) = self.pending_acks.remove(&ack.pkid) {
+                let pending = self.router_side().pending_acks.remove(&ack.pkid);
+                if let Some(PendingAck::SubAck(codes)) = pending {
                     let mut routed = ack.return_codes.into_iter();
                     let codes = codes
                         .into_iter()
@@ -966,7 +1070,8 @@ impl Connection {
                 Ok(())
             }
             Packet::UnsubAck(ack, _) => {
-                if let Some(PendingAck::UnsubAck(reasons)) = self.pending_acks.remove(&ack.pkid) {
+                let pending = self.router_side().pending_acks.remove(&ack.pkid);
+                if let Some(PendingAck::UnsubAck(reasons)) = pending {
                     let mut routed = ack.reasons.into_iter();
                     let reasons = reasons
                         .into_iter()
@@ -978,7 +1083,8 @@ impl Connection {
             }
             Packet::PubRel(rel, props) => {
                 let wire = self
-                    .router_inflight
+                    .router_side()
+                    .inflight
                     .iter()
                     .find(|(_, router)| **router == rel.pkid)
                     .map(|(wire, _)| *wire);
@@ -1004,12 +1110,17 @@ impl Connection {
             End::Shutdown => debug!("closed for shutdown"),
             End::KeepAlive => debug!("keep-alive expired"),
             End::Forbidden => {}
-            End::Protocol(why, _) => info!(why, "protocol violation, closing the connection"),
+            End::Protocol(why, _) => info!(
+                client_id = self.client_id,
+                why, "protocol violation, closing the connection"
+            ),
             End::Malformed(err) => {
                 bump(&self.broker.metrics.protocol_errors);
-                info!(cause = %err, "malformed packet, closing the connection");
+                info!(client_id = self.client_id, cause = %err, "malformed packet, closing the connection");
             }
-            End::Router(err) => warn!(cause = %err, "router link failed"),
+            End::Router(err) => {
+                warn!(client_id = self.client_id, cause = %err, "router link failed")
+            }
         }
         if matches!(end, End::Shutdown) {
             // What the service answered before it stopped is still in the
@@ -1032,13 +1143,13 @@ impl Connection {
                 let mut publish = Publish::new(will.topic, will.message, will.retain);
                 publish.qos = min_qos(will.qos, QoS::AtLeastOnce);
                 publish.pkid = 1;
-                if let Err(err) = self.forward(Packet::Publish(publish, None)).await {
-                    warn!(cause = ?err, "will not published");
+                self.forward(Packet::Publish(publish, None));
+                if let Err(err) = self.hand_to_router().await {
+                    warn!(client_id = self.client_id, cause = ?err, "will not published");
                 }
             }
         }
-        if let Some(link) = self.link.take() {
-            self.link_rx = None;
+        if let Some(link) = self.router.take().and_then(|r| r.link) {
             if let Err(err) = link.disconnect().await {
                 debug!(cause = %err, "router gone before the link's end");
             }
@@ -1047,9 +1158,21 @@ impl Connection {
     }
 }
 
-async fn next_notification(rx: &mut Option<LinkRx>) -> Result<Option<Notification>, LinkError> {
-    match rx {
-        Some(rx) => rx.next().await,
+/// The router's next notification for this link (`End` keeps the error
+/// small: the select in `run` stores this result in the task's future).
+async fn next_notification(
+    router: &mut Option<Box<RouterSide>>,
+) -> Result<Option<Notification>, End> {
+    match router.as_mut().and_then(|r| r.rx.as_mut()) {
+        Some(rx) => Ok(rx.next().await?),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next shadow request answered, if any are being handled.
+async fn next_answered(requests: &mut Option<FuturesUnordered<Answered>>) -> Option<()> {
+    match requests {
+        Some(requests) => requests.next().await,
         None => std::future::pending().await,
     }
 }

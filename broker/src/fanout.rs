@@ -80,7 +80,13 @@ impl Mailbox {
 
     /// The next queued message.
     pub fn pop(&self) -> Option<Delivery> {
-        self.lock().queue.pop_front()
+        let mut state = self.lock();
+        let next = state.queue.pop_front();
+        if state.queue.is_empty() && state.queue.capacity() > 0 {
+            // An idle session keeps no queue.
+            state.queue = VecDeque::new();
+        }
+        next
     }
 
     /// Resolves when something was queued since the last call.

@@ -7,12 +7,15 @@ use std::fs::File;
 use std::io::{self, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls::ServerConfig;
@@ -24,9 +27,86 @@ use ws_stream_tungstenite::WsStream;
 
 use crate::connection::{self, Broker};
 
-/// A connection's byte stream, whatever the transport.
+/// A byte stream of a transport other than plain TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection's byte stream. Plain TCP stays itself, so that an idle
+/// connection waits for readability without holding a read buffer; other
+/// transports are boxed.
+pub enum Io {
+    Tcp(TcpStream),
+    Other(Box<dyn Stream>),
+}
+
+/// Room reserved for a read once a plain TCP stream is readable.
+const READ_CHUNK: usize = 4096;
+
+impl Io {
+    /// Reads what is available into `buf`. On plain TCP it waits for
+    /// readability first and only then makes room, so a connection waiting
+    /// for its next packet holds no buffer.
+    pub async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Io::Tcp(tcp) => loop {
+                tcp.readable().await?;
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match tcp.try_read_buf(buf) {
+                    // Readiness was stale: wait again, holding nothing.
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                    }
+                    read => return read,
+                }
+            },
+            Io::Other(stream) => stream.read_buf(buf).await,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Other(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Other(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Other(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Other(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
 
 /// What a listener speaks on top of TCP.
 #[derive(Clone)]
@@ -147,10 +227,10 @@ pub async fn accept_loop(
 }
 
 /// Runs the transport's handshake on an accepted TCP stream.
-pub async fn handshake(stream: TcpStream, transport: &Transport) -> io::Result<Box<dyn Stream>> {
+pub async fn handshake(stream: TcpStream, transport: &Transport) -> io::Result<Io> {
     match transport {
-        Transport::Tcp => Ok(Box::new(stream)),
-        Transport::Tls(acceptor) => Ok(Box::new(acceptor.accept(stream).await?)),
+        Transport::Tcp => Ok(Io::Tcp(stream)),
+        Transport::Tls(acceptor) => Ok(Io::Other(Box::new(acceptor.accept(stream).await?))),
         Transport::WebSocket(None) => websocket(stream).await,
         Transport::WebSocket(Some(acceptor)) => websocket(acceptor.accept(stream).await?).await,
     }
@@ -159,14 +239,14 @@ pub async fn handshake(stream: TcpStream, transport: &Transport) -> io::Result<B
 /// Subprotocols of MQTT over WebSocket, in order of preference.
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
-async fn websocket<S>(stream: S) -> io::Result<Box<dyn Stream>>
+async fn websocket<S>(stream: S) -> io::Result<Io>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ws = async_tungstenite::tokio::accept_hdr_async(stream, choose_subprotocol)
         .await
         .map_err(io::Error::other)?;
-    Ok(Box::new(WsStream::new(ws)))
+    Ok(Io::Other(Box::new(WsStream::new(ws))))
 }
 
 /// Answers with the first subprotocol the client offered that Umbra speaks;

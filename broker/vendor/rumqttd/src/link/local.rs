@@ -266,7 +266,9 @@ impl LinkTx {
         Ok(len)
     }
 
-    pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
+    /// Umbra patch: public, to hand the router everything pushed into
+    /// [`LinkTx::buffer`] with one notification.
+    pub async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
             .send_async((self.connection_id, Event::DeviceData))
             .await?;
