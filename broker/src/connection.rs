@@ -152,25 +152,8 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, brok
     // Each phase is its own heap future: a task's future is as large as its
     // largest state, and the TLS and WebSocket handshakes alone are over
     // 10 KiB that an idle connection must not keep.
-    let opened = tokio::select! {
-        biased;
-        () = broker.stop.cancelled() => return,
-        opened = tokio::time::timeout(
-            broker.limits.connect_timeout(),
-            opening(stream, &transport, &broker),
-        ) => opened,
-    };
-    let opened = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(why)) => {
-            debug!(%peer, ?transport, why, "connection closed before CONNECT");
-            return;
-        }
-        Err(_) => {
-            bump(&broker.metrics.connect_timeouts);
-            debug!(%peer, ?transport, "no CONNECT before the connect timeout");
-            return;
-        }
+    let Some(opened) = opening(stream, peer, transport, &broker).await else {
+        return;
     };
     let Some(connection) = accepting(opened, &broker).await else {
         return;
@@ -180,12 +163,35 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, brok
 
 type Phase<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-fn opening<'a>(
+/// The handshake and the CONNECT, within the connect timeout.
+fn opening(
     stream: TcpStream,
-    transport: &'a Transport,
-    broker: &'a Broker,
-) -> Phase<'a, Result<Opened, String>> {
-    Box::pin(open(stream, transport, broker))
+    peer: SocketAddr,
+    transport: Transport,
+    broker: &Broker,
+) -> Phase<'_, Option<Opened>> {
+    Box::pin(async move {
+        let opened = tokio::select! {
+            biased;
+            () = broker.stop.cancelled() => return None,
+            opened = tokio::time::timeout(
+                broker.limits.connect_timeout(),
+                open(stream, &transport, broker),
+            ) => opened,
+        };
+        match opened {
+            Ok(Ok(opened)) => Some(opened),
+            Ok(Err(why)) => {
+                debug!(%peer, ?transport, why, "connection closed before CONNECT");
+                None
+            }
+            Err(_) => {
+                bump(&broker.metrics.connect_timeouts);
+                debug!(%peer, ?transport, "no CONNECT before the connect timeout");
+                None
+            }
+        }
+    })
 }
 
 fn accepting<'a>(opened: Opened, broker: &'a Arc<Broker>) -> Phase<'a, Option<Connection>> {
@@ -499,7 +505,7 @@ impl Connection {
         let mailbox = Arc::clone(&self.attached.session.mailbox);
         let kick = self.attached.kick.clone();
         let stop = self.broker.stop.clone();
-        let max_requests = self.broker.limits.max_pending_requests.max(1);
+        let max_requests = self.request_window();
         let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
@@ -545,11 +551,20 @@ impl Connection {
         }
     }
 
+    /// Shadow requests this connection may have outstanding.
+    fn request_window(&self) -> usize {
+        let limits = &self.broker.limits;
+        match self.privileged {
+            true => limits.max_pending_requests_privileged,
+            false => limits.max_pending_requests,
+        }
+    }
+
     /// Frames and handles every complete packet in the read buffer, unless
     /// too many shadow requests are outstanding (then the rest waits).
     fn parse(&mut self) -> Result<(), End> {
         let max = self.broker.limits.max_payload_size;
-        let max_requests = self.broker.limits.max_pending_requests.max(1);
+        let max_requests = self.request_window();
         loop {
             if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= max_requests {
                 self.stalled = true;

@@ -4,10 +4,12 @@
 //! shutdown.
 //!
 //! Threads and shutdown:
-//! - listeners and every connection task run on a multi-thread tokio runtime
-//!   owned by [`RunningBroker`]; connections are tracked, so shutdown stops
-//!   the accept loops, tells every connection to end (an MQTT 5 client hears
-//!   "server shutting down"), and waits for them with a deadline;
+//! - listeners and every connection task run on the caller's tokio runtime
+//!   (the same one as the shadow service, so that an answer wakes its
+//!   subscriber's connection without a hop between thread pools);
+//!   connections are tracked, so shutdown stops the accept loops, tells
+//!   every connection to end (an MQTT 5 client hears "server shutting
+//!   down"), and waits for them with a deadline;
 //! - the router thread cannot be stopped: it keeps a sender to its own
 //!   channel, so its receive loop never ends, and `Router::spawn` does not
 //!   return its join handle. After shutdown it idles, blocked on that channel,
@@ -24,7 +26,6 @@ use std::time::Duration;
 
 use rumqttd::{Router, RouterConfig, RouterTx};
 use serde::Deserialize;
-use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +80,6 @@ pub struct BrokerSettings {
     pub auth: Option<Credentials>,
     /// Accept anonymous clients on listeners reachable from other hosts.
     pub allow_anonymous_remote: bool,
-    /// Worker threads of the broker's runtime.
-    pub worker_threads: usize,
     pub edge: EdgeSettings,
 }
 
@@ -94,7 +93,6 @@ impl Default for BrokerSettings {
             websocket: Some(ListenerSettings::local(8083)),
             auth: None,
             allow_anonymous_remote: false,
-            worker_threads: 2,
             edge: EdgeSettings::default(),
         }
     }
@@ -148,6 +146,9 @@ pub struct ConnectionLimits {
     /// Shadow requests of one connection being handled at once; while it has
     /// that many, Umbra stops reading from it.
     pub max_pending_requests: usize,
+    /// The same for privileged clients (operators' tools and services act
+    /// for many things at once).
+    pub max_pending_requests_privileged: usize,
     /// QoS 1 messages sent to a client and not yet acknowledged.
     pub max_inflight_count: usize,
     /// Messages kept for one session while its client is slow or away.
@@ -169,6 +170,7 @@ impl Default for ConnectionLimits {
             max_client_id_bytes: 128,
             max_subscriptions: 50,
             max_pending_requests: 16,
+            max_pending_requests_privileged: 4096,
             max_inflight_count: 100,
             max_queued_messages: 1000,
             session_expiry_secs: 3600,
@@ -273,8 +275,6 @@ pub enum ConfigError {
     TooFewConnections,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
-    #[error("worker_threads must be at least 1")]
-    NoWorkerThreads,
     #[error("auth username must not be empty")]
     EmptyUsername,
 }
@@ -283,8 +283,6 @@ pub enum ConfigError {
 pub enum StartError {
     #[error("invalid broker config: {0}")]
     Config(#[from] ConfigError),
-    #[error("cannot build the broker runtime")]
-    Runtime(#[source] io::Error),
     #[error("cannot listen on {addr} ({listener})")]
     Bind {
         listener: ListenerKind,
@@ -334,6 +332,10 @@ impl BrokerSettings {
             ("connection.max_payload_size", c.max_payload_size),
             ("connection.max_client_id_bytes", c.max_client_id_bytes),
             ("connection.max_pending_requests", c.max_pending_requests),
+            (
+                "connection.max_pending_requests_privileged",
+                c.max_pending_requests_privileged,
+            ),
             ("connection.max_inflight_count", c.max_inflight_count),
             ("connection.max_queued_messages", c.max_queued_messages),
         ] {
@@ -345,9 +347,6 @@ impl BrokerSettings {
             return Err(ConfigError::Zero(
                 "connection.connect_timeout_ms/write_timeout_ms",
             ));
-        }
-        if self.worker_threads == 0 {
-            return Err(ConfigError::NoWorkerThreads);
         }
         if self.auth.as_ref().is_some_and(|a| a.username.is_empty()) {
             return Err(ConfigError::EmptyUsername);
@@ -398,9 +397,8 @@ pub struct ListenerAddrs {
 }
 
 /// A started broker. Call [`shutdown`](Self::shutdown); dropping it without
-/// shutdown stops the runtime in the background without waiting.
+/// shutdown ends every connection in the background without waiting.
 pub struct RunningBroker {
-    runtime: Option<Runtime>,
     addrs: ListenerAddrs,
     listeners: Vec<(ListenerKind, JoinHandle<()>)>,
     stop_accepting: CancellationToken,
@@ -419,8 +417,8 @@ impl std::fmt::Debug for RunningBroker {
 
 /// Starts the broker: validates `settings`, spawns the router and binds
 /// every listener (port 0 resolves to a free port). Returns once every
-/// listener accepts connections. Callable from inside or outside a tokio
-/// runtime.
+/// listener accepts connections. Must be called within a tokio runtime,
+/// which then runs every listener and connection.
 pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker, StartError> {
     settings.validate()?;
     let mut transports = Vec::new();
@@ -441,13 +439,6 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         };
         transports.push((kind, listener.addr, transport));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.worker_threads)
-        .thread_name("umbra-broker")
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
-
     let router: RouterTx = Router::new(0, settings.router_config()).spawn();
     let publisher = hooks.publisher;
     let metrics = publisher.metrics();
@@ -471,11 +462,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let mut addrs = ListenerAddrs::default();
     let mut listeners = Vec::new();
     for (kind, addr, transport) in transports {
-        let listener = {
-            let _entered = runtime.enter();
-            transport::bind(addr, settings.connection.listen_backlog)
-        }
-        .map_err(|source| StartError::Bind {
+        let listener = transport::bind(addr, settings.connection.listen_backlog).map_err(|source| StartError::Bind {
             listener: kind,
             addr,
             source,
@@ -491,7 +478,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
             ListenerKind::MqttV5 => addrs.mqtt_v5 = Some(bound),
             ListenerKind::WebSocket => addrs.websocket = Some(bound),
         }
-        let task = runtime.spawn(transport::accept_loop(
+        let task = tokio::spawn(transport::accept_loop(
             listener,
             transport,
             Arc::clone(&broker),
@@ -503,7 +490,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     }
     let sweeper = {
         let broker = Arc::clone(&broker);
-        runtime.spawn(async move {
+        tokio::spawn(async move {
             let mut every = tokio::time::interval(EXPIRY_SWEEP);
             loop {
                 tokio::select! {
@@ -521,7 +508,6 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
 
     info!(?addrs, "embedded broker started");
     Ok(RunningBroker {
-        runtime: Some(runtime),
         addrs,
         listeners,
         stop_accepting,
@@ -557,8 +543,7 @@ impl RunningBroker {
     }
 
     /// Stops accepting, ends every connection, and waits up to `deadline`
-    /// for them. Must be called from within a tokio runtime (not the
-    /// broker's own). Panics of listener or connection tasks are re-raised.
+    /// for them. Panics of listener tasks are re-raised.
     pub async fn shutdown(mut self, deadline: Duration) {
         self.stop_accepting().await;
         self.broker.stop.cancel();
@@ -571,15 +556,6 @@ impl RunningBroker {
         }
         if let Some(sweeper) = self.sweeper.take() {
             rethrow("session expiry".into(), sweeper.await);
-        }
-        if let Some(runtime) = self.runtime.take() {
-            let joined =
-                tokio::task::spawn_blocking(move || runtime.shutdown_timeout(deadline)).await;
-            if let Err(e) = joined {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
         }
         info!("embedded broker stopped");
     }
@@ -605,10 +581,8 @@ fn rethrow(what: String, result: Result<(), tokio::task::JoinError>) {
 
 impl Drop for RunningBroker {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            // Not shut down: stop without waiting (safe in async context).
-            self.broker.stop.cancel();
-            runtime.shutdown_background();
-        }
+        // Not shut down (or already): every task ends on its own.
+        self.stop_accepting.cancel();
+        self.broker.stop.cancel();
     }
 }
