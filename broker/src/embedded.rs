@@ -462,11 +462,14 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let mut addrs = ListenerAddrs::default();
     let mut listeners = Vec::new();
     for (kind, addr, transport) in transports {
-        let listener = transport::bind(addr, settings.connection.listen_backlog).map_err(|source| StartError::Bind {
-            listener: kind,
-            addr,
-            source,
-        })?;
+        let listener =
+            transport::bind(addr, settings.connection.listen_backlog).map_err(|source| {
+                StartError::Bind {
+                    listener: kind,
+                    addr,
+                    source,
+                }
+            })?;
         let bound = listener.local_addr().map_err(|source| StartError::Bind {
             listener: kind,
             addr,

@@ -157,6 +157,10 @@ struct Device {
     pending: Option<Arc<PendingChanges>>,
     actuation_delay: Duration,
     synced: bool,
+    /// When the first connection attempt started, until the first shadow
+    /// answer arrives (connect + subscribe + first `get` answer).
+    connecting_since: Option<Instant>,
+    first_answer: Option<Arc<LatencySeries>>,
 }
 
 impl Device {
@@ -193,6 +197,9 @@ impl Device {
         if !self.synced {
             self.synced = true;
             self.counts.synced.incr();
+        }
+        if let (Some(since), Some(series)) = (self.connecting_since.take(), &self.first_answer) {
+            series.record(since.elapsed());
         }
     }
 
@@ -495,9 +502,14 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
     }
 
     let names: &[&'static str] = if config.operator.is_some() {
-        &["desired->delta", "desired->reported", "operator request"]
+        &[
+            "connect->first answer",
+            "desired->delta",
+            "desired->reported",
+            "operator request",
+        ]
     } else {
-        &[]
+        &["connect->first answer"]
     };
     let stats = RunStats::new(names);
     let pending = match (
@@ -591,6 +603,8 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             pending: pending.clone(),
             actuation_delay: config.actuation_delay,
             synced: false,
+            connecting_since: Some(Instant::now()),
+            first_answer: stats.latency("connect->first answer"),
         };
         devices.spawn(run_device(
             device,
