@@ -28,7 +28,7 @@ use rumqttd::protocol::{
 use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -148,7 +148,15 @@ impl From<LinkError> for End {
 }
 
 /// Serves one accepted TCP connection until it ends.
-pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, broker: Arc<Broker>) {
+/// `permit` is the connection's place under the connection limit, held until
+/// it ends.
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    broker: Arc<Broker>,
+    permit: OwnedSemaphorePermit,
+) {
     // Each phase is its own heap future: a task's future is as large as its
     // largest state, and the TLS and WebSocket handshakes alone are over
     // 10 KiB that an idle connection must not keep.
@@ -159,6 +167,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, transport: Transport, brok
         return;
     };
     serving(connection).await;
+    drop(permit);
 }
 
 type Phase<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -937,7 +946,7 @@ impl Connection {
                     .session
                     .filters
                     .iter()
-                    .any(|(f, _)| *f == filter.path);
+                    .any(|(f, _)| **f == *filter.path);
             if !already && self.held() >= max {
                 bump(&self.broker.metrics.refused_subscriptions);
                 debug!(filter = filter.path, max, "subscription refused: too many");
@@ -948,12 +957,17 @@ impl Connection {
                 SubscribeRoute::Aws => {
                     let qos = min_qos(filter.qos, QoS::AtLeastOnce);
                     let session = &mut self.attached.session;
-                    self.broker
-                        .publisher
-                        .subscribe(&filter.path, qos, &session.mailbox);
-                    match session.filters.iter_mut().find(|(f, _)| *f == filter.path) {
+                    let shared =
+                        self.broker
+                            .publisher
+                            .subscribe(&filter.path, qos, &session.mailbox);
+                    match session
+                        .filters
+                        .iter_mut()
+                        .find(|(f, _)| **f == *filter.path)
+                    {
                         Some((_, held)) => *held = qos,
-                        None => session.filters.push((filter.path, qos)),
+                        None => session.filters.push((shared, qos)),
                     }
                     codes.push(Some(SubscribeReasonCode::Success(qos)));
                 }
@@ -1004,7 +1018,7 @@ impl Connection {
                 continue;
             }
             let session = &mut self.attached.session;
-            match session.filters.iter().position(|(f, _)| *f == filter) {
+            match session.filters.iter().position(|(f, _)| **f == *filter) {
                 Some(at) => {
                     session.filters.remove(at);
                     self.broker.publisher.unsubscribe(&filter, &session.mailbox);
@@ -1179,7 +1193,9 @@ async fn next_notification(
     router: &mut Option<Box<RouterSide>>,
 ) -> Result<Option<Notification>, End> {
     match router.as_mut().and_then(|r| r.rx.as_mut()) {
-        Some(rx) => Ok(rx.next().await?),
+        // Boxed: an idle connection's future keeps no room for a receive
+        // it does not make.
+        Some(rx) => Ok(Box::pin(rx.next()).await?),
         None => std::future::pending().await,
     }
 }

@@ -119,14 +119,58 @@ struct Route {
     qos: QoS,
 }
 
+/// The subscribers of one exact topic: almost always one (a device's own
+/// answer topic), kept without an allocation of its own.
+#[derive(Debug)]
+enum Routes {
+    One(Route),
+    Many(Vec<Route>),
+}
+
+impl Routes {
+    fn as_slice(&self) -> &[Route] {
+        match self {
+            Routes::One(route) => std::slice::from_ref(route),
+            Routes::Many(routes) => routes,
+        }
+    }
+
+    /// Adds `route`, replacing the one of the same mailbox.
+    fn upsert(&mut self, route: Route) {
+        let mut routes = match std::mem::replace(self, Routes::Many(Vec::new())) {
+            Routes::One(one) if Arc::ptr_eq(&one.mailbox, &route.mailbox) => {
+                *self = Routes::One(route);
+                return;
+            }
+            Routes::One(one) => vec![one],
+            Routes::Many(routes) => routes,
+        };
+        remove_route(&mut routes, &route.mailbox, |r| r);
+        routes.push(route);
+        *self = Routes::Many(routes);
+    }
+
+    /// Removes the route to `mailbox`; true when none is left.
+    fn remove(&mut self, mailbox: &Arc<Mailbox>) -> bool {
+        match self {
+            Routes::One(one) => Arc::ptr_eq(&one.mailbox, mailbox),
+            Routes::Many(routes) => {
+                remove_route(routes, mailbox, |r| r);
+                routes.is_empty()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
-    /// Filters without wildcards, by topic.
-    exact: HashMap<Box<str>, Vec<Route>>,
+    /// Filters without wildcards, by topic. The key is shared with the
+    /// subscribing sessions' lists of what they hold.
+    exact: HashMap<Arc<str>, Routes>,
     /// Wildcard filters below `$aws/things/{thing}/`, by thing.
-    by_thing: HashMap<Box<str>, Vec<(Box<str>, Route)>>,
+    by_thing: HashMap<Box<str>, Vec<(Arc<str>, Route)>>,
     /// Wildcard filters that span things (scanned for every message).
-    spanning: Vec<(Box<str>, Route)>,
+    spanning: Vec<(Arc<str>, Route)>,
 }
 
 fn has_wildcard(filter: &str) -> bool {
@@ -182,24 +226,36 @@ impl Publisher {
     }
 
     /// Adds (or, for a filter the mailbox already holds, updates) a route.
-    pub fn subscribe(&self, filter: &str, qos: QoS, mailbox: &Arc<Mailbox>) {
+    /// Returns the filter as the table keeps it, for the session to share.
+    pub fn subscribe(&self, filter: &str, qos: QoS, mailbox: &Arc<Mailbox>) -> Arc<str> {
         let route = Route {
             mailbox: Arc::clone(mailbox),
             qos,
         };
         let mut table = self.table();
         if !has_wildcard(filter) {
-            let routes = table.exact.entry(filter.into()).or_default();
-            remove_route(routes, mailbox, |r| r);
-            routes.push(route);
-            return;
+            if let Some(key) = table
+                .exact
+                .get_key_value(filter)
+                .map(|(k, _)| Arc::clone(k))
+            {
+                if let Some(routes) = table.exact.get_mut(filter) {
+                    routes.upsert(route);
+                }
+                return key;
+            }
+            let key: Arc<str> = filter.into();
+            table.exact.insert(Arc::clone(&key), Routes::One(route));
+            return key;
         }
+        let key: Arc<str> = filter.into();
         let routes = match literal_thing(filter) {
             Some(thing) => table.by_thing.entry(thing.into()).or_default(),
             None => &mut table.spanning,
         };
         routes.retain(|(f, r)| !(&**f == filter && Arc::ptr_eq(&r.mailbox, mailbox)));
-        routes.push((filter.into(), route));
+        routes.push((Arc::clone(&key), route));
+        key
     }
 
     /// Removes the route of `filter` to `mailbox`; entries nobody uses any
@@ -207,16 +263,17 @@ impl Publisher {
     pub fn unsubscribe(&self, filter: &str, mailbox: &Arc<Mailbox>) {
         let mut table = self.table();
         if !has_wildcard(filter) {
-            if let Some(routes) = table.exact.get_mut(filter) {
-                remove_route(routes, mailbox, |r| r);
-                if routes.is_empty() {
-                    table.exact.remove(filter);
-                }
+            if table
+                .exact
+                .get_mut(filter)
+                .is_some_and(|routes| routes.remove(mailbox))
+            {
+                table.exact.remove(filter);
             }
             return;
         }
         let keep =
-            |(f, r): &(Box<str>, Route)| !(&**f == filter && Arc::ptr_eq(&r.mailbox, mailbox));
+            |(f, r): &(Arc<str>, Route)| !(&**f == filter && Arc::ptr_eq(&r.mailbox, mailbox));
         match literal_thing(filter) {
             Some(thing) => {
                 if let Some(routes) = table.by_thing.get_mut(thing) {
@@ -286,7 +343,7 @@ impl Publisher {
             None => found.push((Arc::clone(&route.mailbox), route.qos)),
         };
         if let Some(routes) = table.exact.get(topic) {
-            routes.iter().for_each(&mut add);
+            routes.as_slice().iter().for_each(&mut add);
         }
         if let Some(routes) = literal_thing(topic).and_then(|t| table.by_thing.get(t)) {
             for (filter, route) in routes {
@@ -311,7 +368,11 @@ impl Publisher {
     /// and metrics.
     pub fn filter_count(&self) -> usize {
         let table = self.table();
-        table.exact.values().map(Vec::len).sum::<usize>()
+        table
+            .exact
+            .values()
+            .map(|r| r.as_slice().len())
+            .sum::<usize>()
             + table.by_thing.values().map(Vec::len).sum::<usize>()
             + table.spanning.len()
     }

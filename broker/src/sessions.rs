@@ -31,7 +31,7 @@ const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 pub struct Session {
     pub mailbox: Arc<Mailbox>,
     /// `$aws` filters held, with their QoS.
-    pub filters: Vec<(String, QoS)>,
+    pub filters: Vec<(Arc<str>, QoS)>,
     /// QoS 1 messages sent and not yet acknowledged, by packet id, in send order.
     pub inflight: VecDeque<(u16, Delivery)>,
     /// The connection had a router link: rumqttd keeps a persistent
@@ -248,11 +248,8 @@ mod tests {
         let (sessions, publisher) = sessions();
         let mut attached = sessions.attach("d1", 1, false).await;
         assert!(!attached.present);
-        publisher.subscribe(TOPIC, QoS::AtLeastOnce, &attached.session.mailbox);
-        attached
-            .session
-            .filters
-            .push((TOPIC.into(), QoS::AtLeastOnce));
+        let filter = publisher.subscribe(TOPIC, QoS::AtLeastOnce, &attached.session.mailbox);
+        attached.session.filters.push((filter, QoS::AtLeastOnce));
         sessions.detach("d1", 1, attached, Some(Duration::from_secs(60)));
         assert_eq!(sessions.parked(), 1);
         assert_eq!(publisher.publish(TOPIC, Bytes::from_static(b"d")), Ok(1));
@@ -293,11 +290,8 @@ mod tests {
     async fn parked_sessions_expire() {
         let (sessions, publisher) = sessions();
         let mut attached = sessions.attach("d1", 1, false).await;
-        publisher.subscribe(TOPIC, QoS::AtLeastOnce, &attached.session.mailbox);
-        attached
-            .session
-            .filters
-            .push((TOPIC.into(), QoS::AtLeastOnce));
+        let filter = publisher.subscribe(TOPIC, QoS::AtLeastOnce, &attached.session.mailbox);
+        attached.session.filters.push((filter, QoS::AtLeastOnce));
         sessions.detach("d1", 1, attached, Some(Duration::from_secs(10)));
         assert_eq!(sessions.expire(), 0);
         tokio::time::advance(Duration::from_secs(11)).await;

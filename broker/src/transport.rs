@@ -219,10 +219,7 @@ pub async fn accept_loop(
         }
         let transport = transport.clone();
         let broker = Arc::clone(&broker);
-        connections.spawn(async move {
-            connection::run(stream, peer, transport, broker).await;
-            drop(permit);
-        });
+        connections.spawn(connection::run(stream, peer, transport, broker, permit));
     }
 }
 

@@ -2,17 +2,16 @@
 //! prints, SIGTERM, and durability across kill -9.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 
-const WAIT: Duration = Duration::from_secs(20);
-const UMBRA: &str = env!("CARGO_BIN_EXE_umbra");
+mod support;
+
+use support::{spawn, UMBRA, WAIT};
 
 async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(UMBRA)
@@ -26,62 +25,6 @@ async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A running `umbra` process and the MQTT address it printed.
-struct Umbra {
-    child: Child,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-async fn spawn(data_dir: &std::path::Path) -> Umbra {
-    let mut child = Command::new(UMBRA)
-        .args([
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--ws-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("umbra starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut http, mut mqtt) = (None, None);
-    while http.is_none() || mqtt.is_none() {
-        let line = tokio::time::timeout(WAIT, lines.recv())
-            .await
-            .expect("umbra prints its addresses")
-            .expect("umbra is running");
-        if let Some(addr) = line.strip_prefix("umbra: mqtt listening on ") {
-            mqtt = addr.parse().ok();
-        }
-        if let Some(addr) = line.strip_prefix("umbra: http listening on ") {
-            http = addr.parse().ok();
-        }
-    }
-    Umbra {
-        child,
-        mqtt: mqtt.expect("mqtt address"),
-        http: http.expect("http address"),
-        lines,
-    }
 }
 
 /// A device that keeps its answers in a channel.

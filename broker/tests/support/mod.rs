@@ -1,0 +1,76 @@
+//! Shared by the binary's tests: the real `umbra` process on free ports.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+pub const UMBRA: &str = env!("CARGO_BIN_EXE_umbra");
+
+/// A running `umbra` process and the MQTT address it printed.
+pub struct Umbra {
+    pub child: Child,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub lines: mpsc::UnboundedReceiver<String>,
+}
+
+pub async fn spawn(data_dir: &Path) -> Umbra {
+    spawn_with(data_dir, &[]).await
+}
+
+/// [`spawn`] with more arguments (e.g. `--config FILE`).
+pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
+    let mut child = Command::new(UMBRA)
+        .args(args)
+        .args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--ws-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("umbra starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut http, mut mqtt) = (None, None);
+    while http.is_none() || mqtt.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.recv())
+            .await
+            .expect("umbra prints its addresses")
+            .expect("umbra is running");
+        if let Some(addr) = line.strip_prefix("umbra: mqtt listening on ") {
+            mqtt = addr.parse().ok();
+        }
+        if let Some(addr) = line.strip_prefix("umbra: http listening on ") {
+            http = addr.parse().ok();
+        }
+    }
+    Umbra {
+        child,
+        mqtt: mqtt.expect("mqtt address"),
+        http: http.expect("http address"),
+        lines,
+    }
+}
