@@ -884,8 +884,10 @@ impl Connection {
             }
             PublishRoute::Drop => {}
             PublishRoute::Router => {
-                // The connection acknowledges QoS 1 and 2 itself, in order;
-                // the router gets QoS 1 at most and its PUBACK is not needed.
+                // The router gets QoS 1 at most (the connection runs QoS 2's
+                // exchange itself) and its PUBACK becomes the client's PUBACK
+                // (or PUBREC): a publisher goes no faster than the router
+                // takes its messages.
                 publish.qos = min_qos(qos, QoS::AtLeastOnce);
                 publish.dup = false;
                 // The router keeps what it is given: copies of their own, so
@@ -898,6 +900,7 @@ impl Connection {
                     p
                 });
                 self.forward(Packet::Publish(publish, props));
+                return Ok(());
             }
             PublishRoute::Forbidden(why) => {
                 let topic = topic.to_owned();
@@ -1052,8 +1055,9 @@ impl Connection {
     fn on_router(&mut self, first: Option<Notification>) -> Result<bool, End> {
         let mut next = first;
         let mut unscheduled = false;
-        for _ in 0..1024 {
-            let Some(notification) = next else { break };
+        // At most about 16 KiB per wake-up; what is left stays queued in the
+        // link for the next one.
+        while let Some(notification) = next {
             match notification {
                 Notification::Forward(forward) => {
                     let mut publish = forward.publish;
@@ -1070,6 +1074,9 @@ impl Connection {
                     return Err(LinkError::NotConnectionAck.into());
                 }
                 _ => {}
+            }
+            if self.write.len() >= 16 * 1024 {
+                break;
             }
             next = self
                 .router
@@ -1122,6 +1129,14 @@ impl Connection {
                         self.send(Packet::PubRel(protocol::PubRel { pkid, ..rel }, props))
                     }
                     None => Ok(()),
+                }
+            }
+            // The router took a publish of the client's.
+            Packet::PubAck(ack, _) => {
+                if self.qos2_received.contains(&ack.pkid) {
+                    self.send(pubrec(ack.pkid))
+                } else {
+                    self.send(Packet::PubAck(ack, None))
                 }
             }
             // Acknowledgements of what this connection already acknowledged.

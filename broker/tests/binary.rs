@@ -120,8 +120,13 @@ async fn sigterm_stops_cleanly_with_exit_0() {
         .expect("exits")
         .expect("status");
     assert_eq!(status.code(), Some(0));
+    // Every line up to the end of its output (the reader may still be
+    // forwarding the last ones after the process exited).
     let mut said_stopped = false;
-    while let Ok(line) = umbra.lines.try_recv() {
+    while let Some(line) = tokio::time::timeout(WAIT, umbra.lines.recv())
+        .await
+        .expect("umbra's output ends")
+    {
         said_stopped |= line.contains("stopped");
     }
     assert!(said_stopped, "umbra reports that it stopped");

@@ -36,10 +36,13 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    // Umbra patch: what a stored message really occupies (the struct with its
+    // properties, plus topic and payload), so that `max_segment_size` bounds
+    // memory; counting only topic and payload let a log of small messages
+    // hold several times its limit.
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        std::mem::size_of::<Self>() + publish.topic.len() + publish.payload.len()
     }
 }
 
@@ -385,9 +388,11 @@ pub struct AckLog {
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
+        // Umbra patch: grow on demand; preallocated, the two queues held
+        // ~45 KiB per connection (an `Ack` carries CONNACK properties).
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
