@@ -803,3 +803,29 @@ fn anonymous_remote_listener_is_refused_by_the_guard() {
     settings.allow_anonymous_remote = true;
     settings.validate().expect("explicitly allowed");
 }
+
+/// Router traffic is delivered at min(publish QoS, subscription QoS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut sub = connect("sub", port, Duration::from_secs(30));
+    sub.connected().await;
+    sub.subscribe("fleet/q").await;
+    let publisher = connect("pub", port, Duration::from_secs(30));
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        publisher
+            .client
+            .publish("fleet/q", qos, false, format!("{qos:?}"))
+            .await
+            .expect("queued");
+        let got = sub.next_publish().await;
+        assert_eq!(got.payload, format!("{qos:?}").into_bytes());
+        let expected = match qos {
+            QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
+        assert_eq!(got.qos, expected, "published at {qos:?}");
+    }
+    h.broker.shutdown(WAIT).await;
+}

@@ -1561,7 +1561,11 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // Umbra patch: delivered at min(publish QoS, subscription QoS), as
+            // MQTT requires (rumqttd used the subscription's QoS alone).
+            if (publish.qos as u8) > qos {
+                publish.qos = protocol::qos(qos).unwrap_or(publish.qos);
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
