@@ -330,6 +330,16 @@ impl Publisher {
         Ok(delivered)
     }
 
+    /// Whether any filter matches `topic`.
+    pub fn has_subscriber(&self, topic: &str) -> bool {
+        let table = self.table();
+        table.exact.contains_key(topic)
+            || literal_thing(topic)
+                .and_then(|t| table.by_thing.get(t))
+                .is_some_and(|routes| routes.iter().any(|(f, _)| topic_matches(topic, f)))
+            || table.spanning.iter().any(|(f, _)| topic_matches(topic, f))
+    }
+
     /// Every mailbox with a filter matching `topic`, once, at the highest
     /// QoS of its matching filters.
     fn matching(&self, topic: &str) -> Vec<(Arc<Mailbox>, QoS)> {
@@ -384,6 +394,10 @@ impl umbra_shadow::MessageSink for Publisher {
         if let Err(err) = self.publish_at(&message.topic, message.payload, QoS::AtLeastOnce) {
             warn!(cause = %err, "answer not published");
         }
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.has_subscriber(topic)
     }
 }
 
@@ -441,6 +455,22 @@ mod tests {
             Ok(1)
         );
         assert!(p.publish("things/d1", Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn has_subscriber_sees_every_kind_of_filter() {
+        let p = publisher();
+        let dev = online(10);
+        let topic = "$aws/things/d1/shadow/update/documents";
+        assert!(!p.has_subscriber(topic));
+        p.subscribe(topic, QoS::AtLeastOnce, &dev);
+        assert!(p.has_subscriber(topic));
+        p.unsubscribe(topic, &dev);
+        p.subscribe("$aws/things/d1/shadow/update/+", QoS::AtLeastOnce, &dev);
+        assert!(p.has_subscriber(topic));
+        assert!(!p.has_subscriber("$aws/things/d2/shadow/update/documents"));
+        p.subscribe("$aws/things/+/shadow/#", QoS::AtLeastOnce, &dev);
+        assert!(p.has_subscriber("$aws/things/d2/shadow/update/documents"));
     }
 
     #[test]

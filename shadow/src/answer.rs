@@ -37,12 +37,26 @@ impl Answer {
 
     /// Builds the answer to an accepted command.
     pub fn accepted(key: &ShadowKey, command: &Command, outcome: &Outcome) -> Answer {
+        Answer::accepted_for(key, command, outcome, |_| true)
+    }
+
+    /// [`Answer::accepted`], building the `/documents` and `/delta` messages
+    /// only when `wanted(topic)` says someone will receive them (building
+    /// them is most of an update's answer work). The reply is always built:
+    /// the requester reads it.
+    pub fn accepted_for(
+        key: &ShadowKey,
+        command: &Command,
+        outcome: &Outcome,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Answer {
         let op = command.operation();
         let client_token = command.client_token();
         let mut messages = Vec::with_capacity(3);
         let mut push = |kind: AnswerKind, body: Map<String, Value>| {
             messages.push(message(key.answer_topic(op, kind), body, client_token));
         };
+        let wants = |kind: AnswerKind| wanted(&key.answer_topic(op, kind));
         match outcome {
             Outcome::Updated {
                 previous,
@@ -72,15 +86,21 @@ impl Answer {
                         ("timestamp", (*timestamp).into()),
                     ]),
                 );
-                push(
-                    AnswerKind::Documents,
-                    body([
-                        ("previous", snapshot(previous)),
-                        ("current", snapshot(current)),
-                        ("timestamp", (*timestamp).into()),
-                    ]),
-                );
-                if let Some(delta) = current.state.delta() {
+                if wants(AnswerKind::Documents) {
+                    push(
+                        AnswerKind::Documents,
+                        body([
+                            ("previous", snapshot(previous)),
+                            ("current", snapshot(current)),
+                            ("timestamp", (*timestamp).into()),
+                        ]),
+                    );
+                }
+                let delta = match wants(AnswerKind::Delta) {
+                    true => current.state.delta(),
+                    false => None,
+                };
+                if let Some(delta) = delta {
                     let delta_metadata = current.state.delta_metadata(&delta);
                     push(
                         AnswerKind::Delta,

@@ -39,6 +39,13 @@ pub struct Request {
 /// Called in commit order from one task; must not block.
 pub trait MessageSink: Send + Sync + 'static {
     fn publish(&self, message: Message);
+
+    /// Whether a message on `topic` would reach anyone; the service skips
+    /// building the optional answer messages (`/documents`, `/delta`) that
+    /// would not.
+    fn wants(&self, _topic: &str) -> bool {
+        true
+    }
 }
 
 /// Where every message the service produces leaves, in order.
@@ -51,6 +58,13 @@ enum Outbox {
 }
 
 impl Outbox {
+    fn wants(&self, topic: &str) -> bool {
+        match self {
+            Outbox::Channel(_) => true,
+            Outbox::Sink(sink) => sink.wants(topic),
+        }
+    }
+
     /// False once the channel's receiver is gone.
     async fn send(&self, message: Message) -> bool {
         match self {
@@ -483,7 +497,9 @@ async fn publish_committed(
                     let op = command.operation();
                     let token = command.client_token();
                     let answer = match &result {
-                        Ok(outcome) => Answer::accepted(&key, &command, outcome),
+                        Ok(outcome) => Answer::accepted_for(&key, &command, outcome, |topic| {
+                            outbox.as_ref().is_some_and(|o| o.wants(topic))
+                        }),
                         Err(rejection) => {
                             Answer::rejected(&key, op, rejection.clone(), token, now_secs())
                         }
