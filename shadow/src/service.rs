@@ -498,7 +498,7 @@ async fn publish_committed(
                     let token = command.client_token();
                     let answer = match &result {
                         Ok(outcome) => Answer::accepted_for(&key, &command, outcome, |topic| {
-                            outbox.as_ref().is_some_and(|o| o.wants(topic))
+                            outbox.as_ref().is_none_or(|o| o.wants(topic))
                         }),
                         Err(rejection) => {
                             Answer::rejected(&key, op, rejection.clone(), token, now_secs())
