@@ -157,8 +157,8 @@ struct Device {
     pending: Option<Arc<PendingChanges>>,
     actuation_delay: Duration,
     synced: bool,
-    /// When the first connection attempt started, until the first shadow
-    /// answer arrives (connect + subscribe + first `get` answer).
+    /// When the first connection attempt started, until the answer to the
+    /// first `get` arrives (connect + subscribe + first `get` answer).
     connecting_since: Option<Instant>,
     first_answer: Option<Arc<LatencySeries>>,
 }
@@ -198,6 +198,10 @@ impl Device {
             self.synced = true;
             self.counts.synced.incr();
         }
+    }
+
+    /// The first answer to the device's first `get` (its shadow, or 404 for a new one).
+    fn first_get_answered(&mut self) {
         if let (Some(since), Some(series)) = (self.connecting_since.take(), &self.first_answer) {
             series.record(since.elapsed());
         }
@@ -286,6 +290,9 @@ impl Device {
             self.stats.errors.add("malformed shadow answer");
             return;
         };
+        if matches!(kind, ShadowAnswer::GetAccepted | ShadowAnswer::GetRejected) {
+            self.first_get_answered();
+        }
         match kind {
             ShadowAnswer::GetAccepted => {
                 self.throttle.reset();
