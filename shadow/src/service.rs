@@ -1,7 +1,7 @@
 //! The shadow service: one request path for MQTT and HTTP alike.
 //!
-//! parse -> validate -> throttle -> store (serialized per shadow, group
-//! commit) -> answers. Every message leaves through the outbox in commit
+//! names -> throttle -> parse and validate -> store (serialized per shadow,
+//! group commit) -> answers. Every message leaves through the outbox in commit
 //! order, and only after its transaction committed.
 
 use std::sync::{Arc, Mutex};
