@@ -1174,7 +1174,8 @@ impl Connection {
             }
         }
         if let (Codec::V5, Some(reason_code)) = (self.codec, end.reason()) {
-            self.write.clear();
+            // After whatever is still unwritten (the CONNACK, when the first
+            // packet after CONNECT is the one that ends the connection).
             if self
                 .send(Packet::Disconnect(Disconnect { reason_code }, None))
                 .is_ok()

@@ -829,3 +829,38 @@ async fn router_messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
     }
     h.broker.shutdown(WAIT).await;
 }
+
+/// An MQTT 5 device that touches another thing's topics learns why: the
+/// server's DISCONNECT carries 0x87 (not authorized).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_device_is_told_it_is_not_authorized() {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::{AsyncClient as Client5, MqttOptions as Options5};
+
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut options = Options5::new("dev5", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = Client5::new(options, 16);
+    client
+        .publish(
+            "$aws/things/other/shadow/update",
+            QoS5::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("queued");
+    let error = timeout(WAIT, async {
+        loop {
+            if let Err(error) = eventloop.poll().await {
+                return error.to_string();
+            }
+        }
+    })
+    .await
+    .expect("disconnected in time");
+    assert!(error.contains("NotAuthorized"), "{error}");
+    assert_eq!(h.broker.metrics().forbidden.load(Ordering::Relaxed), 1);
+    h.broker.shutdown(WAIT).await;
+}

@@ -18,7 +18,10 @@ fn len(disconnect: &Disconnect, properties: &Option<DisconnectProperties>) -> us
         let properties_len_len = len_len(properties_len);
         length += properties_len_len + properties_len;
     } else {
-        length += 1;
+        // Umbra patch: the reason code and a property length of 0, which
+        // `write` puts there (rumqttd counted only the reason code, a
+        // malformed packet that clients answer by resetting the connection).
+        length += 2;
     }
 
     length
@@ -69,9 +72,11 @@ pub fn write(
 
     let length = len(disconnect, properties);
 
-    if length == 2 {
+    // Umbra patch: the short form is for a normal disconnection only (with
+    // `len` counting the property length byte, 2 is also reason + 0).
+    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection && properties.is_none() {
         buffer.put_u8(0x00);
-        return Ok(length);
+        return Ok(2);
     }
 
     let len_len = write_remaining_length(buffer, length)?;
