@@ -204,6 +204,10 @@ struct Raw {
 
 impl Raw {
     async fn connect(port: u16, client_id: &str) -> Raw {
+        Raw::connect_with(port, connect_packet(client_id)).await
+    }
+
+    async fn connect_with(port: u16, connect: WirePacket) -> Raw {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("tcp connect");
@@ -211,7 +215,7 @@ impl Raw {
             stream,
             read: BytesMut::new(),
         };
-        raw.send(connect_packet(client_id)).await;
+        raw.send(connect).await;
         raw
     }
 
@@ -862,5 +866,67 @@ async fn an_mqtt5_device_is_told_it_is_not_authorized() {
     .expect("disconnected in time");
     assert!(error.contains("NotAuthorized"), "{error}");
     assert_eq!(h.broker.metrics().forbidden.load(Ordering::Relaxed), 1);
+    h.broker.shutdown(WAIT).await;
+}
+
+/// A QoS 1 message a persistent session received but did not acknowledge is
+/// sent again, with DUP and the same packet id, when the client comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_are_sent_again_on_resume() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let persistent = || {
+        WirePacket::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: "dev1".to_owned(),
+                clean_session: false,
+            },
+            None,
+            None,
+            None,
+            None,
+        )
+    };
+    let delta = "$aws/things/dev1/shadow/update/delta";
+    let mut raw = Raw::connect_with(port, persistent()).await;
+    assert_eq!(raw.connack().await.code, ConnectReturnCode::Success);
+    let filter = wire::Filter {
+        path: delta.to_owned(),
+        qos: wire::QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: wire::RetainForwardRule::Never,
+    };
+    raw.send(WirePacket::Subscribe(
+        wire::Subscribe {
+            pkid: 1,
+            filters: vec![filter],
+        },
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.next().await, Some(WirePacket::SubAck(..))));
+    h.broker
+        .publisher()
+        .publish(delta, Bytes::from("d1"))
+        .expect("aws topic");
+    let Some(WirePacket::Publish(first, _)) = raw.next().await else {
+        panic!("the delta");
+    };
+    assert_eq!(first.qos, wire::QoS::AtLeastOnce);
+    assert!(!first.dup);
+    // Gone without acknowledging it.
+    drop(raw);
+
+    let mut raw = Raw::connect_with(port, persistent()).await;
+    let ack = raw.connack().await;
+    assert!(ack.session_present);
+    let Some(WirePacket::Publish(again, _)) = raw.next().await else {
+        panic!("the delta again");
+    };
+    assert_eq!(again.payload, first.payload);
+    assert_eq!(again.pkid, first.pkid, "same packet id");
+    assert!(again.dup, "marked as a retransmission");
     h.broker.shutdown(WAIT).await;
 }
