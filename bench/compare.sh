@@ -194,6 +194,13 @@ SHADOW=(
     "shadow-full-all-answers|bench shadow --devices 400 --inflight 8 --ramp 2000 --duration $DURATION --all-answers"
 )
 
+# One device flooding its shadow at QoS 0 next to 20 devices updating once a second (default
+# per-thing limits): the calm devices' figures without and with the flood.
+FLOOD=(
+    "flood-off|bench shadow --devices 20 --inflight 1 --interval 1s --ramp 100 --duration $DURATION"
+    "flood-on|bench shadow --devices 20 --inflight 1 --interval 1s --ramp 100 --duration $DURATION --flood"
+)
+
 START_LOAD=$(loadavg)
 for broker in mosquitto umbra; do
     port=$(free_port)
@@ -247,6 +254,13 @@ for workload in "${SHADOW[@]}"; do
     run_workload umbra "$name" "$BROKER_PID" "mqtt://127.0.0.1:$port" -- ${workload#*|}
     stop_broker "$BROKER_PID"
 done
+for workload in "${FLOOD[@]}"; do
+    port=$(free_port)
+    start_umbra "$port"
+    # shellcheck disable=SC2086
+    run_workload umbra "${workload%%|*}" "$BROKER_PID" "mqtt://127.0.0.1:$port" -- ${workload#*|}
+    stop_broker "$BROKER_PID"
+done
 END_LOAD=$(loadavg)
 
 # ---------------------------------------------------------------- report
@@ -292,6 +306,10 @@ SHADOW_RATE=$(field "$WORK/umbra-shadow-full.json" '.rates["accepted (durable up
 DELTA_P99=$(field "$WORK/umbra-delta-$DEVICES.json" '.latency["desired->delta"].p99_ms')
 RELAY_RSS_MIB=$(mib "$(peak $U p2p-1k)")
 DELTA_COUNT=$(field "$WORK/umbra-delta-$DEVICES.json" '.latency["desired->delta"].count')
+FLOOD_OFF_P99=$(field "$WORK/umbra-flood-off.json" '.latency["update->accepted"].p99_ms')
+FLOOD_ON_P99=$(field "$WORK/umbra-flood-on.json" '.latency["update->accepted"].p99_ms')
+FLOOD_RATIO=$(awk -v on="${FLOOD_ON_P99:-}" -v off="${FLOOD_OFF_P99:-}" 'BEGIN { if (off > 0 && on != "") printf "%.2f", on / off }')
+FLOOD_BAD=$(jq '(.counts.rejected // 0) + (.counts.unanswered // 0)' "$WORK/umbra-flood-on.json" 2>/dev/null)
 [ "${DELTA_COUNT:-0}" -gt 0 ] || DELTA_P99=""
 
 {
@@ -325,6 +343,8 @@ DELTA_COUNT=$(field "$WORK/umbra-delta-$DEVICES.json" '.latency["desired->delta"
     echo "| desired→delta p99 at $DELTA_RATE/s, $DEVICES devices | ≤ 10 ms | $(num "$DELTA_P99" 2) ms ($(field "$WORK/umbra-delta-$DEVICES.json" .counts.devices_synced) of $DEVICES devices in sync) | no shadow service | $( [ -n "$DELTA_P99" ] && goal "$DELTA_P99" 10 max || echo '**missed** (not measurable)') |"
     echo "| ... at $((DELTA_RATE / 5))/s, $SMALL devices (same rate per device) | ≤ 10 ms | $(num "$DELTA_SMALL_P99" 2) ms | no shadow service | $(goal "$DELTA_SMALL_P99" 10 max) |"
     echo "| durable shadow updates/s end to end (synchronous = full) | ≥ 40,000 | $(num "$SHADOW_RATE" 0) | no shadow service | $(goal "$SHADOW_RATE" 40000 min) |"
+    echo "| one device flooding: the 20 others' update p99 | ≤ 2× unflooded | $(num "$FLOOD_ON_P99" 2) ms vs $(num "$FLOOD_OFF_P99" 2) ms ($FLOOD_RATIO×; flooder sent $(field "$WORK/umbra-flood-on.json" .counts.flood_sent) at QoS 0) | no shadow service | $(goal "$FLOOD_RATIO" 2 max) |"
+    echo "| ... their 429s and unanswered requests | 0 | ${FLOOD_BAD:-n/a} | no shadow service | $(goal "$FLOOD_BAD" 0 max) |"
     echo "| relay 1k→1k QoS 1, msgs/s received | ≥ 5× Mosquitto | $(num "$(relay_in $U p2p-1k)" 0) ($RELAY_RATIO×) | $(num "$(relay_in $M p2p-1k)" 0) | $(goal "$RELAY_RATIO" 5 min) |"
     echo "| RSS under relay load (1k→1k) | ≤ 200 MB | $RELAY_RSS_MIB MiB | $(mib "$(peak $M p2p-1k)") MiB | $(goal "$(awk -v k="$(peak $U p2p-1k)" 'BEGIN { print k * 1024 / 1e6 }')" 200 max) |"
     echo
@@ -419,7 +439,7 @@ DELTA_COUNT=$(field "$WORK/umbra-delta-$DEVICES.json" '.latency["desired->delta"
     echo
     echo "## Workloads"
     echo
-    for workload in "${RELAY[@]}" "${IDLE[@]}" "${DELTA[@]}" "${SHADOW[@]}"; do
+    for workload in "${RELAY[@]}" "${IDLE[@]}" "${DELTA[@]}" "${SHADOW[@]}" "${FLOOD[@]}"; do
         echo "- \`${workload%%|*}\`: \`device-sim ${workload#*|} --json\`"
     done
     echo "- \`${IDLE_BIG%%|*}\`: two \`device-sim ${IDLE_BIG#*|} --devices $((BIG / 2)) --first 0|$((BIG / 2)) --ramp $((CONNECT_RATE / 2)) --json\` at once"

@@ -261,6 +261,13 @@ pub struct ShadowArgs {
     /// benchmark reads (`update/accepted|rejected`).
     #[arg(long)]
     pub all_answers: bool,
+    /// Pause after each accepted update (e.g. `1s` for one update per second per device).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Also run one device (`{prefix}flood`) flooding its shadow with QoS 0 updates, and
+    /// measure what that costs the others.
+    #[arg(long)]
+    pub flood: bool,
 }
 
 impl FleetArgs {
@@ -345,6 +352,8 @@ impl ShadowArgs {
             ramp: self.ramp,
             drain_timeout: self.drain_timeout,
             all_answers: self.all_answers,
+            interval: self.interval,
+            flood: self.flood,
             quiet,
         }
     }

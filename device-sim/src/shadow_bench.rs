@@ -35,6 +35,12 @@ pub struct ShadowBenchConfig {
     /// Also subscribe to `update/delta` and `update/documents` (as many SDK clients do), not
     /// only to the answers the benchmark reads.
     pub all_answers: bool,
+    /// Time a device waits after an accepted update before its next one (`ZERO`: none).
+    pub interval: Duration,
+    /// Also run one more device (`{prefix}flood`) that publishes updates at QoS 0 as fast as
+    /// its connection takes them, without waiting for answers; the other devices' figures
+    /// show what it costs them.
+    pub flood: bool,
     pub quiet: bool,
 }
 
@@ -61,6 +67,7 @@ fn token_of(payload: &[u8]) -> Option<(Option<String>, Option<u64>)> {
 async fn bench_device(
     thing: String,
     inflight: usize,
+    interval: Duration,
     all_answers: bool,
     client: AsyncClient,
     mut eventloop: EventLoop,
@@ -162,6 +169,9 @@ async fn bench_device(
                             shared.accepted.incr();
                             shared.latency.record(sent.elapsed());
                             throttle.reset();
+                            if !interval.is_zero() {
+                                paused_until = Some(TokioInstant::now() + interval);
+                            }
                         }
                         ShadowAnswer::UpdateRejected => {
                             shared.rejected.incr();
@@ -203,6 +213,44 @@ async fn bench_device(
     }
 }
 
+/// The flooding device: QoS 0 updates of its own shadow as fast as its client takes them,
+/// from `go` to `window_over`; it reads no answers. Returns how many it sent.
+async fn flood_device(
+    thing: String,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    go: CancellationToken,
+    window_over: CancellationToken,
+    stop: CancellationToken,
+) -> u64 {
+    let topic = ShadowTopics::new(&thing).update;
+    let body = serde_json::json!({ "state": { "reported": { "flood": true } } }).to_string();
+    let mut sent = 0u64;
+    loop {
+        let flooding = go.is_cancelled();
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = window_over.cancelled() => break,
+            _ = go.cancelled(), if !flooding => {}
+            event = eventloop.poll() => {
+                if event.is_err() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+            queued = client.publish(topic.as_str(), QoS::AtMostOnce, false, body.clone()), if flooding => {
+                if queued.is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+    }
+    disconnect(&client, &mut eventloop, Duration::from_secs(2)).await;
+    sent
+}
+
 /// Runs the shadow benchmark: connect and subscribe every device, then update for `duration`.
 pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Result<Summary, Error> {
     if config.devices == 0 {
@@ -240,6 +288,7 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
         devices.spawn(bench_device(
             thing,
             config.inflight,
+            config.interval,
             config.all_answers,
             client,
             eventloop,
@@ -251,6 +300,18 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
         ));
     }
     drop(ready_tx);
+    let flooder = config.flood.then(|| {
+        let thing = format!("{}flood", config.prefix);
+        let (client, eventloop) = config.client.client(&thing);
+        tokio::spawn(flood_device(
+            thing,
+            client,
+            eventloop,
+            go.clone(),
+            window_over.clone(),
+            stop.clone(),
+        ))
+    });
     let mut ready = 0;
     let all_ready = tokio::time::timeout(Duration::from_secs(30), async {
         while ready < config.devices {
@@ -300,6 +361,14 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
         }
     }
     stop.cancel();
+    let flood_sent = match flooder {
+        Some(task) => Some(match task.await {
+            Ok(sent) => sent,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => 0,
+        }),
+        None => None,
+    };
     progress.stop().await;
     let mut summary = Summary::from_stats(
         "bench shadow",
@@ -328,6 +397,9 @@ pub async fn run(config: ShadowBenchConfig, shutdown: CancellationToken) -> Resu
     summary
         .counts
         .insert("unanswered".to_owned(), shared.unanswered.get());
+    if let Some(sent) = flood_sent {
+        summary.counts.insert("flood_sent".to_owned(), sent);
+    }
     summary.rates.insert(
         "accepted (durable updates)".to_owned(),
         accepted_in_window as f64 / window.as_secs_f64().max(1e-9),

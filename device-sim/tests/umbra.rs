@@ -148,6 +148,8 @@ async fn shadow_bench_updates_are_all_answered() {
         ramp: 1000.0,
         drain_timeout: Duration::from_secs(20),
         all_answers: false,
+        interval: Duration::ZERO,
+        flood: false,
         quiet: true,
     };
     let summary = shadow_bench::run(config, CancellationToken::new())
