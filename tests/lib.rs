@@ -27,12 +27,24 @@ pub fn vectors_path() -> String {
     })
 }
 
-/// The cases of `shared/vectors/shadow_update.json`, read at test time.
+/// Umbra's own protocol cases (`shadow/tests/cases/shadow_update.json`),
+/// followed by the shared vectors' cases when they are beside the clone.
 pub fn vector_cases() -> Vec<Value> {
-    let path = vectors_path();
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read the shared vectors at {path}: {e}"));
-    let doc: Value = serde_json::from_str(&text).expect("vectors are JSON");
+    let own = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shadow/tests/cases/shadow_update.json"
+    );
+    let mut cases = read_cases(own);
+    let shared = vectors_path();
+    if Path::new(&shared).exists() {
+        cases.extend(read_cases(&shared));
+    }
+    cases
+}
+
+fn read_cases(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let doc: Value = serde_json::from_str(&text).expect("cases are JSON");
     doc["cases"].as_array().cloned().expect("cases")
 }
 

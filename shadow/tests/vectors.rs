@@ -1,4 +1,5 @@
-//! Runs every case of `shared/vectors/shadow_update.json` through the pure
+//! Runs every case of Umbra's own `tests/cases/shadow_update.json`, and of
+//! `shared/vectors/shadow_update.json` when it is there, through the pure
 //! engine and through the service over a real SQLite file.
 
 use std::sync::Arc;
@@ -12,20 +13,37 @@ use umbra_shadow::topic::AnswerKind;
 use umbra_shadow::{Limits, Operation, Request, ServiceConfig, ShadowKey, ShadowService};
 use umbra_shadow::{SqliteStore, StoreConfig};
 
+/// Umbra's own cases, and the shared protocol vectors when they are beside
+/// the clone (`UMBRA_VECTORS` names another file); CI has them.
 fn vectors() -> Vec<Value> {
-    let path = std::env::var("UMBRA_VECTORS").unwrap_or_else(|_| {
+    let own = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/cases/shadow_update.json"
+    );
+    let mut cases = read_cases(own).unwrap_or_else(|e| panic!("cannot read {own}: {e}"));
+    assert!(cases.len() >= 15, "expected Umbra's own cases");
+    let shared = std::env::var("UMBRA_VECTORS").unwrap_or_else(|_| {
         concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../shared/vectors/shadow_update.json"
         )
         .into()
     });
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read the shared vectors at {path}: {e}"));
-    let doc: Value = serde_json::from_str(&text).expect("vectors are JSON");
-    let cases = doc["cases"].as_array().expect("cases").clone();
-    assert!(cases.len() >= 20, "expected the full vector set");
+    if std::path::Path::new(&shared).exists() {
+        let more = read_cases(&shared).unwrap_or_else(|e| panic!("cannot read {shared}: {e}"));
+        assert!(more.len() >= 20, "expected the full shared vector set");
+        cases.extend(more);
+    }
     cases
+}
+
+fn read_cases(path: &str) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let doc: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    doc["cases"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| "no cases".to_owned())
 }
 
 fn section(v: &Value) -> Option<SectionPatch> {
