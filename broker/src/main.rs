@@ -39,6 +39,10 @@ struct Cli {
     /// Directory for the SQLite database (overrides data_dir).
     #[arg(long, env = "UMBRA_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// How the operator commands reach a server (global: before or after
+    /// the command).
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -48,15 +52,11 @@ struct Cli {
 enum Command {
     /// Read and change shadows through a running server's HTTP API.
     Shadow {
-        #[command(flatten)]
-        api: ApiArgs,
         #[command(subcommand)]
         command: ShadowCommand,
     },
     /// Print committed changes (shadow updates and deletes, connects, disconnects).
     Changes {
-        #[command(flatten)]
-        api: ApiArgs,
         #[command(flatten)]
         changes: ChangesArgs,
     },
@@ -73,11 +73,16 @@ fn main() -> ExitCode {
         }
     };
     if let Some(command) = cli.command {
-        return run_command(command);
+        return run_command(&cli.api, command);
     }
     tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour only on a terminal, not in files or pipes.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(CursorJumpLayer)
         .init();
 
@@ -114,11 +119,11 @@ fn main() -> ExitCode {
 }
 
 /// Runs an operator command against a running server.
-fn run_command(command: Command) -> ExitCode {
+fn run_command(api: &ApiArgs, command: Command) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let result = match command {
-        Command::Shadow { api, command } => cli::run_shadow(&api, &command, &mut out),
-        Command::Changes { api, changes } => cli::run_changes(&api, &changes, &mut out),
+        Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
+        Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -211,6 +211,10 @@ async fn operator_cli_reads_and_changes_shadows() {
     let (code, out, _) = cli(&["shadow", "list"]).await;
     assert_eq!(code, 0);
     assert!(out.lines().any(|l| l.starts_with("cli-1")), "{out}");
+    // The API flags are global: before the command too.
+    let (code, out, err) = run_to_exit(&["--api", &api, "shadow", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("cli-1")), "{out}");
 
     let (code, out, _) = cli(&["shadow", "search", "shadow.hasDelta:true", "--json"]).await;
     assert_eq!(code, 0);
