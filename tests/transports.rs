@@ -33,6 +33,17 @@ fn tls_listener(dir: &std::path::Path) -> (String, TlsFiles) {
     )
 }
 
+/// A test configuration whose MQTT listener serves TLS; returns the CA's PEM.
+fn tls_config(dir: &std::path::Path) -> (String, umbra_broker::Config) {
+    let (ca, files) = tls_listener(dir);
+    let mut config = test_config(&dir.join("data"));
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(files),
+        ..ListenerSettings::local(0)
+    });
+    (ca, config)
+}
+
 fn tls_options(client_id: &str, port: u16, ca: &str) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, "localhost", port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -47,12 +58,7 @@ fn tls_options(client_id: &str, port: u16, ca: &str) -> MqttOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_keeps_its_shadow_over_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca, files) = tls_listener(dir.path());
-    let mut config = test_config(&dir.path().join("data"));
-    config.mqtt.mqtt_v4 = Some(ListenerSettings {
-        tls: Some(files),
-        ..ListenerSettings::local(0)
-    });
+    let (ca, config) = tls_config(dir.path());
     let server = start(config).await;
     let port = server.addrs().mqtt.expect("tls listener").port();
     let mut device = Device::connect_with(tls_options("tls-lamp", port, &ca)).await;
@@ -118,12 +124,7 @@ async fn closed_by_server(stream: &mut TcpStream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_handshake_delays_no_other_client_and_is_closed_at_the_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca, files) = tls_listener(dir.path());
-    let mut config = test_config(&dir.path().join("data"));
-    config.mqtt.mqtt_v4 = Some(ListenerSettings {
-        tls: Some(files),
-        ..ListenerSettings::local(0)
-    });
+    let (ca, mut config) = tls_config(dir.path());
     // Longer than the test waits: if the idle client blocked the accept
     // loop, the others could not connect before it gave up.
     config.mqtt.connection.connect_timeout_ms = 60_000;

@@ -990,7 +990,7 @@ impl Connection {
             }
         }
         if routed.is_empty() {
-            return self.send(suback(subscribe.pkid, codes));
+            return self.send(suback(subscribe.pkid, codes, None));
         }
         self.router_side()
             .pending_acks
@@ -1092,27 +1092,15 @@ impl Connection {
             Packet::SubAck(ack, props) => {
                 let pending = self.router_side().pending_acks.remove(&ack.pkid);
                 if let Some(PendingAck::SubAck(codes)) = pending {
-                    let mut routed = ack.return_codes.into_iter();
-                    let codes = codes
-                        .into_iter()
-                        .map(|c| c.or_else(|| routed.next()))
-                        .collect();
-                    let mut suback = suback(ack.pkid, codes);
-                    if let Packet::SubAck(_, p) = &mut suback {
-                        *p = props;
-                    }
-                    return self.send(suback);
+                    let codes = with_routed(codes, ack.return_codes);
+                    return self.send(suback(ack.pkid, codes, props));
                 }
                 Ok(())
             }
             Packet::UnsubAck(ack, _) => {
                 let pending = self.router_side().pending_acks.remove(&ack.pkid);
                 if let Some(PendingAck::UnsubAck(reasons)) = pending {
-                    let mut routed = ack.reasons.into_iter();
-                    let reasons = reasons
-                        .into_iter()
-                        .map(|r| r.or_else(|| routed.next()))
-                        .collect();
+                    let reasons = with_routed(reasons, ack.reasons);
                     return self.send(unsuback(ack.pkid, reasons));
                 }
                 Ok(())
@@ -1234,12 +1222,25 @@ fn pubrec(pkid: u16) -> Packet {
     )
 }
 
-fn suback(pkid: u16, codes: Vec<Option<SubscribeReasonCode>>) -> Packet {
+/// The connection's own answers with the router's filled into the gaps, in
+/// filter order.
+fn with_routed<T>(own: Vec<Option<T>>, routed: Vec<T>) -> Vec<Option<T>> {
+    let mut routed = routed.into_iter();
+    own.into_iter()
+        .map(|a| a.or_else(|| routed.next()))
+        .collect()
+}
+
+fn suback(
+    pkid: u16,
+    codes: Vec<Option<SubscribeReasonCode>>,
+    props: Option<protocol::SubAckProperties>,
+) -> Packet {
     let return_codes = codes
         .into_iter()
         .map(|c| c.unwrap_or(SubscribeReasonCode::Failure))
         .collect();
-    Packet::SubAck(SubAck { pkid, return_codes }, None)
+    Packet::SubAck(SubAck { pkid, return_codes }, props)
 }
 
 fn unsuback(pkid: u16, reasons: Vec<Option<UnsubAckReason>>) -> Packet {

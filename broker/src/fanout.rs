@@ -104,12 +104,9 @@ impl Mailbox {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -374,9 +371,9 @@ impl Publisher {
         Arc::clone(&self.inner.metrics)
     }
 
-    /// Filters in the table (exact, per-thing wildcard, spanning), for tests
-    /// and metrics.
-    pub fn filter_count(&self) -> usize {
+    /// Filters in the table (exact, per-thing wildcard, spanning).
+    #[cfg(test)]
+    pub(crate) fn filter_count(&self) -> usize {
         let table = self.table();
         table
             .exact

@@ -100,6 +100,17 @@ async fn until_accepted(stream: &mut TcpStream, thing: &str) {
     }
 }
 
+/// A device that connected, subscribed and stored its shadow, left idle.
+async fn idle_device(addr: std::net::SocketAddr, thing: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(&device_packets(thing))
+        .await
+        .expect("send");
+    until_accepted(&mut stream, thing).await;
+    stream
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_device_costs_at_most_its_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -119,14 +130,7 @@ async fn an_idle_device_costs_at_most_its_budget() {
     // are not counted per device.
     let mut warm = Vec::new();
     for i in 0..50 {
-        let thing = format!("warm-{i:04}");
-        let mut stream = TcpStream::connect(umbra.mqtt).await.expect("connect");
-        stream
-            .write_all(&device_packets(&thing))
-            .await
-            .expect("send");
-        until_accepted(&mut stream, &thing).await;
-        warm.push(stream);
+        warm.push(idle_device(umbra.mqtt, &format!("warm-{i:04}")).await);
     }
     let before = rss_bytes(pid);
     // One device after the other: what is measured is what idle devices
@@ -134,14 +138,7 @@ async fn an_idle_device_costs_at_most_its_budget() {
     // (which the allocator keeps mapped, in amounts that vary by run).
     let mut devices = Vec::with_capacity(DEVICES);
     for i in 0..DEVICES {
-        let thing = format!("idle-{i:05}");
-        let mut stream = TcpStream::connect(umbra.mqtt).await.expect("connect");
-        stream
-            .write_all(&device_packets(&thing))
-            .await
-            .expect("send");
-        until_accepted(&mut stream, &thing).await;
-        devices.push(stream);
+        devices.push(idle_device(umbra.mqtt, &format!("idle-{i:05}")).await);
     }
     // Every shadow is stored and indexed: the service indexes a change
     // before it answers.
