@@ -930,3 +930,78 @@ async fn unacknowledged_messages_are_sent_again_on_resume() {
     assert!(again.dup, "marked as a retransmission");
     h.broker.shutdown(WAIT).await;
 }
+
+/// A client silent for 1.5× its keep-alive is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_disconnected_after_one_and_a_half_keep_alives() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let connect = WirePacket::Connect(
+        Connect {
+            keep_alive: 1,
+            client_id: "quiet".to_owned(),
+            clean_session: true,
+        },
+        None,
+        None,
+        None,
+        None,
+    );
+    let started = std::time::Instant::now();
+    let mut raw = Raw::connect_with(port, connect).await;
+    assert_eq!(raw.connack().await.code, ConnectReturnCode::Success);
+    raw.closed().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// A QoS 2 publish sent again before its PUBREL (DUP) is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmitted_qos2_publish_is_delivered_once() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut sub = connect("sub", port, Duration::from_secs(30));
+    sub.connected().await;
+    sub.subscribe("once/#").await;
+    let mut raw = Raw::connect(port, "pub2").await;
+    assert_eq!(raw.connack().await.code, ConnectReturnCode::Success);
+    let first = raw_publish("once/x", wire::QoS::ExactlyOnce, 9);
+    let mut again = first.clone();
+    if let WirePacket::Publish(p, _) = &mut again {
+        p.dup = true;
+    }
+    raw.send(first).await;
+    raw.send(again).await;
+    let mut recs = 0;
+    while recs < 2 {
+        match raw.next().await {
+            Some(WirePacket::PubRec(rec, _)) => {
+                assert_eq!(rec.pkid, 9);
+                recs += 1;
+            }
+            other => panic!("expected PUBREC, got {other:?}"),
+        }
+    }
+    raw.send(WirePacket::PubRel(
+        wire::PubRel {
+            pkid: 9,
+            reason: wire::PubRelReason::Success,
+        },
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.next().await, Some(WirePacket::PubComp(..))));
+    raw.send(raw_publish("once/marker", wire::QoS::AtLeastOnce, 10))
+        .await;
+    assert_eq!(sub.next_publish().await.topic, "once/x");
+    assert_eq!(
+        sub.next_publish().await.topic,
+        "once/marker",
+        "no second copy"
+    );
+    h.broker.shutdown(WAIT).await;
+}
