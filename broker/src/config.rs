@@ -238,21 +238,26 @@ mod tests {
 
     #[test]
     fn file_then_overrides() {
-        let (_d, path) = write(
-            "data_dir = \"/tmp/x\"\n[mqtt.mqtt_v4]\naddr = \"127.0.0.1:2000\"\n[shadow]\nmax_depth = 4\n[store]\nsynchronous = \"normal\"\n",
-        );
+        // Data directories inside the test's own folder: a fixed path such
+        // as /tmp/x may be a file on the machine that runs the test.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+        let (_d, path) = write(&format!(
+            "data_dir = {:?}\n[mqtt.mqtt_v4]\naddr = \"127.0.0.1:2000\"\n[shadow]\nmax_depth = 4\n[store]\nsynchronous = \"normal\"\n",
+            x.display().to_string()
+        ));
         let c = Config::load(Some(&path), &Overrides::default()).expect("valid");
         assert_eq!(c.shadow.max_depth, 4);
         assert_eq!(c.store.synchronous, Synchronous::Normal);
         assert_eq!(c.mqtt.mqtt_v4.as_ref().map(|l| l.addr.port()), Some(2000));
         let o = Overrides {
             mqtt_addr: Some("127.0.0.1:3000".parse().expect("addr")),
-            data_dir: Some("/tmp/y".into()),
+            data_dir: Some(y.clone()),
             ..Overrides::default()
         };
         let c = Config::load(Some(&path), &o).expect("valid");
         assert_eq!(c.mqtt.mqtt_v4.as_ref().map(|l| l.addr.port()), Some(3000));
-        assert_eq!(c.data_dir, PathBuf::from("/tmp/y"));
+        assert_eq!(c.data_dir, y);
     }
 
     #[test]
