@@ -29,7 +29,7 @@ use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -395,6 +395,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         qos2_received: HashSet::new(),
         requests: None,
         stalled: false,
+        paused: None,
         aliases: HashMap::new(),
         attached,
     };
@@ -467,40 +468,49 @@ struct Connection {
     requests: Option<FuturesUnordered<Answered>>,
     /// Parsing stopped because `requests` was full.
     stalled: bool,
+    /// Parsing stopped until the device's thing may send its next request
+    /// (boxed: only a device that outruns its request rate has one).
+    paused: Option<Pin<Box<Sleep>>>,
     /// MQTT 5 client-to-server topic aliases.
     aliases: HashMap<u16, Bytes>,
     attached: Attached,
 }
 
 impl Connection {
-    async fn serve(mut self) {
-        let broker = Arc::clone(&self.broker);
-        let metrics = &broker.metrics;
-        bump(&metrics.connections_accepted);
-        metrics.connections_current.fetch_add(1, Ordering::Relaxed);
-        debug!(conn = self.conn, codec = ?self.codec, "connection accepted");
-        broker.emit(PresenceEvent::Connected {
-            client_id: self.client_id.clone(),
-            session: self.conn,
-        });
-        let end = match self.run().await {
-            Ok(()) => End::Closed,
-            Err(end) => end,
-        };
-        Box::pin(self.close(end)).await;
-        metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
-        broker.emit(PresenceEvent::Disconnected {
-            client_id: self.client_id.clone(),
-            session: self.conn,
-        });
-        let Connection {
-            client_id,
-            conn,
-            keep,
-            attached,
-            ..
-        } = self;
-        broker.sessions.detach(&client_id, conn, attached, keep);
+    /// Serves the connection until it ends. An async block, not an
+    /// `async fn`: an `async fn`'s future keeps its by-value argument twice
+    /// (the argument and the local it is moved into), ~500 bytes a connection.
+    fn serve(self) -> impl Future<Output = ()> + Send + 'static {
+        let mut connection = self;
+        async move {
+            let broker = Arc::clone(&connection.broker);
+            let metrics = &broker.metrics;
+            bump(&metrics.connections_accepted);
+            metrics.connections_current.fetch_add(1, Ordering::Relaxed);
+            debug!(conn = connection.conn, codec = ?connection.codec, "connection accepted");
+            broker.emit(PresenceEvent::Connected {
+                client_id: connection.client_id.clone(),
+                session: connection.conn,
+            });
+            let end = match connection.run().await {
+                Ok(()) => End::Closed,
+                Err(end) => end,
+            };
+            Box::pin(connection.close(end)).await;
+            metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
+            broker.emit(PresenceEvent::Disconnected {
+                client_id: connection.client_id.clone(),
+                session: connection.conn,
+            });
+            let Connection {
+                client_id,
+                conn,
+                keep,
+                attached,
+                ..
+            } = connection;
+            broker.sessions.detach(&client_id, conn, attached, keep);
+        }
     }
 
     async fn run(&mut self) -> Result<(), End> {
@@ -512,19 +522,23 @@ impl Connection {
         self.hand_to_router().await?;
         self.flush().await?;
         let mailbox = Arc::clone(&self.attached.session.mailbox);
+        // Cancelled by a takeover and by shutdown alike.
         let kick = self.attached.kick.clone();
-        let stop = self.broker.stop.clone();
         let max_requests = self.request_window();
         let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
             let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
-            let can_read = !self.stalled && pending < max_requests;
+            let can_read = !self.stalled && self.paused.is_none() && pending < max_requests;
             let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
             tokio::select! {
                 biased;
-                () = stop.cancelled() => return Err(End::Shutdown),
-                () = kick.cancelled() => return Err(End::TakenOver),
+                () = kick.cancelled() => {
+                    return Err(match self.broker.stop.is_cancelled() {
+                        true => End::Shutdown,
+                        false => End::TakenOver,
+                    })
+                }
                 Some(()) = next_answered(&mut self.requests), if pending > 0 => {
                     if self.requests.as_ref().is_some_and(FuturesUnordered::is_empty) {
                         self.requests = None;
@@ -534,6 +548,11 @@ impl Connection {
                         self.parse()?;
                         self.hand_to_router().await?;
                     }
+                }
+                () = resumed(&mut self.paused), if self.paused.is_some() => {
+                    self.paused = None;
+                    self.parse()?;
+                    self.hand_to_router().await?;
                 }
                 () = mailbox.ready() => self.deliver()?,
                 notification = next_notification(&mut self.router), if linked => {
@@ -575,6 +594,9 @@ impl Connection {
         let max = self.broker.limits.max_payload_size;
         let max_requests = self.request_window();
         loop {
+            if self.paused.is_some() {
+                return Ok(());
+            }
             if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= max_requests {
                 self.stalled = true;
                 bump(&self.broker.metrics.request_stalls);
@@ -866,14 +888,21 @@ impl Connection {
         match topics::route_publish(topic, &self.client_id, self.privileged) {
             PublishRoute::ShadowRequest(request) => {
                 bump(&self.broker.metrics.shadow_requests);
-                let answered = self.broker.shadow.submit(ShadowPublish {
+                let submitted = self.broker.shadow.submit(ShadowPublish {
                     client_id: self.client_id.clone(),
                     request,
                     payload: publish.payload,
                 });
                 self.requests
                     .get_or_insert_with(FuturesUnordered::new)
-                    .push(answered);
+                    .push(submitted.answered);
+                // A device's requests are all its own thing's; a privileged
+                // client's are many things', and one thing's rate must not
+                // hold up the others.
+                if let (Some(wait), false) = (submitted.retry_after, self.privileged) {
+                    bump(&self.broker.metrics.rate_pauses);
+                    self.paused = Some(Box::pin(tokio::time::sleep(wait)));
+                }
             }
             PublishRoute::Aws => {
                 let topic = topic.to_owned();
@@ -1208,6 +1237,14 @@ async fn next_notification(
 async fn next_answered(requests: &mut Option<FuturesUnordered<Answered>>) -> Option<()> {
     match requests {
         Some(requests) => requests.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a pause ends (never without one).
+async fn resumed(paused: &mut Option<Pin<Box<Sleep>>>) {
+    match paused {
+        Some(sleep) => sleep.await,
         None => std::future::pending().await,
     }
 }

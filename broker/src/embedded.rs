@@ -442,18 +442,23 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let router: RouterTx = Router::new(0, settings.router_config()).spawn();
     let publisher = hooks.publisher;
     let metrics = publisher.metrics();
+    let stop = CancellationToken::new();
     let broker = Arc::new(Broker {
         limits: settings.connection.clone(),
         edge: settings.edge.clone(),
         auth: settings.auth.clone(),
-        sessions: Sessions::new(publisher.clone(), settings.connection.max_queued_messages),
+        sessions: Sessions::new(
+            publisher.clone(),
+            settings.connection.max_queued_messages,
+            stop.clone(),
+        ),
         publisher,
         shadow: hooks.shadow,
         presence: hooks.presence,
         metrics,
         router,
         next_session: AtomicU64::new(1),
-        stop: CancellationToken::new(),
+        stop,
     });
 
     let stop_accepting = CancellationToken::new();

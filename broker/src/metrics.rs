@@ -118,6 +118,9 @@ pub struct EdgeMetrics {
     /// Times a connection stopped reading because too many of its shadow
     /// requests were being handled.
     pub request_stalls: AtomicU64,
+    /// Times a device's connection stopped reading because its thing's
+    /// request rate was used up (until the rate allows its next request).
+    pub rate_pauses: AtomicU64,
     /// Presence events dropped because the presence channel was full or closed.
     pub presence_dropped: AtomicU64,
     /// `$aws` messages queued for a subscriber.
@@ -163,7 +166,7 @@ pub struct EdgeCollector {
 
 /// (name, help, kind) of every metric the collector exports.
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 18] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 19] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -222,6 +225,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 18] = [
     (
         "umbra_mqtt_request_stalls_total",
         "Times a connection stopped reading while its shadow requests were handled.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_rate_pauses_total",
+        "Times a device's connection stopped reading because its thing's request rate was used up.",
         MetricType::COUNTER,
     ),
     (
@@ -294,6 +302,7 @@ impl EdgeCollector {
             "umbra_mqtt_refused_subscriptions_total" => one(&m.refused_subscriptions),
             "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
             "umbra_mqtt_request_stalls_total" => one(&m.request_stalls),
+            "umbra_mqtt_rate_pauses_total" => one(&m.rate_pauses),
             "umbra_mqtt_presence_dropped_total" => one(&m.presence_dropped),
             "umbra_mqtt_answers_published_total" => one(&m.answers_published),
             "umbra_mqtt_answers_dropped_total" => one(&m.answers_dropped),

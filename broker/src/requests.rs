@@ -6,10 +6,13 @@
 //! future resolves once the request is answered; a connection keeps at most
 //! a configured number of them outstanding and stops reading from its socket
 //! while it has that many (back-pressure: a device that floods slows itself
-//! down, not the others).
+//! down, not the others). A device whose request was refused because its
+//! thing's request rate was used up is not read from until the rate allows
+//! its next request.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use umbra_shadow::topic::RequestTopic;
@@ -29,16 +32,36 @@ pub struct ShadowPublish {
 /// A request being handled; resolves when it has been answered.
 pub type Answered = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// A submitted request.
+pub struct Submitted {
+    pub answered: Answered,
+    /// Set when the request was refused because its thing's request rate
+    /// was used up: how long until the thing may send another one. The
+    /// connection of a device stops reading for that long, so that a device
+    /// that floods gets one 429 per refused interval, not one per request.
+    pub retry_after: Option<Duration>,
+}
+
+impl Submitted {
+    /// A request that is answered when `answered` resolves.
+    pub fn answered(answered: impl Future<Output = ()> + Send + 'static) -> Submitted {
+        Submitted {
+            answered: Box::pin(answered),
+            retry_after: None,
+        }
+    }
+}
+
 /// Takes shadow requests from every connection.
 pub trait ShadowRequests: Send + Sync + 'static {
     /// Queues `request` behind the earlier ones of the same shadow without
     /// waiting. Its answers reach subscribers through the broker's
     /// [`Publisher`](crate::fanout::Publisher), not through the returned future.
-    fn submit(&self, request: ShadowPublish) -> Answered;
+    fn submit(&self, request: ShadowPublish) -> Submitted;
 }
 
 impl ShadowRequests for ShadowService {
-    fn submit(&self, request: ShadowPublish) -> Answered {
+    fn submit(&self, request: ShadowPublish) -> Submitted {
         let pending = ShadowService::submit(
             self,
             Request {
@@ -48,8 +71,12 @@ impl ShadowRequests for ShadowService {
                 client: request.client_id,
             },
         );
-        Box::pin(async move {
-            pending.answer().await;
-        })
+        let retry_after = pending.retry_after();
+        Submitted {
+            answered: Box::pin(async move {
+                pending.answer().await;
+            }),
+            retry_after,
+        }
     }
 }

@@ -76,7 +76,9 @@ pub struct Attached {
     pub session: Session,
     /// The session existed (MQTT's "session present").
     pub present: bool,
-    /// Cancelled when another connection takes the client id over.
+    /// Cancelled when another connection takes the client id over, and
+    /// when the broker stops (a child of its stop token: a connection waits
+    /// on one token, not two).
     pub kick: CancellationToken,
     handoff: oneshot::Sender<Session>,
 }
@@ -86,6 +88,8 @@ pub struct Sessions {
     slots: Mutex<HashMap<String, Slot>>,
     publisher: Publisher,
     mailbox_capacity: usize,
+    /// The broker's stop token, parent of every connection's kick token.
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -95,11 +99,12 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    pub fn new(publisher: Publisher, mailbox_capacity: usize) -> Sessions {
+    pub fn new(publisher: Publisher, mailbox_capacity: usize, stop: CancellationToken) -> Sessions {
         Sessions {
             slots: Mutex::new(HashMap::new()),
             publisher,
             mailbox_capacity,
+            stop,
         }
     }
 
@@ -113,7 +118,7 @@ impl Sessions {
     /// a new one.
     pub async fn attach(&self, client_id: &str, conn: u64, clean: bool) -> Attached {
         let (handoff, receiver) = oneshot::channel();
-        let kick = CancellationToken::new();
+        let kick = self.stop.child_token();
         let previous = self.lock().insert(
             client_id.to_owned(),
             Slot::Live {
@@ -238,7 +243,10 @@ mod tests {
 
     fn sessions() -> (Sessions, Publisher) {
         let publisher = Publisher::new(Arc::new(EdgeMetrics::default()));
-        (Sessions::new(publisher.clone(), 8), publisher)
+        (
+            Sessions::new(publisher.clone(), 8, CancellationToken::new()),
+            publisher,
+        )
     }
 
     const TOPIC: &str = "$aws/things/d1/shadow/update/delta";

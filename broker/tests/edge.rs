@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use umbra_broker::codec::Codec;
 use umbra_broker::embedded::ListenerKind;
-use umbra_broker::requests::Answered;
+use umbra_broker::requests::Submitted;
 use umbra_broker::{
     start, BrokerSettings, EdgeHooks, EdgeMetrics, ListenerSettings, PresenceEvent, Publisher,
     RunningBroker, ShadowPublish, ShadowRequests,
@@ -32,9 +32,9 @@ struct Recorder {
 }
 
 impl ShadowRequests for Recorder {
-    fn submit(&self, request: ShadowPublish) -> Answered {
+    fn submit(&self, request: ShadowPublish) -> Submitted {
         let _ignored_when_the_test_ended = self.requests.send(request);
-        Box::pin(async {})
+        Submitted::answered(async {})
     }
 }
 

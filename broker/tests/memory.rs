@@ -16,9 +16,9 @@ use umbra_broker::codec::Codec;
 use support::{spawn_with, WAIT};
 
 const DEVICES: usize = 2_000;
-/// The connection layer's budget per idle device (DESIGN.md), with the
-/// writer's decoded-shadow cache off: that cache is a store setting that
-/// trades memory for update speed (README, `[store] cache_shadows`).
+/// The budget per idle device (DESIGN.md), with the default settings: the
+/// writer's cache of decoded shadows on, and the fleet index sharing the
+/// shadows that the cache holds.
 const BUDGET_BYTES: u64 = 8 * 1024;
 const ANSWERS: [&str; 5] = [
     "update/accepted",
@@ -115,11 +115,7 @@ async fn idle_device(addr: std::net::SocketAddr, thing: &str) -> TcpStream {
 async fn an_idle_device_costs_at_most_its_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("umbra.toml");
-    std::fs::write(
-        &config,
-        "[store]\ncache_shadows = 0\n[shadow]\nrequests_per_second = 0\n",
-    )
-    .expect("config");
+    std::fs::write(&config, "[shadow]\nrequests_per_second = 0\n").expect("config");
     let umbra = spawn_with(
         &dir.path().join("data"),
         &["--config", config.to_str().expect("utf-8 path")],

@@ -1,6 +1,8 @@
 //! The shadow document: desired and reported state with per-leaf metadata, the
 //! update merge, and the delta between desired and reported.
 
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use crate::json::same_value;
@@ -12,8 +14,13 @@ pub type Object = Map<String, Value>;
 pub type Timestamp = i64;
 
 /// One section of a shadow (`desired` or `reported`) with its metadata tree,
-/// which mirrors the state: `{"timestamp": T}` at every leaf, and an array's
+/// which mirrors the state: a timestamp at every leaf, and an array's
 /// metadata is an array of per-element metadata.
+///
+/// In memory a leaf's metadata is the bare number `T`; it is written out as
+/// `{"timestamp": T}` ([`ShadowState::metadata_value`],
+/// [`ShadowState::metadata_json`]). A one-key object per leaf would cost a
+/// whole B-tree node (~640 bytes) per leaf in every shadow Umbra holds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Section {
     pub state: Object,
@@ -76,7 +83,14 @@ impl ShadowState {
         (!delta.is_empty()).then_some(delta)
     }
 
-    /// The delta's metadata, taken from desired's metadata.
+    /// Whether [`ShadowState::delta`] is non-empty, without building it.
+    pub fn has_delta(&self) -> bool {
+        self.desired
+            .as_ref()
+            .is_some_and(|d| differs(&d.state, self.reported.as_ref().map(|r| &r.state)))
+    }
+
+    /// The delta's metadata, taken from desired's metadata (written out).
     pub fn delta_metadata(&self, delta: &Object) -> Object {
         match &self.desired {
             Some(desired) => project(delta, &desired.metadata),
@@ -105,14 +119,15 @@ impl ShadowState {
         Value::Object(out)
     }
 
-    /// The metadata tree matching [`ShadowState::state_value`].
+    /// The metadata tree matching [`ShadowState::state_value`], written out
+    /// (`{"timestamp": T}` at each leaf).
     pub fn metadata_value(&self) -> Value {
         let mut out = Object::new();
         if let Some(d) = &self.desired {
-            out.insert("desired".into(), Value::Object(d.metadata.clone()));
+            out.insert("desired".into(), written_out(&d.metadata));
         }
         if let Some(r) = &self.reported {
-            out.insert("reported".into(), Value::Object(r.metadata.clone()));
+            out.insert("reported".into(), written_out(&r.metadata));
         }
         Value::Object(out)
     }
@@ -122,12 +137,12 @@ impl ShadowState {
         self.sections_json(|s| &s.state)
     }
 
-    /// [`ShadowState::metadata_value`] as JSON text, without copying the state.
+    /// [`ShadowState::metadata_value`] as JSON text, without copying the metadata.
     pub fn metadata_json(&self) -> String {
-        self.sections_json(|s| &s.metadata)
+        self.sections_json(|s| WrittenOut(&s.metadata))
     }
 
-    fn sections_json(&self, part: impl Fn(&Section) -> &Object) -> String {
+    fn sections_json<'a, T: Serialize>(&'a self, part: impl Fn(&'a Section) -> T) -> String {
         let mut sections = std::collections::BTreeMap::new();
         if let Some(d) = &self.desired {
             sections.insert("desired", part(d));
@@ -142,11 +157,10 @@ impl ShadowState {
     pub fn from_values(state: &Value, metadata: &Value) -> ShadowState {
         let section = |name: &str| {
             let state = state.get(name)?.as_object()?.clone();
-            let metadata = metadata
-                .get(name)
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
+            let metadata = match metadata.get(name).map(read_back) {
+                Some(Value::Object(metadata)) => metadata,
+                _ => Object::new(),
+            };
             Some(Section { state, metadata })
         };
         ShadowState {
@@ -191,7 +205,95 @@ fn merge(state: &mut Object, metadata: &mut Object, changes: &Object, now: Times
             },
             leaf => {
                 state.insert(key.clone(), leaf.clone());
-                metadata.insert(key.clone(), leaf_metadata(leaf, now));
+                metadata.insert(key.clone(), stamp(leaf, now));
+            }
+        }
+    }
+}
+
+/// A value's metadata as kept in memory: objects mirror their keys, arrays
+/// hold one entry per element, everything else is the bare timestamp.
+fn stamp(value: &Value, now: Timestamp) -> Value {
+    match value {
+        Value::Object(object) => Value::Object(
+            object
+                .iter()
+                .map(|(k, v)| (k.clone(), stamp(v, now)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|v| stamp(v, now)).collect()),
+        _ => Value::from(now),
+    }
+}
+
+/// In-memory metadata written out: each bare timestamp becomes `{"timestamp": T}`.
+fn written_out(metadata: &Object) -> Value {
+    Value::Object(
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), written_out_value(v)))
+            .collect(),
+    )
+}
+
+fn written_out_value(meta: &Value) -> Value {
+    match meta {
+        Value::Object(object) => written_out(object),
+        Value::Array(items) => Value::Array(items.iter().map(written_out_value).collect()),
+        leaf => json!({ "timestamp": leaf }),
+    }
+}
+
+/// Metadata as written out, read back into its in-memory form: an object
+/// whose only key is `timestamp` with a number is a leaf. (A state key named
+/// `timestamp` has metadata `{"timestamp": {"timestamp": T}}`: an object, not
+/// a number, at the key.)
+fn read_back(meta: &Value) -> Value {
+    match meta {
+        Value::Object(object) => match object.get("timestamp") {
+            Some(time @ Value::Number(_)) if object.len() == 1 => time.clone(),
+            _ => Value::Object(
+                object
+                    .iter()
+                    .map(|(k, v)| (k.clone(), read_back(v)))
+                    .collect(),
+            ),
+        },
+        Value::Array(items) => Value::Array(items.iter().map(read_back).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Serializes in-memory metadata as written out, without building a copy.
+struct WrittenOut<'a>(&'a Object);
+
+struct WrittenOutValue<'a>(&'a Value);
+
+impl Serialize for WrittenOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, meta) in self.0 {
+            map.serialize_entry(key, &WrittenOutValue(meta))?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for WrittenOutValue<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(object) => WrittenOut(object).serialize(serializer),
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&WrittenOutValue(item))?;
+                }
+                seq.end()
+            }
+            leaf => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("timestamp", leaf)?;
+                map.end()
             }
         }
     }
@@ -234,7 +336,20 @@ fn delta(desired: &Object, reported: Option<&Object>) -> Object {
     out
 }
 
-/// The part of `metadata` that covers the keys of `shape`.
+/// Whether [`delta`] of the same arguments is non-empty.
+fn differs(desired: &Object, reported: Option<&Object>) -> bool {
+    desired.iter().any(
+        |(key, want)| match (want, reported.and_then(|r| r.get(key))) {
+            (Value::Object(want_child), Some(Value::Object(have_child))) => {
+                differs(want_child, Some(have_child))
+            }
+            (_, Some(have)) => !same_value(want, have),
+            (_, None) => true,
+        },
+    )
+}
+
+/// The part of `metadata` that covers the keys of `shape`, written out.
 fn project(shape: &Object, metadata: &Object) -> Object {
     let mut out = Object::new();
     for (key, value) in shape {
@@ -246,7 +361,7 @@ fn project(shape: &Object, metadata: &Object) -> Object {
                 out.insert(key.clone(), Value::Object(project(child, child_meta)));
             }
             _ => {
-                out.insert(key.clone(), meta.clone());
+                out.insert(key.clone(), written_out_value(meta));
             }
         }
     }
@@ -273,15 +388,14 @@ mod tests {
     #[test]
     fn metadata_mirrors_the_state_tree() {
         let s = with_desired(json!({"a": 1, "b": {"c": "x"}, "l": [1, {"k": 2}]}));
-        let meta = &s
-            .desired
-            .as_ref()
-            .map(|d| d.metadata.clone())
-            .unwrap_or_default();
+        let written = json!({"a": {"timestamp": 10}, "b": {"c": {"timestamp": 10}},
+                             "l": [{"timestamp": 10}, {"k": {"timestamp": 10}}]});
+        assert_eq!(s.metadata_value(), json!({ "desired": written }));
+        // In memory, each leaf is the bare timestamp.
+        let meta = s.desired.as_ref().map(|d| d.metadata.clone());
         assert_eq!(
-            Value::Object(meta.clone()),
-            json!({"a": {"timestamp": 10}, "b": {"c": {"timestamp": 10}},
-                   "l": [{"timestamp": 10}, {"k": {"timestamp": 10}}]})
+            meta.map(Value::Object),
+            Some(json!({"a": 10, "b": {"c": 10}, "l": [10, {"k": 10}]}))
         );
     }
 
@@ -290,12 +404,12 @@ mod tests {
         let mut s = with_desired(json!({"a": 1, "b": {"c": 1, "d": 2}}));
         let patch = SectionPatch::Merge(obj(json!({"a": null, "b": {"c": 5}})));
         ShadowState::apply(&mut s.desired, &patch, 20);
+        assert_eq!(
+            s.metadata_value(),
+            json!({"desired": {"b": {"c": {"timestamp": 20}, "d": {"timestamp": 10}}}})
+        );
         let d = s.desired.unwrap_or_default();
         assert_eq!(Value::Object(d.state), json!({"b": {"c": 5, "d": 2}}));
-        assert_eq!(
-            Value::Object(d.metadata),
-            json!({"b": {"c": {"timestamp": 20}, "d": {"timestamp": 10}}})
-        );
     }
 
     #[test]
@@ -343,5 +457,29 @@ mod tests {
         );
         let back = ShadowState::from_values(&s.state_value(), &s.metadata_value());
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn stored_metadata_round_trips_keys_named_timestamp() {
+        let mut s =
+            with_desired(json!({"timestamp": 5, "t": {"timestamp": {"x": [1, {"timestamp": 2}]}}}));
+        ShadowState::apply(
+            &mut s.reported,
+            &SectionPatch::Merge(obj(json!({"timestamp": [3]}))),
+            2,
+        );
+        let stored: Value = serde_json::from_str(&s.metadata_json()).expect("json");
+        assert_eq!(
+            stored,
+            s.metadata_value(),
+            "the stored text is the written-out form"
+        );
+        assert_eq!(stored["desired"]["timestamp"], json!({"timestamp": 10}));
+        assert_eq!(
+            stored["desired"]["t"],
+            json!({"timestamp": {"x": [{"timestamp": 10}, {"timestamp": {"timestamp": 10}}]}})
+        );
+        let state: Value = serde_json::from_str(&s.state_json()).expect("json");
+        assert_eq!(ShadowState::from_values(&state, &stored), s);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -19,15 +19,30 @@ use crate::document::{Section, ShadowState};
 use crate::search::{Query, ShadowFields, ThingFields};
 use crate::store::{Change, ChangeKind, FleetSnapshot, StoreError};
 
-/// One live shadow as indexed (state without metadata).
+/// One live shadow as indexed. The state of a shadow updated since start-up
+/// is the one the store's writer holds (metadata included), shared rather
+/// than copied; one loaded at start-up has no metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexedShadow {
     pub version: u64,
-    pub state: ShadowState,
+    pub state: Arc<ShadowState>,
     pub has_delta: bool,
 }
 
 impl IndexedShadow {
+    /// The entry an update change makes: its shared state when it has one,
+    /// otherwise parsed from its document.
+    pub fn from_change(change: &Change) -> Option<IndexedShadow> {
+        match &change.state {
+            Some(state) => Some(IndexedShadow {
+                version: change.version,
+                has_delta: state.has_delta(),
+                state: Arc::clone(state),
+            }),
+            None => IndexedShadow::from_change_document(change.version, &change.document),
+        }
+    }
+
     /// Builds an entry from `{"desired":..,"reported":..}`.
     pub fn from_state(version: u64, state: &Value) -> IndexedShadow {
         let section = |name: &str| {
@@ -43,8 +58,8 @@ impl IndexedShadow {
         };
         IndexedShadow {
             version,
-            has_delta: state.delta().is_some(),
-            state,
+            has_delta: state.has_delta(),
+            state: Arc::new(state),
         }
     }
 
@@ -106,7 +121,12 @@ impl ShadowSet {
     pub fn insert(&mut self, name: Option<String>, shadow: IndexedShadow) {
         match self.position(name.as_deref()) {
             Ok(i) => self.0[i].1 = shadow,
-            Err(i) => self.0.insert(i, (name, shadow)),
+            Err(i) => {
+                // Room for exactly one more: most things have one shadow,
+                // and a vector's first growth would make room for four.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (name, shadow));
+            }
         }
     }
 
@@ -374,20 +394,18 @@ impl FleetIndex {
 
 fn apply_change(things: &mut BTreeMap<String, ThingEntry>, change: Change) {
     match change.kind {
-        ChangeKind::Update => {
-            match IndexedShadow::from_change_document(change.version, &change.document) {
-                Some(shadow) => {
-                    things
-                        .entry(change.thing)
-                        .or_default()
-                        .shadows
-                        .insert(change.name, shadow);
-                }
-                None => {
-                    warn!(thing = %change.thing, seq = change.seq, "unreadable change document")
-                }
+        ChangeKind::Update => match IndexedShadow::from_change(&change) {
+            Some(shadow) => {
+                things
+                    .entry(change.thing)
+                    .or_default()
+                    .shadows
+                    .insert(change.name, shadow);
             }
-        }
+            None => {
+                warn!(thing = %change.thing, seq = change.seq, "unreadable change document")
+            }
+        },
         ChangeKind::Delete => {
             if let Some(entry) = things.get_mut(&change.thing) {
                 entry.shadows.remove(change.name.as_deref());
@@ -426,6 +444,7 @@ mod tests {
             document: format!(
                 r#"{{"state":{{"reported":{{"temp":{temp}}}}},"metadata":{{}},"version":{version}}}"#
             ),
+            state: None,
         }
     }
 
@@ -438,6 +457,32 @@ mod tests {
             })
             .ok()
             .flatten()
+    }
+
+    #[test]
+    fn an_update_with_the_writers_state_is_indexed_without_a_copy() {
+        let index = FleetIndex::new();
+        index.load(Ok(FleetSnapshot::default()));
+        let reported = serde_json::json!({"temp": 7});
+        let desired = serde_json::json!({"temp": 8});
+        let state = Arc::new(ShadowState::from_values(
+            &serde_json::json!({"desired": desired, "reported": reported}),
+            &Value::Null,
+        ));
+        // The document says otherwise: the shared state is what counts.
+        let change = Change {
+            state: Some(Arc::clone(&state)),
+            ..update(1, "a", None, 1, 1)
+        };
+        index.apply(change);
+        let indexed = index
+            .read(|t| t.get("a")?.shadows.get(None).cloned())
+            .ok()
+            .flatten()
+            .expect("indexed");
+        assert!(Arc::ptr_eq(&indexed.state, &state));
+        assert!(indexed.has_delta);
+        assert_eq!(temp(&index, "a"), Some(7));
     }
 
     #[test]
@@ -500,6 +545,7 @@ mod tests {
             kind: ChangeKind::Connect,
             time: 9,
             document: r#"{"connected":true,"timestamp":9000}"#.into(),
+            state: None,
         });
         index.apply(Change {
             seq: 3,
@@ -509,6 +555,7 @@ mod tests {
             kind: ChangeKind::Delete,
             time: 9,
             document: r#"{"version":1}"#.into(),
+            state: None,
         });
         let entry = index.read(|t| t.get("a").cloned()).ok().flatten();
         assert_eq!(

@@ -5,7 +5,7 @@
 //! order, and only after its transaction committed.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -21,7 +21,7 @@ use crate::limits::Limits;
 use crate::metrics::ShadowMetrics;
 use crate::request::{parse_plain, parse_update, Refused};
 use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError, Ticket};
-use crate::throttle::{Permit, Throttle};
+use crate::throttle::{Permit, Spent, Throttle};
 use crate::topic::{Operation, ShadowKey};
 
 /// A shadow request, whatever transport it came on.
@@ -241,18 +241,27 @@ impl ShadowService {
                 client_token: self.client_token_of(&request.payload),
             },
         };
+        let mut retry_after = None;
         let (command, permit) = if let Err(rejection) = self.check_names(&key) {
             (early(rejection), None)
-        } else if let Some(permit) = self.throttle.acquire(&key.thing) {
-            match self.parse(op, &request.payload) {
-                Ok(command) => (command, Some(permit)),
-                Err(refused) => (Command::Refused { op, refused }, Some(permit)),
-            }
         } else {
-            debug!(thing = %key.thing, "throttled");
-            (early(Rejection::Throttled), None)
+            match self.throttle.acquire(&key.thing) {
+                Ok(permit) => match self.parse(op, &request.payload) {
+                    Ok(command) => (command, Some(permit)),
+                    Err(refused) => (Command::Refused { op, refused }, Some(permit)),
+                },
+                Err(spent) => {
+                    debug!(thing = %key.thing, ?spent, "throttled");
+                    if let Spent::Rate { next } = spent {
+                        retry_after = Some(next);
+                    }
+                    (early(Rejection::Throttled), None)
+                }
+            }
         };
-        self.queue(key, op, command, permit)
+        let mut pending = self.queue(key, op, command, permit);
+        pending.retry_after = retry_after;
+        pending
     }
 
     /// Queues a command, refusals included: they are answered in their place
@@ -307,6 +316,7 @@ impl ShadowService {
             outbox: self.outbox.clone(),
             measure: self.measure(),
             state,
+            retry_after: None,
         }
     }
 
@@ -323,6 +333,7 @@ impl ShadowService {
                 client_token,
             }),
             measure: self.measure(),
+            retry_after: None,
         }
         .answer()
         .await
@@ -406,6 +417,9 @@ pub struct Pending {
     state: PendingState,
     /// Where and since when to measure the request, when metrics are on.
     measure: Option<(ShadowMetrics, Instant)>,
+    /// Set when the thing's request rate was used up: how long until it
+    /// may send another request.
+    retry_after: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -418,6 +432,13 @@ enum PendingState {
 }
 
 impl Pending {
+    /// When the request was refused because its thing's request rate was
+    /// used up: how long until the thing may send another one. A transport
+    /// can stop taking the sender's requests for that long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// The answer, once durable (or the rejection, once published).
     pub async fn answer(mut self) -> Answer {
         let measure = self.measure.take();

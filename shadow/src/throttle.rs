@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -28,6 +29,15 @@ pub struct Permit {
     thing: String,
 }
 
+/// Why a request is over its thing's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// The thing has `max_in_flight` requests in progress.
+    InFlight,
+    /// The rate is used up; the next request's worth comes back in `next`.
+    Rate { next: Duration },
+}
+
 /// Entries kept before idle things are swept out of the table.
 const SWEEP_ABOVE: usize = 100_000;
 
@@ -41,11 +51,13 @@ impl Throttle {
         })
     }
 
-    /// Takes one request's worth of `thing`'s budget, or `None` when it is spent.
-    pub fn acquire(self: &Arc<Self>, thing: &str) -> Option<Permit> {
+    /// Takes one request's worth of `thing`'s budget, or says why it is spent.
+    pub fn acquire(self: &Arc<Self>, thing: &str) -> Result<Permit, Spent> {
         let now = Instant::now();
         let capacity = f64::from(self.per_second);
-        let mut things = self.things.lock().ok()?;
+        let Ok(mut things) = self.things.lock() else {
+            return Err(Spent::InFlight);
+        };
         if things.len() > SWEEP_ABOVE && !things.contains_key(thing) {
             things.retain(|_, b| b.in_flight > 0 || b.refill(now, capacity) < capacity);
         }
@@ -55,16 +67,18 @@ impl Throttle {
             in_flight: 0,
         });
         if self.max_in_flight > 0 && budget.in_flight >= self.max_in_flight {
-            return None;
+            return Err(Spent::InFlight);
         }
         if self.per_second > 0 {
-            if budget.refill(now, capacity) < 1.0 {
-                return None;
+            let tokens = budget.refill(now, capacity);
+            if tokens < 1.0 {
+                let next = Duration::from_secs_f64((1.0 - tokens) / capacity);
+                return Err(Spent::Rate { next });
             }
             budget.tokens -= 1.0;
         }
         budget.in_flight += 1;
-        Some(Permit {
+        Ok(Permit {
             throttle: Arc::clone(self),
             thing: thing.to_string(),
         })
@@ -93,25 +107,39 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn rate_is_per_thing_and_refills() {
         let t = Throttle::new(20, 0);
-        let granted: Vec<_> = (0..25).filter_map(|_| t.acquire("a")).collect();
+        let granted: Vec<_> = (0..20).filter_map(|_| t.acquire("a").ok()).collect();
         assert_eq!(granted.len(), 20);
-        assert!(t.acquire("b").is_some(), "another thing has its own budget");
+        assert_eq!(
+            t.acquire("a").err(),
+            Some(Spent::Rate {
+                next: Duration::from_millis(50)
+            }),
+            "one token comes back every 50 ms"
+        );
+        assert!(t.acquire("b").is_ok(), "another thing has its own budget");
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!((0..5).filter_map(|_| t.acquire("a")).count(), 2);
+        assert_eq!((0..5).filter_map(|_| t.acquire("a").ok()).count(), 2);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        match t.acquire("a") {
+            Err(Spent::Rate { next }) => assert!(
+                next > Duration::from_millis(29) && next <= Duration::from_millis(30),
+                "{next:?}"
+            ),
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_cap_frees_on_drop() {
         let t = Throttle::new(0, 10);
-        let held: Vec<_> = (0..10).filter_map(|_| t.acquire("a")).collect();
+        let held: Vec<_> = (0..10).filter_map(|_| t.acquire("a").ok()).collect();
         assert_eq!(held.len(), 10);
-        assert!(t.acquire("a").is_none());
+        assert_eq!(t.acquire("a").err(), Some(Spent::InFlight));
         drop(held);
-        assert!(t.acquire("a").is_some());
+        assert!(t.acquire("a").is_ok());
     }
 }

@@ -81,6 +81,19 @@ proptest! {
     }
 
     #[test]
+    fn has_delta_says_whether_the_delta_is_empty(updates in prop::collection::vec(update(), 1..8)) {
+        let limits = Limits { max_state_bytes: usize::MAX, ..Limits::default() };
+        let key = ShadowKey::classic("p");
+        let mut stored: Option<StoredShadow> = None;
+        for u in updates {
+            let applied = engine::apply(&key, stored.as_ref(), &Command::Update(u), 1, &limits);
+            stored = applied.map_err(|e| TestCaseError::fail(e.to_string()))?.store;
+            let state = stored.as_ref().map(|s| ShadowState::clone(&s.state)).unwrap_or_default();
+            prop_assert_eq!(state.has_delta(), state.delta().is_some(), "{:?}", state);
+        }
+    }
+
+    #[test]
     fn reporting_exactly_desired_empties_the_delta(desired in object(false), reported in object(false)) {
         let limits = Limits { max_state_bytes: usize::MAX, ..Limits::default() };
         let key = ShadowKey::classic("p");

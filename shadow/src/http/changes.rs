@@ -175,9 +175,7 @@ impl<'a> EventThing<'a> {
             presence: None,
         };
         match change.kind {
-            ChangeKind::Update => {
-                thing.shadow = IndexedShadow::from_change_document(change.version, &change.document)
-            }
+            ChangeKind::Update => thing.shadow = IndexedShadow::from_change(change),
             ChangeKind::Delete => {}
             ChangeKind::Connect | ChangeKind::Disconnect => {
                 let at = serde_json::from_str::<Value>(&change.document)

@@ -8,10 +8,12 @@ mod sqlite;
 
 pub use sqlite::{SqliteStore, StoreConfig, Synchronous};
 
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
 
 use crate::answer::Answer;
-use crate::document::Timestamp;
+use crate::document::{ShadowState, Timestamp};
 use crate::engine::{Command, Outcome, StoredShadow};
 use crate::error::Rejection;
 use crate::throttle::Permit;
@@ -57,6 +59,10 @@ pub struct Change {
     /// The shadow after the change (`{"state":..,"metadata":..,"version":N}`),
     /// `{"version":N}` for a delete, or the connectivity for presence; raw JSON.
     pub document: String,
+    /// An update's shadow as the writer holds it, shared rather than copied
+    /// (the fleet index keeps it, and the change stream's `?q=` reads it);
+    /// `None` for a change read back from the log, whose `document` says it.
+    pub state: Option<Arc<ShadowState>>,
 }
 
 /// What a change log entry records.

@@ -580,12 +580,20 @@ fn apply_shadow(
                 shadow.updated_at,
             ])?;
             let version = shadow.version;
-            let (kind, document) = if shadow.deleted {
-                (ChangeKind::Delete, format!(r#"{{"version":{version}}}"#))
+            let (kind, document, shared) = if shadow.deleted {
+                (
+                    ChangeKind::Delete,
+                    format!(r#"{{"version":{version}}}"#),
+                    None,
+                )
             } else {
                 let document =
                     format!(r#"{{"state":{state},"metadata":{metadata},"version":{version}}}"#);
-                (ChangeKind::Update, document)
+                (
+                    ChangeKind::Update,
+                    document,
+                    Some(Arc::clone(&shadow.state)),
+                )
             };
             if cache_capacity > 0 {
                 // Bounded the simple way: start over when full.
@@ -594,7 +602,9 @@ fn apply_shadow(
                 }
                 cache.insert(key.clone(), shadow);
             }
-            Some(log_change(tx, key, version, kind, now, document)?)
+            let mut change = log_change(tx, key, version, kind, now, document)?;
+            change.state = shared;
+            Some(change)
         }
     };
     Ok((Ok(applied.outcome), change))
@@ -628,6 +638,7 @@ fn log_change(
         kind,
         time: now,
         document,
+        state: None,
     })
 }
 
@@ -642,6 +653,7 @@ fn change_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Change> {
         kind: ChangeKind::parse(&kind).unwrap_or(ChangeKind::Update),
         time: r.get(5)?,
         document: r.get(6)?,
+        state: None,
     })
 }
 
