@@ -1095,7 +1095,7 @@ impl Connection {
                         self.router_side().inflight.insert(wire, publish.pkid);
                         publish.pkid = wire;
                     }
-                    self.send(Packet::Publish(publish, forward.properties))?;
+                    self.send(Packet::Publish(publish, forward.properties.map(|p| *p)))?;
                 }
                 Notification::DeviceAck(ack) => self.router_ack(ack.into())?,
                 Notification::Unschedule => unscheduled = true,

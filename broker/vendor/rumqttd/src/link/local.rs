@@ -401,7 +401,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // Umbra patch: grows on demand (100 notifications are ~25 KiB
+            // that every router link kept).
+            cache: VecDeque::new(),
         }
     }
 
@@ -458,6 +460,9 @@ impl LinkRx {
         match self.cache.pop_front() {
             Some(v) => Ok(Some(v)),
             None => {
+                // Umbra patch: an idle link keeps no drained queue (the
+                // router's side grows again as it needs to).
+                self.cache = VecDeque::new();
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_async().await?;
                 // Collect 'all' the data in the buffer after a notification.

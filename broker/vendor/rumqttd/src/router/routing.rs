@@ -96,8 +96,6 @@ pub struct Router {
     router_tx: Sender<(ConnectionId, Event)>,
     /// Router metrics
     router_meters: RouterMeter,
-    /// Buffer for cache exchange of incoming packets
-    cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
@@ -140,7 +138,6 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
         }
@@ -545,8 +542,10 @@ impl Router {
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
-        // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        // Umbra patch: the connection gets an empty queue (no allocation)
+        // rather than the router's drained one, which every connection
+        // would then keep at its largest size (200+ packets of ~390 bytes).
+        let mut packets = incoming.exchange(VecDeque::new());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -880,7 +879,7 @@ impl Router {
             }
         }
 
-        self.cache = Some(packets);
+        drop(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1590,7 +1589,7 @@ fn forward_device_data(
                 cursor: offset,
                 size: 0,
                 publish,
-                properties,
+                properties: properties.map(Box::new),
             }
         });
 

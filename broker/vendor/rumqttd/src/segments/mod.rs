@@ -148,16 +148,25 @@ where
             // Read absolute_offset before applying memory retention, in case there is only 1
             // segment allowed.
             let absolute_offset = self.active_segment().next_offset();
+            let filled = self.active_segment().len() as usize;
             // If active segment is full and segments are full, apply retention policy.
             if self.memory_segments_count() >= self.max_mem_segments {
                 self.segments.pop_front();
                 self.head += 1;
             }
 
+            // Umbra patch: the full segment gives back the room it grew
+            // beyond its messages (up to half of it: a vector doubles), and
+            // the next one starts with room for as many messages.
+            if let Some(full) = self.segments.back_mut() {
+                full.data.shrink_to_fit();
+            }
+            let mut next = Segment::with_offset(absolute_offset);
+            next.data.reserve_exact(filled);
+
             // Pushing a new segment into segments and updating the tail automatically changes
             // the active segment to a new empty one.
-            self.segments
-                .push_back(Segment::with_offset(absolute_offset));
+            self.segments.push_back(next);
             self.tail += 1;
         }
     }
