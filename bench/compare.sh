@@ -196,11 +196,12 @@ SHADOW=(
     "shadow-full-all-answers|bench shadow --devices 400 --inflight 8 --ramp 2000 --duration $DURATION --all-answers"
 )
 
-# One device flooding its shadow at QoS 0 next to 20 devices updating once a second (default
-# per-thing limits): the calm devices' figures without and with the flood.
+# One device flooding its shadow at QoS 0 next to 20 devices updating four times a second
+# (default per-thing limits; ~800 samples, so that p99 is not just the slowest two): the calm
+# devices' figures without and with the flood.
 FLOOD=(
-    "flood-off|bench shadow --devices 20 --inflight 1 --interval 1s --ramp 100 --duration $DURATION"
-    "flood-on|bench shadow --devices 20 --inflight 1 --interval 1s --ramp 100 --duration $DURATION --flood"
+    "flood-off|bench shadow --devices 20 --inflight 1 --interval 250ms --ramp 100 --duration $DURATION"
+    "flood-on|bench shadow --devices 20 --inflight 1 --interval 250ms --ramp 100 --duration $DURATION --flood"
 )
 
 # want GROUP: whether ONLY (when set) names the workload group.
@@ -355,7 +356,7 @@ FLOOD_BAD=$(jq '(.counts.rejected // 0) + (.counts.unanswered // 0)' "$WORK/umbr
     echo "| desired→delta p99 at $DELTA_RATE/s, $DEVICES devices | ≤ 10 ms | $(num "$DELTA_P99" 2) ms ($(field "$WORK/umbra-delta-$DEVICES.json" .counts.devices_synced) of $DEVICES devices in sync) | no shadow service | $( [ -n "$DELTA_P99" ] && goal "$DELTA_P99" 10 max || echo '**missed** (not measurable)') |"
     echo "| ... at $((DELTA_RATE / 5))/s, $SMALL devices (same rate per device) | ≤ 10 ms | $(num "$DELTA_SMALL_P99" 2) ms | no shadow service | $(goal "$DELTA_SMALL_P99" 10 max) |"
     echo "| durable shadow updates/s end to end (synchronous = full) | ≥ 40,000 | $(num "$SHADOW_RATE" 0) | no shadow service | $(goal "$SHADOW_RATE" 40000 min) |"
-    echo "| one device flooding: the 20 others' update p99 | ≤ 2× unflooded | $(num "$FLOOD_ON_P99" 2) ms vs $(num "$FLOOD_OFF_P99" 2) ms ($FLOOD_RATIO×; flooder sent $(field "$WORK/umbra-flood-on.json" .counts.flood_sent) at QoS 0) | no shadow service | $(goal "$FLOOD_RATIO" 2 max) |"
+    echo "| one device flooding: the 20 others' update p99 | ≤ 2× unflooded | $(num "$FLOOD_ON_P99" 2) ms vs $(num "$FLOOD_OFF_P99" 2) ms ($FLOOD_RATIO×; the flooder's client queued $(field "$WORK/umbra-flood-on.json" .counts.flood_sent) QoS 0 updates) | no shadow service | $(goal "$FLOOD_RATIO" 2 max) |"
     echo "| ... their 429s and unanswered requests | 0 | ${FLOOD_BAD:-n/a} | no shadow service | $(goal "$FLOOD_BAD" 0 max) |"
     echo "| relay 1k→1k QoS 1, msgs/s received | ≥ 5× Mosquitto | $(num "$(relay_in $U p2p-1k)" 0) ($RELAY_RATIO×) | $(num "$(relay_in $M p2p-1k)" 0) | $(goal "$RELAY_RATIO" 5 min) |"
     echo "| RSS under relay load (1k→1k) | ≤ 200 MB | $RELAY_RSS_MIB MiB | $(mib "$(peak $M p2p-1k)") MiB | $(goal "$(awk -v k="$(peak $U p2p-1k)" 'BEGIN { print k * 1024 / 1e6 }')" 200 max) |"
