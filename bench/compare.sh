@@ -212,6 +212,8 @@ want delta || DELTA=()
 want shadow || SHADOW=()
 want flood || FLOOD=()
 
+# The disk every Umbra answer waits for (its data directories are under $WORK).
+DISK=$(python3 "$ROOT/bench/fsync_probe.py" "$WORK" 10 2>/dev/null || echo "fsync probe not run (python3 missing)")
 START_LOAD=$(loadavg)
 for broker in mosquitto umbra; do
     if [ ${#RELAY[@]} -gt 0 ]; then
@@ -343,6 +345,7 @@ FLOOD_BAD=$(jq '(.counts.rejected // 0) + (.counts.unanswered // 0)' "$WORK/umbr
     uname -srm
     echo "mosquitto: $(mosquitto -h 2>/dev/null | head -1)"
     echo "umbra: $("$UMBRA" --version 2>/dev/null)"
+    echo "disk (bench/fsync_probe.py before the workloads): $DISK"
     echo '```'
     echo
     echo "## Goals"
