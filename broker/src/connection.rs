@@ -589,7 +589,8 @@ impl Connection {
     }
 
     /// Frames and handles every complete packet in the read buffer, unless
-    /// too many shadow requests are outstanding (then the rest waits).
+    /// too many shadow requests are outstanding or the connection is paused
+    /// for its thing's request rate (then the rest waits).
     fn parse(&mut self) -> Result<(), End> {
         let max = self.broker.limits.max_payload_size;
         let max_requests = self.request_window();

@@ -165,7 +165,6 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-/// (name, help, kind) of every metric the collector exports.
 const EDGE_FAMILIES: [(&str, &str, MetricType); 19] = [
     (
         "umbra_mqtt_connections",

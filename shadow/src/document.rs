@@ -53,8 +53,8 @@ impl SectionPatch {
     /// Metadata for the patch as sent: every leaf, `null` included, stamped `now`.
     pub fn metadata(&self, now: Timestamp) -> Value {
         match self {
-            SectionPatch::Clear => leaf_metadata(&Value::Null, now),
-            SectionPatch::Merge(object) => Value::Object(mirror(object, now)),
+            SectionPatch::Clear => written_out_value(&stamp(&Value::Null, now)),
+            SectionPatch::Merge(object) => written_out(&stamp_object(object, now)),
         }
     }
 }
@@ -215,15 +215,17 @@ fn merge(state: &mut Object, metadata: &mut Object, changes: &Object, now: Times
 /// hold one entry per element, everything else is the bare timestamp.
 fn stamp(value: &Value, now: Timestamp) -> Value {
     match value {
-        Value::Object(object) => Value::Object(
-            object
-                .iter()
-                .map(|(k, v)| (k.clone(), stamp(v, now)))
-                .collect(),
-        ),
+        Value::Object(object) => Value::Object(stamp_object(object, now)),
         Value::Array(items) => Value::Array(items.iter().map(|v| stamp(v, now)).collect()),
         _ => Value::from(now),
     }
+}
+
+fn stamp_object(object: &Object, now: Timestamp) -> Object {
+    object
+        .iter()
+        .map(|(k, v)| (k.clone(), stamp(v, now)))
+        .collect()
 }
 
 /// In-memory metadata written out: each bare timestamp becomes `{"timestamp": T}`.
@@ -297,23 +299,6 @@ impl Serialize for WrittenOutValue<'_> {
             }
         }
     }
-}
-
-/// Metadata for one value: objects mirror their keys, arrays hold one entry
-/// per element, everything else is `{"timestamp": now}`.
-fn leaf_metadata(value: &Value, now: Timestamp) -> Value {
-    match value {
-        Value::Object(object) => Value::Object(mirror(object, now)),
-        Value::Array(items) => Value::Array(items.iter().map(|v| leaf_metadata(v, now)).collect()),
-        _ => json!({ "timestamp": now }),
-    }
-}
-
-fn mirror(object: &Object, now: Timestamp) -> Object {
-    object
-        .iter()
-        .map(|(k, v)| (k.clone(), leaf_metadata(v, now)))
-        .collect()
 }
 
 fn delta(desired: &Object, reported: Option<&Object>) -> Object {
