@@ -399,8 +399,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         aliases: HashMap::new(),
         attached,
     };
-    let props = assigned.map(|id| ConnAckProperties {
-        assigned_client_identifier: Some(id),
+    // MQTT 5 only (the 3.1.1 codec writes no properties).
+    let props = Some(ConnAckProperties {
+        assigned_client_identifier: assigned,
+        receive_max: Some(u16::try_from(limits.receive_maximum).unwrap_or(u16::MAX)),
         ..ConnAckProperties::default()
     });
     let ack = ConnAck {
@@ -437,6 +439,9 @@ struct RouterSide {
     pending_acks: HashMap<u16, PendingAck>,
     /// Filters this connection holds in the router.
     filters: HashSet<String>,
+    /// The client's QoS 1/2 publishes handed to the router and not yet
+    /// taken by it (at most `receive_maximum`).
+    unacked: usize,
     /// Packets for the router, handed over after each batch of reads.
     routed: Vec<Packet>,
 }
@@ -524,12 +529,11 @@ impl Connection {
         let mailbox = Arc::clone(&self.attached.session.mailbox);
         // Cancelled by a takeover and by shutdown alike.
         let kick = self.attached.kick.clone();
-        let max_requests = self.request_window();
         let idle = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
             let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
-            let can_read = !self.stalled && self.paused.is_none() && pending < max_requests;
+            let can_read = !self.stalled && self.paused.is_none() && self.has_room();
             let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
             tokio::select! {
                 biased;
@@ -543,11 +547,7 @@ impl Connection {
                     if self.requests.as_ref().is_some_and(FuturesUnordered::is_empty) {
                         self.requests = None;
                     }
-                    if self.stalled {
-                        self.stalled = false;
-                        self.parse()?;
-                        self.hand_to_router().await?;
-                    }
+                    self.unstall().await?;
                 }
                 () = resumed(&mut self.paused), if self.paused.is_some() => {
                     self.paused = None;
@@ -561,6 +561,7 @@ impl Connection {
                             Box::pin(rx.wake()).await?;
                         }
                     }
+                    self.unstall().await?;
                     self.hand_to_router().await?;
                 }
                 read = self.stream.read_some(&mut self.read), if can_read => {
@@ -579,6 +580,24 @@ impl Connection {
         }
     }
 
+    /// Parses what a full window held back, once there is room again.
+    async fn unstall(&mut self) -> Result<(), End> {
+        if self.stalled && self.has_room() {
+            self.stalled = false;
+            self.parse()?;
+            self.hand_to_router().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether there is room for another packet: in the window of shadow
+    /// requests being handled, and under the receive maximum of messages
+    /// waiting for the router.
+    fn has_room(&self) -> bool {
+        self.requests.as_ref().map_or(0, FuturesUnordered::len) < self.request_window()
+            && self.router.as_ref().map_or(0, |r| r.unacked) < self.broker.limits.receive_maximum
+    }
+
     /// Shadow requests this connection may have outstanding.
     fn request_window(&self) -> usize {
         let limits = &self.broker.limits;
@@ -589,8 +608,9 @@ impl Connection {
     }
 
     /// Frames and handles every complete packet in the read buffer, unless
-    /// too many shadow requests are outstanding or the connection is paused
-    /// for its thing's request rate (then the rest waits).
+    /// too many shadow requests are outstanding, too many messages wait for
+    /// the router, or the connection is paused for its thing's request rate
+    /// (then the rest waits).
     fn parse(&mut self) -> Result<(), End> {
         let max = self.broker.limits.max_payload_size;
         let max_requests = self.request_window();
@@ -601,6 +621,11 @@ impl Connection {
             if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= max_requests {
                 self.stalled = true;
                 bump(&self.broker.metrics.request_stalls);
+                return Ok(());
+            }
+            if self.router.as_ref().map_or(0, |r| r.unacked) >= self.broker.limits.receive_maximum {
+                self.stalled = true;
+                bump(&self.broker.metrics.receive_stalls);
                 return Ok(());
             }
             match self.codec.read(&mut self.read, max) {
@@ -925,6 +950,9 @@ impl Connection {
                 // read buffer.
                 publish.topic = Bytes::copy_from_slice(&publish.topic);
                 publish.payload = Bytes::copy_from_slice(&publish.payload);
+                if publish.qos != QoS::AtMostOnce {
+                    self.router_side().unacked += 1;
+                }
                 let props = props.map(|mut p| {
                     p.topic_alias = None;
                     p
@@ -1151,6 +1179,9 @@ impl Connection {
             }
             // The router took a publish of the client's.
             Packet::PubAck(ack, _) => {
+                if let Some(router) = self.router.as_mut() {
+                    router.unacked = router.unacked.saturating_sub(1);
+                }
                 if self.qos2_received.contains(&ack.pkid) {
                     self.send(pubrec(ack.pkid))
                 } else {

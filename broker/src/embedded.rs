@@ -151,6 +151,11 @@ pub struct ConnectionLimits {
     pub max_pending_requests_privileged: usize,
     /// QoS 1 messages sent to a client and not yet acknowledged.
     pub max_inflight_count: usize,
+    /// QoS 1 and 2 messages from a client that rumqttd's router has not
+    /// taken yet (its "receive maximum", announced to MQTT 5 clients); while
+    /// a connection has that many, Umbra stops reading from it, so one
+    /// client cannot fill the router's queues.
+    pub receive_maximum: usize,
     /// Messages kept for one session while its client is slow or away.
     pub max_queued_messages: usize,
     /// How long a persistent session outlives its connection (and the most an
@@ -172,6 +177,7 @@ impl Default for ConnectionLimits {
             max_pending_requests: 16,
             max_pending_requests_privileged: 4096,
             max_inflight_count: 100,
+            receive_maximum: 32,
             max_queued_messages: 1000,
             session_expiry_secs: 3600,
             write_timeout_ms: 30_000,
@@ -337,6 +343,7 @@ impl BrokerSettings {
                 c.max_pending_requests_privileged,
             ),
             ("connection.max_inflight_count", c.max_inflight_count),
+            ("connection.receive_maximum", c.receive_maximum),
             ("connection.max_queued_messages", c.max_queued_messages),
         ] {
             if value == 0 {

@@ -118,6 +118,9 @@ pub struct EdgeMetrics {
     /// Times a connection stopped reading because too many of its shadow
     /// requests were being handled.
     pub request_stalls: AtomicU64,
+    /// Times a connection stopped reading because `receive_maximum` of its
+    /// messages were waiting for the router.
+    pub receive_stalls: AtomicU64,
     /// Times a device's connection stopped reading because its thing's
     /// request rate was used up (until the rate allows its next request).
     pub rate_pauses: AtomicU64,
@@ -165,7 +168,7 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 19] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 20] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -224,6 +227,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 19] = [
     (
         "umbra_mqtt_request_stalls_total",
         "Times a connection stopped reading while its shadow requests were handled.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_receive_stalls_total",
+        "Times a connection stopped reading while receive_maximum of its messages waited for the router.",
         MetricType::COUNTER,
     ),
     (
@@ -302,6 +310,7 @@ impl EdgeCollector {
             "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
             "umbra_mqtt_request_stalls_total" => one(&m.request_stalls),
             "umbra_mqtt_rate_pauses_total" => one(&m.rate_pauses),
+            "umbra_mqtt_receive_stalls_total" => one(&m.receive_stalls),
             "umbra_mqtt_presence_dropped_total" => one(&m.presence_dropped),
             "umbra_mqtt_answers_published_total" => one(&m.answers_published),
             "umbra_mqtt_answers_dropped_total" => one(&m.answers_dropped),

@@ -225,6 +225,15 @@ impl Raw {
         self.stream.write_all(&out).await.expect("sent");
     }
 
+    /// Sends `packets` with one write, so that the server reads them together.
+    async fn send_all(&mut self, packets: Vec<WirePacket>) {
+        let mut out = BytesMut::new();
+        for packet in packets {
+            Codec::V4.write(packet, &mut out).expect("encodes");
+        }
+        self.stream.write_all(&out).await.expect("sent");
+    }
+
     /// The next packet, or `None` once the server closed the connection.
     async fn next(&mut self) -> Option<WirePacket> {
         loop {
@@ -1003,5 +1012,67 @@ async fn a_retransmitted_qos2_publish_is_delivered_once() {
         "once/marker",
         "no second copy"
     );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// A client's QoS 1 messages for the router are taken at most
+/// `receive_maximum` at a time: past it Umbra stops reading from the client
+/// until the router has taken some, and nothing is lost. MQTT 5 clients are
+/// told the figure in their CONNACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_has_at_most_receive_maximum_messages_waiting_for_the_router() {
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+
+    let mut settings = settings();
+    settings.connection.receive_maximum = 2;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut sub = connect("sub", port, Duration::from_secs(30));
+    sub.connected().await;
+    sub.subscribe("burst/#").await;
+
+    let mut raw = Raw::connect(port, "burster").await;
+    assert_eq!(raw.connack().await.code, ConnectReturnCode::Success);
+    const BURST: u16 = 20;
+    let burst = (1..=BURST)
+        .map(|pkid| raw_publish(&format!("burst/{pkid}"), wire::QoS::AtLeastOnce, pkid))
+        .collect();
+    raw.send_all(burst).await;
+    let mut acked = Vec::new();
+    while acked.len() < usize::from(BURST) {
+        match raw.next().await {
+            Some(WirePacket::PubAck(ack, _)) => acked.push(ack.pkid),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        acked,
+        (1..=BURST).collect::<Vec<_>>(),
+        "every one, in order"
+    );
+    for pkid in 1..=BURST {
+        assert_eq!(sub.next_publish().await.topic, format!("burst/{pkid}"));
+    }
+    let stalls = h.broker.metrics().receive_stalls.load(Ordering::Relaxed);
+    assert!(
+        stalls > 0,
+        "20 messages read at once went past a maximum of 2"
+    );
+
+    let (_client, mut eventloop) = Client5::new(Options5::new("dev5", "127.0.0.1", port), 4);
+    let receive_max = timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event5::Incoming(rumqttc::v5::Incoming::ConnAck(ack))) => {
+                    return ack.properties.and_then(|p| p.receive_max);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("MQTT 5 connect failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("CONNACK in time");
+    assert_eq!(receive_max, Some(2));
     h.broker.shutdown(WAIT).await;
 }
