@@ -180,23 +180,25 @@ fn opening(
     broker: &Broker,
 ) -> Phase<'_, Option<Opened>> {
     Box::pin(async move {
+        // Counted while the stream is still open: whoever sees it closed
+        // also sees the count.
+        let timed_out = async {
+            tokio::time::sleep(broker.limits.connect_timeout()).await;
+            bump(&broker.metrics.connect_timeouts);
+        };
         let opened = tokio::select! {
             biased;
             () = broker.stop.cancelled() => return None,
-            opened = tokio::time::timeout(
-                broker.limits.connect_timeout(),
-                open(stream, &transport, broker),
-            ) => opened,
+            opened = open(stream, &transport, broker) => opened,
+            () = timed_out => {
+                debug!(%peer, ?transport, "no CONNECT before the connect timeout");
+                return None;
+            }
         };
         match opened {
-            Ok(Ok(opened)) => Some(opened),
-            Ok(Err(why)) => {
+            Ok(opened) => Some(opened),
+            Err(why) => {
                 debug!(%peer, ?transport, why, "connection closed before CONNECT");
-                None
-            }
-            Err(_) => {
-                bump(&broker.metrics.connect_timeouts);
-                debug!(%peer, ?transport, "no CONNECT before the connect timeout");
                 None
             }
         }
@@ -422,6 +424,16 @@ fn will_allowed(will: &LastWill) -> bool {
         .is_ok_and(|topic| topics::valid_topic(topic) && !topic.starts_with('$'))
 }
 
+/// What keeps a connection from taking another packet.
+enum Hold {
+    /// Its thing's request rate is used up until the pause ends.
+    Paused,
+    /// `request_window` shadow requests are being handled.
+    Requests,
+    /// `receive_maximum` messages wait for the router.
+    Router,
+}
+
 /// An acknowledgement waiting for the router's part of it.
 enum PendingAck {
     SubAck(Vec<Option<SubscribeReasonCode>>),
@@ -471,7 +483,8 @@ struct Connection {
     /// Shadow requests being handled (`None` while there are none, which
     /// keeps an idle connection from holding the set's allocation).
     requests: Option<FuturesUnordered<Answered>>,
-    /// Parsing stopped because `requests` was full.
+    /// Parsing stopped early (see [`Connection::hold`]); [`Connection::unstall`]
+    /// goes on once nothing holds it.
     stalled: bool,
     /// Parsing stopped until the device's thing may send its next request
     /// (boxed: only a device that outruns its request rate has one).
@@ -533,7 +546,7 @@ impl Connection {
         tokio::pin!(idle);
         loop {
             let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
-            let can_read = !self.stalled && self.paused.is_none() && self.has_room();
+            let can_read = !self.stalled && self.hold().is_none();
             let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
             tokio::select! {
                 biased;
@@ -551,8 +564,7 @@ impl Connection {
                 }
                 () = resumed(&mut self.paused), if self.paused.is_some() => {
                     self.paused = None;
-                    self.parse()?;
-                    self.hand_to_router().await?;
+                    self.unstall().await?;
                 }
                 () = mailbox.ready() => self.deliver()?,
                 notification = next_notification(&mut self.router), if linked => {
@@ -580,9 +592,9 @@ impl Connection {
         }
     }
 
-    /// Parses what a full window held back, once there is room again.
+    /// Parses what was held back, once nothing holds it any more.
     async fn unstall(&mut self) -> Result<(), End> {
-        if self.stalled && self.has_room() {
+        if self.stalled && self.hold().is_none() {
             self.stalled = false;
             self.parse()?;
             self.hand_to_router().await?;
@@ -590,12 +602,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether there is room for another packet: in the window of shadow
-    /// requests being handled, and under the receive maximum of messages
-    /// waiting for the router.
-    fn has_room(&self) -> bool {
-        self.requests.as_ref().map_or(0, FuturesUnordered::len) < self.request_window()
-            && self.router.as_ref().map_or(0, |r| r.unacked) < self.broker.limits.receive_maximum
+    /// What keeps this connection from taking another packet now, if anything.
+    fn hold(&self) -> Option<Hold> {
+        if self.paused.is_some() {
+            Some(Hold::Paused)
+        } else if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= self.request_window() {
+            Some(Hold::Requests)
+        } else if self.router.as_ref().map_or(0, |r| r.unacked)
+            >= self.broker.limits.receive_maximum
+        {
+            Some(Hold::Router)
+        } else {
+            None
+        }
     }
 
     /// Shadow requests this connection may have outstanding.
@@ -607,25 +626,19 @@ impl Connection {
         }
     }
 
-    /// Frames and handles every complete packet in the read buffer, unless
-    /// too many shadow requests are outstanding, too many messages wait for
-    /// the router, or the connection is paused for its thing's request rate
-    /// (then the rest waits).
+    /// Frames and handles every complete packet in the read buffer, until
+    /// something holds the connection back (then the rest waits).
     fn parse(&mut self) -> Result<(), End> {
         let max = self.broker.limits.max_payload_size;
-        let max_requests = self.request_window();
         loop {
-            if self.paused.is_some() {
-                return Ok(());
-            }
-            if self.requests.as_ref().map_or(0, FuturesUnordered::len) >= max_requests {
+            if let Some(hold) = self.hold() {
                 self.stalled = true;
-                bump(&self.broker.metrics.request_stalls);
-                return Ok(());
-            }
-            if self.router.as_ref().map_or(0, |r| r.unacked) >= self.broker.limits.receive_maximum {
-                self.stalled = true;
-                bump(&self.broker.metrics.receive_stalls);
+                let metrics = &self.broker.metrics;
+                match hold {
+                    Hold::Paused => {}
+                    Hold::Requests => bump(&metrics.request_stalls),
+                    Hold::Router => bump(&metrics.receive_stalls),
+                }
                 return Ok(());
             }
             match self.codec.read(&mut self.read, max) {

@@ -53,8 +53,8 @@ impl SectionPatch {
     /// Metadata for the patch as sent: every leaf, `null` included, stamped `now`.
     pub fn metadata(&self, now: Timestamp) -> Value {
         match self {
-            SectionPatch::Clear => written_out_value(&stamp(&Value::Null, now)),
-            SectionPatch::Merge(object) => written_out(&stamp_object(object, now)),
+            SectionPatch::Clear => written_out_leaf(now),
+            SectionPatch::Merge(object) => Value::Object(mirror(object, &written_out_leaf(now))),
         }
     }
 }
@@ -214,18 +214,28 @@ fn merge(state: &mut Object, metadata: &mut Object, changes: &Object, now: Times
 /// A value's metadata as kept in memory: objects mirror their keys, arrays
 /// hold one entry per element, everything else is the bare timestamp.
 fn stamp(value: &Value, now: Timestamp) -> Value {
+    mirror_value(value, &Value::from(now))
+}
+
+/// The metadata tree of `object` with `leaf` at every leaf.
+fn mirror(object: &Object, leaf: &Value) -> Object {
+    object
+        .iter()
+        .map(|(k, v)| (k.clone(), mirror_value(v, leaf)))
+        .collect()
+}
+
+fn mirror_value(value: &Value, leaf: &Value) -> Value {
     match value {
-        Value::Object(object) => Value::Object(stamp_object(object, now)),
-        Value::Array(items) => Value::Array(items.iter().map(|v| stamp(v, now)).collect()),
-        _ => Value::from(now),
+        Value::Object(object) => Value::Object(mirror(object, leaf)),
+        Value::Array(items) => Value::Array(items.iter().map(|v| mirror_value(v, leaf)).collect()),
+        _ => leaf.clone(),
     }
 }
 
-fn stamp_object(object: &Object, now: Timestamp) -> Object {
-    object
-        .iter()
-        .map(|(k, v)| (k.clone(), stamp(v, now)))
-        .collect()
+/// One leaf's metadata as written out.
+fn written_out_leaf(time: impl Serialize) -> Value {
+    json!({ "timestamp": time })
 }
 
 /// In-memory metadata written out: each bare timestamp becomes `{"timestamp": T}`.
@@ -242,7 +252,7 @@ fn written_out_value(meta: &Value) -> Value {
     match meta {
         Value::Object(object) => written_out(object),
         Value::Array(items) => Value::Array(items.iter().map(written_out_value).collect()),
-        leaf => json!({ "timestamp": leaf }),
+        leaf => written_out_leaf(leaf),
     }
 }
 

@@ -65,7 +65,7 @@ impl IndexedShadow {
 
     /// Builds an entry from a change log update document (`{"state":..,..}`);
     /// the metadata is skipped, not parsed into values.
-    pub fn from_change_document(version: u64, document: &str) -> Option<IndexedShadow> {
+    fn from_change_document(version: u64, document: &str) -> Option<IndexedShadow> {
         #[derive(Deserialize)]
         struct Document {
             state: Value,

@@ -602,9 +602,10 @@ fn apply_shadow(
                 }
                 cache.insert(key.clone(), shadow);
             }
-            let mut change = log_change(tx, key, version, kind, now, document)?;
-            change.state = shared;
-            Some(change)
+            Some(Change {
+                state: shared,
+                ..log_change(tx, key, version, kind, now, document)?
+            })
         }
     };
     Ok((Ok(applied.outcome), change))
