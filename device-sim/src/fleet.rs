@@ -160,6 +160,9 @@ struct Device {
     /// When the first connection attempt started, until the answer to the
     /// first `get` arrives (connect + subscribe + first `get` answer).
     connecting_since: Option<Instant>,
+    /// Connect + SUBACK of the answer topics (what a broker without a shadow service can
+    /// be compared on).
+    subscribed: Option<Arc<LatencySeries>>,
     first_answer: Option<Arc<LatencySeries>>,
 }
 
@@ -198,6 +201,14 @@ impl Device {
             self.synced = true;
             self.counts.synced.incr();
         }
+    }
+
+    /// The first SUBACK: the answer topics are subscribed; the first `get` follows.
+    fn on_subscribed(&mut self) {
+        if let (Some(since), Some(series)) = (self.connecting_since, self.subscribed.take()) {
+            series.record(since.elapsed());
+        }
+        self.send_get();
     }
 
     /// The first answer to the device's first `get` (its shadow, or 404 for a new one).
@@ -425,7 +436,7 @@ async fn run_device(
                     device.stats.connected.up();
                     device.on_connected();
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => device.send_get(),
+                Ok(Event::Incoming(Packet::SubAck(_))) => device.on_subscribed(),
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     device.stats.messages_in.incr();
                     device.on_answer(ShadowAnswer::of(&publish.topic), &publish.payload);
@@ -510,13 +521,14 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
 
     let names: &[&'static str] = if config.operator.is_some() {
         &[
+            "connect->subscribed",
             "connect->first answer",
             "desired->delta",
             "desired->reported",
             "operator request",
         ]
     } else {
-        &["connect->first answer"]
+        &["connect->subscribed", "connect->first answer"]
     };
     let stats = RunStats::new(names);
     let pending = match (
@@ -611,6 +623,7 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
             actuation_delay: config.actuation_delay,
             synced: false,
             connecting_since: Some(Instant::now()),
+            subscribed: stats.latency("connect->subscribed"),
             first_answer: stats.latency("connect->first answer"),
         };
         devices.spawn(run_device(
