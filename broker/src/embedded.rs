@@ -446,9 +446,12 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         };
         transports.push((kind, listener.addr, transport));
     }
-    let router: RouterTx = Router::new(0, settings.router_config()).spawn();
+    let router = Router::new(0, settings.router_config());
     let publisher = hooks.publisher;
     let metrics = publisher.metrics();
+    // A second start with the same hooks keeps the first router's gauge.
+    let _ = metrics.router_filters.set(router.filter_gauge());
+    let router: RouterTx = router.spawn();
     let stop = CancellationToken::new();
     let broker = Arc::new(Broker {
         limits: settings.connection.clone(),
@@ -456,6 +459,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         auth: settings.auth.clone(),
         sessions: Sessions::new(
             publisher.clone(),
+            router.clone(),
             settings.connection.max_queued_messages,
             stop.clone(),
         ),

@@ -2,7 +2,8 @@
 //! Umbra's Prometheus registry reads them (no labels by device).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
@@ -135,6 +136,9 @@ pub struct EdgeMetrics {
     pub answers_unrouted: AtomicU64,
     /// Router links created (connections that used non-`$aws` topics).
     pub router_links: AtomicU64,
+    /// Filters the router keeps a message log for (set when the broker
+    /// starts; a filter's log is freed when no session subscribes to it).
+    pub router_filters: OnceLock<Arc<AtomicUsize>>,
 }
 
 impl EdgeMetrics {
@@ -168,7 +172,7 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 20] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 21] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -265,6 +269,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 20] = [
         MetricType::COUNTER,
     ),
     (
+        "umbra_mqtt_router_filters",
+        "Filters rumqttd's router keeps a message log for (freed when no session subscribes to them).",
+        MetricType::GAUGE,
+    ),
+    (
         "umbra_mqtt_cursor_jumps_total",
         "Times a router subscriber fell behind and lost messages (rumqttd cursor jump).",
         MetricType::COUNTER,
@@ -316,6 +325,12 @@ impl EdgeCollector {
             "umbra_mqtt_answers_dropped_total" => one(&m.answers_dropped),
             "umbra_mqtt_answers_unrouted_total" => one(&m.answers_unrouted),
             "umbra_mqtt_router_links_total" => one(&m.router_links),
+            "umbra_mqtt_router_filters" => vec![(
+                None,
+                m.router_filters
+                    .get()
+                    .map_or(0, |g| g.load(Ordering::Relaxed)) as f64,
+            )],
             "umbra_mqtt_cursor_jumps_total" => vec![(None, logged_cursor_jumps() as f64)],
             _ => Vec::new(),
         }

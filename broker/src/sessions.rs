@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rumqttd::protocol::QoS;
+use rumqttd::RouterTx;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::fanout::{Delivery, Mailbox, Publisher};
 
@@ -46,13 +47,6 @@ impl Session {
             filters: Vec::new(),
             inflight: VecDeque::new(),
             router: false,
-        }
-    }
-
-    /// Removes every route to this session.
-    fn clear(self, publisher: &Publisher) {
-        for (filter, _) in &self.filters {
-            publisher.unsubscribe(filter, &self.mailbox);
         }
     }
 }
@@ -87,6 +81,9 @@ pub struct Attached {
 pub struct Sessions {
     slots: Mutex<HashMap<String, Slot>>,
     publisher: Publisher,
+    /// rumqttd's router, which keeps a persistent session of its own for a
+    /// client that used it (ended with ours).
+    router: RouterTx,
     mailbox_capacity: usize,
     /// The broker's stop token, parent of every connection's kick token.
     stop: CancellationToken,
@@ -99,12 +96,32 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    pub fn new(publisher: Publisher, mailbox_capacity: usize, stop: CancellationToken) -> Sessions {
+    pub fn new(
+        publisher: Publisher,
+        router: RouterTx,
+        mailbox_capacity: usize,
+        stop: CancellationToken,
+    ) -> Sessions {
         Sessions {
             slots: Mutex::new(HashMap::new()),
             publisher,
+            router,
             mailbox_capacity,
             stop,
+        }
+    }
+
+    /// Ends `client_id`'s session: removes every route to it, and the
+    /// router's saved session if it had one (the router keeps that one
+    /// if a connection has resumed it meanwhile).
+    fn end(&self, client_id: &str, session: Session) {
+        for (filter, _) in &session.filters {
+            self.publisher.unsubscribe(filter, &session.mailbox);
+        }
+        if session.router {
+            if let Err(err) = rumqttd::local::end_session(&self.router, client_id) {
+                warn!(client_id, cause = %err, "the router keeps the ended session's subscriptions");
+            }
         }
     }
 
@@ -152,7 +169,7 @@ impl Sessions {
         let (session, present) = match previous {
             Some(session) if !clean => (session, true),
             Some(session) => {
-                session.clear(&self.publisher);
+                self.end(client_id, session);
                 (Session::new(self.mailbox_capacity), false)
             }
             None => (Session::new(self.mailbox_capacity), false),
@@ -180,7 +197,7 @@ impl Sessions {
             drop(slots);
             // Taken over: the new connection decides what to keep.
             if let Err(session) = handoff.send(session) {
-                session.clear(&self.publisher);
+                self.end(client_id, session);
             }
             return;
         }
@@ -197,7 +214,7 @@ impl Sessions {
             _ => {
                 slots.remove(client_id);
                 drop(slots);
-                session.clear(&self.publisher);
+                self.end(client_id, session);
             }
         }
     }
@@ -205,23 +222,23 @@ impl Sessions {
     /// Ends parked sessions whose expiry has passed. Returns how many.
     pub fn expire(&self) -> usize {
         let now = Instant::now();
-        let expired: Vec<Session> = {
+        let expired: Vec<(String, Session)> = {
             let mut slots = self.lock();
             let ids: Vec<String> = slots
                 .iter()
                 .filter(|(_, slot)| matches!(slot, Slot::Parked { expires, .. } if *expires <= now))
                 .map(|(id, _)| id.clone())
                 .collect();
-            ids.iter()
-                .filter_map(|id| match slots.remove(id) {
-                    Some(Slot::Parked { session, .. }) => Some(session),
+            ids.into_iter()
+                .filter_map(|id| match slots.remove(&id) {
+                    Some(Slot::Parked { session, .. }) => Some((id, session)),
                     _ => None,
                 })
                 .collect()
         };
         let count = expired.len();
-        for session in expired {
-            session.clear(&self.publisher);
+        for (client_id, session) in expired {
+            self.end(&client_id, session);
         }
         count
     }
@@ -242,10 +259,19 @@ mod tests {
     use bytes::Bytes;
 
     fn sessions() -> (Sessions, Publisher) {
+        let (sessions, publisher, _router) = sessions_with_router();
+        (sessions, publisher)
+    }
+
+    /// Also what the sessions told the router so far (its events, as `Debug`).
+    fn sessions_with_router() -> (Sessions, Publisher, impl Fn() -> Vec<String>) {
         let publisher = Publisher::new(Arc::new(EdgeMetrics::default()));
+        let (router, events) = flume::bounded(16);
+        let told = move || events.try_iter().map(|(_, e)| format!("{e:?}")).collect();
         (
-            Sessions::new(publisher.clone(), 8, CancellationToken::new()),
+            Sessions::new(publisher.clone(), router, 8, CancellationToken::new()),
             publisher,
+            told,
         )
     }
 
@@ -305,5 +331,31 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(sessions.expire(), 1);
         assert_eq!(publisher.filter_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_router_is_told_when_a_session_that_used_it_ends() {
+        let (sessions, _publisher, told) = sessions_with_router();
+        // Expired.
+        let mut attached = sessions.attach("d1", 1, false).await;
+        attached.session.router = true;
+        sessions.detach("d1", 1, attached, Some(Duration::from_secs(10)));
+        assert_eq!(told(), Vec::<String>::new(), "parked: the router keeps it");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(sessions.expire(), 1);
+        assert_eq!(told(), ["EndSession(\"d1\")"]);
+        // Replaced by a clean session.
+        let mut attached = sessions.attach("d2", 2, false).await;
+        attached.session.router = true;
+        sessions.detach("d2", 2, attached, Some(Duration::from_secs(10)));
+        let clean = sessions.attach("d2", 3, true).await;
+        assert_eq!(told(), ["EndSession(\"d2\")"]);
+        // Ended with its connection; a session that never used the router
+        // ends without telling it.
+        sessions.detach("d2", 3, clean, None);
+        let mut attached = sessions.attach("d3", 4, true).await;
+        attached.session.router = true;
+        sessions.detach("d3", 4, attached, None);
+        assert_eq!(told(), ["EndSession(\"d3\")"]);
     }
 }

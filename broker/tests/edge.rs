@@ -768,12 +768,7 @@ async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
     dev.client.disconnect().await.expect("queued");
     dev.closed().await;
     // Parked once the connection's task has ended.
-    let parked = async {
-        while h.broker.parked_sessions() == 0 {
-            tokio::task::yield_now().await;
-        }
-    };
-    timeout(WAIT, parked).await.expect("session parked");
+    parked(&h).await;
 
     let publisher = h.broker.publisher();
     assert_eq!(publisher.publish(delta, Bytes::from("d1")), Ok(1));
@@ -840,6 +835,123 @@ async fn router_messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
         };
         assert_eq!(got.qos, expected, "published at {qos:?}");
     }
+    h.broker.shutdown(WAIT).await;
+}
+
+/// Waits until a session is parked (its connection's task has ended).
+async fn parked(h: &Harness) {
+    let parked = async {
+        while h.broker.parked_sessions() == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    timeout(WAIT, parked).await.expect("session parked");
+}
+
+/// Filters rumqttd's router keeps a message log for now.
+fn router_filters(h: &Harness) -> usize {
+    h.broker
+        .metrics()
+        .router_filters
+        .get()
+        .expect("set at start")
+        .load(Ordering::Relaxed)
+}
+
+/// Waits until the router keeps exactly `n` filters (it frees them on its
+/// own thread, after the connection that let go of them moved on).
+async fn router_filters_become(h: &Harness, n: usize) {
+    let settled = async {
+        while router_filters(h) != n {
+            tokio::task::yield_now().await;
+        }
+    };
+    if timeout(WAIT, settled).await.is_err() {
+        panic!("router keeps {} filters, not {n}", router_filters(h));
+    }
+}
+
+/// A filter's log lives while some session, connected or saved, subscribes
+/// to it: unsubscribing, a clean session's end and a persistent session's
+/// end each give the memory back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_filters_nobody_subscribes_to_are_freed() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    assert_eq!(router_filters(&h), 0);
+    let mut many = connect("many", port, Duration::from_secs(30));
+    many.connected().await;
+    let filters: Vec<String> = (0..40).map(|i| format!("fleet/{i}/cmd")).collect();
+    many.client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .await
+        .expect("queued");
+    many.wait_for(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .await;
+    assert_eq!(many.subscribe("fleet/+/all").await.len(), 1);
+    assert_eq!(router_filters(&h), 41);
+    let mut other = connect("other", port, Duration::from_secs(30));
+    other.connected().await;
+    other.subscribe("fleet/0/cmd").await;
+    assert_eq!(router_filters(&h), 41, "a second subscriber shares the log");
+
+    // Unsubscribed.
+    many.client
+        .unsubscribe("fleet/1/cmd")
+        .await
+        .expect("queued");
+    many.wait_for(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
+    assert_eq!(router_filters(&h), 40);
+    // A clean session's end frees what only it held.
+    many.client.disconnect().await.expect("queued");
+    many.closed().await;
+    router_filters_become(&h, 1).await;
+    other.publish("fleet/0/cmd", "still routed").await;
+    assert_eq!(other.next_publish().await.payload.as_ref(), b"still routed");
+
+    // A persistent session keeps its filter while it is away, and gets it
+    // back when it returns, until it unsubscribes.
+    let persistent = || {
+        let mut options = MqttOptions::new("saved", "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(false);
+        connect_with(options)
+    };
+    let mut saved = persistent();
+    saved.connected().await;
+    saved.subscribe("fleet/saved").await;
+    assert_eq!(router_filters(&h), 2);
+    saved.client.disconnect().await.expect("queued");
+    saved.closed().await;
+    parked(&h).await;
+    assert_eq!(router_filters(&h), 2, "kept for the saved session");
+    let mut saved = persistent();
+    assert!(saved.connected().await, "session present");
+    saved
+        .client
+        .unsubscribe("fleet/saved")
+        .await
+        .expect("queued");
+    saved
+        .wait_for(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
+    router_filters_become(&h, 1).await;
+
+    // A saved session ended by a clean one (which never uses the router)
+    // frees its filters too.
+    saved.subscribe("fleet/saved").await;
+    saved.client.disconnect().await.expect("queued");
+    saved.closed().await;
+    parked(&h).await;
+    assert_eq!(router_filters(&h), 2);
+    let mut clean = connect("saved", port, Duration::from_secs(30));
+    assert!(!clean.connected().await);
+    router_filters_become(&h, 1).await;
     h.broker.shutdown(WAIT).await;
 }
 

@@ -36,6 +36,18 @@ pub enum LinkError {
     Elapsed(#[from] tokio::time::error::Elapsed),
 }
 
+/// Umbra patch: ends the persistent session the router saved for
+/// `client_id` when its connection ended (the session's owner decided it
+/// expired), unless a connection has resumed it meanwhile. Never waits: a
+/// full router channel is an error, and the saved session stays.
+pub fn end_session(
+    router_tx: &Sender<(ConnectionId, Event)>,
+    client_id: &str,
+) -> Result<(), LinkError> {
+    router_tx.try_send((0, Event::EndSession(client_id.to_owned())))?;
+    Ok(())
+}
+
 // used to build LinkTx and LinkRx
 pub struct LinkBuilder<'a> {
     tenant_id: Option<String>,

@@ -206,6 +206,18 @@ impl Outgoing {
 
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
+    /// Umbra patch: messages in flight from a filter this connection no
+    /// longer subscribes to say nothing about where a later subscription
+    /// resumes (and the filter's slot may be reused by another filter once
+    /// nobody holds it), so they stop counting for retransmission.
+    pub fn forget_filter(&mut self, filter_idx: FilterIdx) {
+        for (_, idx, cursor) in self.inflight_buffer.iter_mut() {
+            if *idx == filter_idx {
+                *cursor = None;
+            }
+        }
+    }
+
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {
         let mut o = HashMap::new();
         for (_, filter_idx, cursor) in self.inflight_buffer.iter() {

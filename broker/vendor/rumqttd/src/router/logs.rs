@@ -13,6 +13,8 @@ use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
@@ -68,6 +70,17 @@ pub struct DataLog {
     /// be matched against one by one (a filter without wildcards matches only
     /// the topic equal to it, found in `filter_indexes`).
     wildcard_filters: Vec<(Filter, FilterIdx)>,
+    /// Umbra patch: how many filters have a log, readable from other threads.
+    filter_gauge: Arc<AtomicUsize>,
+}
+
+/// Umbra patch: the log a subscription's filter reads from (a shared
+/// subscription, `$share/{group}/{filter}`, reads `filter`'s).
+pub(crate) fn log_filter(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|s| s.split_once('/'))
+        .map_or(filter, |(_group, path)| path)
 }
 
 /// Umbra patch: whether a filter has wildcards.
@@ -84,7 +97,10 @@ impl DataLog {
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
-                let data = Data::new(&filter, &config);
+                let mut data = Data::new(&filter, &config);
+                // Umbra patch: a configured filter is held by the
+                // configuration, so it is never released.
+                data.holders = 1;
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -96,12 +112,14 @@ impl DataLog {
             }
         }
 
+        let filter_gauge = Arc::new(AtomicUsize::new(native.len()));
         Ok(DataLog {
             config,
             native,
             filter_indexes,
             retained_publishes,
             wildcard_filters,
+            filter_gauge,
         })
     }
 
@@ -121,9 +139,12 @@ impl DataLog {
         id: ConnectionId,
         filter: &Filter,
     ) -> Option<DataRequest> {
+        // Umbra patch: a shared subscription waits on its filter's log
+        // (rumqttd looked `$share/{group}/{filter}` up, found nothing and
+        // left the waiter behind).
         let data = self
             .native
-            .get_mut(*self.filter_indexes.get(filter)?)
+            .get_mut(*self.filter_indexes.get(log_filter(filter))?)
             .unwrap();
         let waiters = data.waiters.get_mut();
 
@@ -171,6 +192,7 @@ impl DataLog {
                 let data = Data::new(filter, &self.config);
 
                 let idx = self.native.insert(data);
+                self.filter_gauge.fetch_add(1, Ordering::Relaxed);
                 self.filter_indexes.insert(filter.to_owned(), idx);
                 if is_wildcard(filter) {
                     self.wildcard_filters.push((filter.to_owned(), idx));
@@ -181,6 +203,49 @@ impl DataLog {
         };
 
         (filter_idx, data.log.next_offset())
+    }
+
+    /// Umbra patch: one more session (live or saved) holds a subscription
+    /// on the filter at `filter_idx`.
+    pub fn hold(&mut self, filter_idx: FilterIdx) {
+        if let Some(data) = self.native.get_mut(filter_idx) {
+            data.holders += 1;
+        }
+    }
+
+    /// Umbra patch: a session that held a subscription on `filter` (a
+    /// subscription's filter, `$share/{group}/` included) no longer does.
+    /// The last one out frees the filter's log, its index entries and its
+    /// slot, so that memory of a filter nobody subscribes to is given back
+    /// (rumqttd kept every filter ever subscribed to until it stopped).
+    /// Returns whether the filter was freed.
+    pub fn release(&mut self, filter: &str) -> bool {
+        let filter = log_filter(filter);
+        let Some(&idx) = self.filter_indexes.get(filter) else {
+            return false;
+        };
+        let Some(data) = self.native.get_mut(idx) else {
+            return false;
+        };
+        data.holders = data.holders.saturating_sub(1);
+        if data.holders > 0 {
+            return false;
+        }
+        self.filter_indexes.remove(filter);
+        self.wildcard_filters.retain(|(_, i)| *i != idx);
+        self.native.remove(idx);
+        self.filter_gauge.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Umbra patch: the number of filters with a log, kept up to date.
+    pub fn filter_gauge(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.filter_gauge)
+    }
+
+    /// Umbra patch: the slot of the log a subscription's filter reads.
+    pub fn index_of(&self, filter: &str) -> Option<&FilterIdx> {
+        self.filter_indexes.get(log_filter(filter))
     }
 
     pub fn native_readv(
@@ -321,6 +386,8 @@ impl DataLog {
 
 pub struct Data<T> {
     filter: Filter,
+    /// Umbra patch: sessions, live or saved, subscribed to the filter.
+    holders: usize,
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
@@ -352,6 +419,7 @@ where
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
+            holders: 0,
             log,
             waiters,
             meter: metrics,

@@ -65,6 +65,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// Umbra patch: end the persistent session saved for this client id,
+    /// unless a connection has resumed it.
+    EndSession(String),
 }
 
 /// Notification from router to connection

@@ -158,6 +158,12 @@ impl Router {
     /// For that reason, all the public methods should start the router in the
     /// background
     #[tracing::instrument(skip_all)]
+    /// Umbra patch: the number of filters with a log (each holds its
+    /// messages' memory), kept up to date by the router's thread.
+    pub fn filter_gauge(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.datalog.filter_gauge()
+    }
+
     pub fn spawn(mut self) -> Sender<(ConnectionId, Event)> {
         let router = thread::Builder::new().name(format!("router-{}", self.id));
         let link = self.link();
@@ -253,6 +259,7 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
+            Event::EndSession(client_id) => self.end_saved_session(&client_id),
             Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
                 client_id,
                 #[cfg(feature = "validate-tenant-prefix")]
@@ -326,7 +333,14 @@ impl Router {
             )
         } else {
             // Only retrieve metrics in clean session
-            connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
+            connection.events = saved.map_or_else(ConnectionEvents::default, |s| {
+                // Umbra patch: a clean session ends the saved one, and with
+                // it the saved subscriptions' hold on their filters.
+                if let Some(state) = s.session_state {
+                    self.release_filters(&state.subscriptions);
+                }
+                s.metrics
+            });
             Tracker::new(client_id.clone())
         };
 
@@ -351,7 +365,17 @@ impl Router {
             );
         }
 
+        let restored: Vec<Filter> = connection.subscriptions.iter().cloned().collect();
         let connection_id = self.connections.insert(connection);
+        // Umbra patch: a resumed session's subscriptions are this
+        // connection's (rumqttd left them out of the subscription map, so an
+        // UNSUBSCRIBE of one did nothing).
+        for filter in restored {
+            self.subscription_map
+                .entry(filter)
+                .or_default()
+                .insert(connection_id);
+        }
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
@@ -473,9 +497,7 @@ impl Router {
 
         // Remove this connection from subscriptions
         for filter in connection.subscriptions.iter() {
-            if let Some(connections) = self.subscription_map.get_mut(filter) {
-                connections.remove(&id);
-            }
+            self.unmap_subscription(filter, id);
         }
 
         // Add disconnection event to metrics
@@ -519,13 +541,51 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            // Umbra patch: a clean session's subscriptions end with it (the
+            // last holder of a filter frees its log), and nothing of it is
+            // kept: rumqttd saved every clean client id's connection events
+            // in the graveyard forever.
+            self.release_filters(&connection.subscriptions);
         }
         self.router_meters.total_connections -= 1;
     }
+
+    /// Umbra patch: drops `id` from `filter`'s subscribers, and the entry
+    /// once nobody is left in it.
+    fn unmap_subscription(&mut self, filter: &str, id: ConnectionId) -> bool {
+        let Some(connections) = self.subscription_map.get_mut(filter) else {
+            return false;
+        };
+        let removed = connections.remove(&id);
+        if connections.is_empty() {
+            self.subscription_map.remove(filter);
+        }
+        removed
+    }
+
+    /// Umbra patch: a session's subscriptions no longer hold their filters.
+    fn release_filters(&mut self, subscriptions: &HashSet<Filter>) {
+        for filter in subscriptions {
+            self.datalog.release(filter);
+        }
+    }
+
+    /// Umbra patch: ends the persistent session saved for `client_id` (its
+    /// owner's session expired), unless a connection has resumed it.
+    fn end_saved_session(&mut self, client_id: &str) {
+        if self.connection_map.contains_key(client_id) {
+            return;
+        }
+        if let Some(state) = self
+            .graveyard
+            .retrieve(client_id)
+            .and_then(|saved| saved.session_state)
+        {
+            debug!(client_id, "saved session ended");
+            self.release_filters(&state.subscriptions);
+        }
+    }
+
 
     /// Handles new incoming data on a topic
     fn handle_device_payload(&mut self, id: ConnectionId) {
@@ -707,18 +767,14 @@ impl Router {
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
-                    let connection = self.connections.get_mut(id).unwrap();
                     let pkid = unsubscribe.pkid;
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
                         debug!("Removing subscription on filter {}", filter);
-                        if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
-                            let removed = connection_ids.remove(&id);
-                            if !removed {
-                                continue;
-                            }
+                        if self.unmap_subscription(filter, id) {
+                            let connection = self.connections.get_mut(id).unwrap();
 
                             let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
                             meter.unregister_subscription(filter);
@@ -755,6 +811,13 @@ impl Router {
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
+                            // Umbra patch: the subscription no longer holds
+                            // its filter; in-flight messages from it stop
+                            // counting for retransmission.
+                            if let Some(&idx) = self.datalog.index_of(filter) {
+                                self.obufs.get_mut(id).unwrap().forget_filter(idx);
+                            }
+                            self.datalog.release(filter);
                             force_ack = true;
                         }
                     }
@@ -964,6 +1027,8 @@ impl Router {
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         if connection.subscriptions.insert(filter_path.clone()) {
+            // Umbra patch: the new subscription holds its filter's log.
+            self.datalog.hold(filter_idx);
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
