@@ -340,7 +340,7 @@ subscribed() { # subscribed BROKER -> "p99 ms (p50 ms)" of connect + SUBACK in t
     local j="$WORK/$1-idle-$BIG.json"
     printf '%s ms (p50 %s ms)' "$(num "$(field "$j" '.latency["connect->subscribed"].p99_ms')" 1)" "$(num "$(field "$j" '.latency["connect->subscribed"].p50_ms')" 1)"
 }
-counter() { awk -v m="$2" '$1 == m { print $2 }' "$WORK/umbra-idle-$BIG.metrics" 2>/dev/null; }
+counter() { awk -v m="$2" '$1 == m { print $2 }' "$WORK/umbra-idle-$BIG.metrics" 2>/dev/null || true; }
 BIG_TIMEOUTS=$(counter umbra umbra_mqtt_connect_timeouts_total)
 DELTA_SMALL_P99=$(field "$WORK/umbra-delta-$SMALL.json" '.latency["desired->delta"].p99_ms')
 RELAY_RATIO=$(awk -v u="$(relay_in $U p2p-1k)" -v m="$(relay_in $M p2p-1k)" 'BEGIN { if (m > 0) printf "%.2f", u / m }')

@@ -12,6 +12,12 @@ use tracing_subscriber::EnvFilter;
 use umbra_broker::cli::{self, ApiArgs, ChangesArgs, ShadowCommand};
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
+/// jemalloc, not glibc's malloc: allocation was the largest single part of
+/// the CPU profile, and jemalloc also keeps less resident per idle device
+/// (measured side by side in `bench/RESULTS.md`).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a usage or configuration error (sysexits.h EX_USAGE).
 const EX_USAGE: u8 = 64;
 
