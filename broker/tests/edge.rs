@@ -200,6 +200,7 @@ fn port(broker: &RunningBroker, kind: ListenerKind) -> u16 {
 struct Raw {
     stream: TcpStream,
     read: BytesMut,
+    codec: Codec,
 }
 
 impl Raw {
@@ -207,31 +208,60 @@ impl Raw {
         Raw::connect_with(port, connect_packet(client_id)).await
     }
 
+    /// The same, speaking MQTT 5 (rumqttc ends its connection on an UNSUBACK
+    /// that reports a failure, so such answers are read raw).
+    async fn connect_v5(port: u16, client_id: &str) -> Raw {
+        Raw::open(port, connect_packet(client_id), Codec::V5).await
+    }
+
     async fn connect_with(port: u16, connect: WirePacket) -> Raw {
+        Raw::open(port, connect, Codec::V4).await
+    }
+
+    async fn open(port: u16, connect: WirePacket, codec: Codec) -> Raw {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("tcp connect");
         let mut raw = Raw {
             stream,
             read: BytesMut::new(),
+            codec,
         };
         raw.send(connect).await;
         raw
     }
 
     async fn send(&mut self, packet: WirePacket) {
-        let mut out = BytesMut::new();
-        Codec::V4.write(packet, &mut out).expect("encodes");
-        self.stream.write_all(&out).await.expect("sent");
+        self.send_all(vec![packet]).await;
     }
 
     /// Sends `packets` with one write, so that the server reads them together.
     async fn send_all(&mut self, packets: Vec<WirePacket>) {
         let mut out = BytesMut::new();
         for packet in packets {
-            Codec::V4.write(packet, &mut out).expect("encodes");
+            self.codec.write(packet, &mut out).expect("encodes");
         }
         self.stream.write_all(&out).await.expect("sent");
+    }
+
+    /// The next packet from an MQTT 5 connection, read with rumqttc's client
+    /// codec (Umbra's reads only what clients send).
+    async fn next_v5(&mut self) -> Option<rumqttc::v5::mqttbytes::v5::Packet> {
+        use rumqttc::v5::mqttbytes::{v5::Packet as Packet5, Error as Error5};
+        loop {
+            match Packet5::read(&mut self.read, Some(1 << 20)) {
+                Ok(packet) => return Some(packet),
+                Err(Error5::InsufficientBytes(_)) => {}
+                Err(e) => panic!("server sent garbage: {e}"),
+            }
+            let read = timeout(WAIT, self.stream.read_buf(&mut self.read))
+                .await
+                .expect("the server answers or closes in time");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// The next packet, or `None` once the server closed the connection.
@@ -952,6 +982,81 @@ async fn router_filters_nobody_subscribes_to_are_freed() {
     let mut clean = connect("saved", port, Duration::from_secs(30));
     assert!(!clean.connected().await);
     router_filters_become(&h, 1).await;
+    h.broker.shutdown(WAIT).await;
+}
+
+/// An UNSUBSCRIBE of filters held by Umbra (`$aws`), by the router and by
+/// nobody is answered with exactly one UNSUBACK with a reason per filter
+/// (the router answered once per filter it removed, with one reason each,
+/// and not at all when it held none of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_gets_one_unsuback_with_a_reason_per_filter() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, UnsubAckReason};
+    use UnsubAckReason::{NoSubscriptionExisted, Success};
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut raw = Raw::connect_v5(port, "dev1").await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(..))));
+    let aws = "$aws/things/dev1/shadow/get/accepted";
+    let subscribe = |pkid: u16, filters: &[&str]| {
+        WirePacket::Subscribe(
+            wire::Subscribe {
+                pkid,
+                filters: filters
+                    .iter()
+                    .map(|f| wire::Filter {
+                        path: (*f).to_owned(),
+                        qos: wire::QoS::AtLeastOnce,
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+                    })
+                    .collect(),
+            },
+            None,
+        )
+    };
+    let unsubscribe = |pkid: u16, filters: &[&str]| {
+        WirePacket::Unsubscribe(
+            wire::Unsubscribe {
+                pkid,
+                filters: filters.iter().map(|f| (*f).to_owned()).collect(),
+            },
+            None,
+        )
+    };
+    raw.send(subscribe(1, &["fleet/a", "fleet/b", aws])).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(ack)) if ack.pkid == 1));
+
+    raw.send(unsubscribe(2, &["fleet/a", "fleet/gone", aws, "fleet/b"]))
+        .await;
+    match raw.next_v5().await {
+        Some(Packet5::UnsubAck(ack)) => {
+            assert_eq!(ack.pkid, 2);
+            assert_eq!(
+                ack.reasons,
+                [Success, NoSubscriptionExisted, Success, Success]
+            );
+        }
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    // Only filters nobody holds, which the router is asked about too.
+    raw.send(unsubscribe(3, &["fleet/a", "fleet/never"])).await;
+    match raw.next_v5().await {
+        Some(Packet5::UnsubAck(ack)) => {
+            assert_eq!(ack.pkid, 3);
+            assert_eq!(ack.reasons, [NoSubscriptionExisted, NoSubscriptionExisted]);
+        }
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    // The router answers in order: a second UNSUBACK for either would come
+    // before this SUBACK.
+    raw.send(subscribe(4, &["fleet/c"])).await;
+    let next = raw.next_v5().await;
+    assert!(
+        matches!(&next, Some(Packet5::SubAck(ack)) if ack.pkid == 4),
+        "{next:?}"
+    );
     h.broker.shutdown(WAIT).await;
 }
 

@@ -768,7 +768,13 @@ impl Router {
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
                     let pkid = unsubscribe.pkid;
+                    // Umbra patch: one UNSUBACK per UNSUBSCRIBE, with a
+                    // reason per filter (rumqttd sent one per removed filter,
+                    // each with one reason, and none at all when no filter
+                    // was subscribed, so the client waited for ever).
+                    let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
                     for filter in &unsubscribe.filters {
+                        reasons.push(UnsubAckReason::NoSubscriptionExisted);
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
@@ -802,13 +808,9 @@ impl Router {
                             // remove the subscription id
                             connection.subscription_ids.remove(filter);
 
-                            let unsuback = UnsubAck {
-                                pkid,
-                                // reasons are used in MQTTv5
-                                reasons: vec![UnsubAckReason::Success],
-                            };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.unsuback(unsuback);
+                            if let Some(reason) = reasons.last_mut() {
+                                *reason = UnsubAckReason::Success;
+                            }
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
                             // Umbra patch: the subscription no longer holds
@@ -818,9 +820,11 @@ impl Router {
                                 self.obufs.get_mut(id).unwrap().forget_filter(idx);
                             }
                             self.datalog.release(filter);
-                            force_ack = true;
                         }
                     }
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.unsuback(UnsubAck { pkid, reasons });
+                    force_ack = true;
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
