@@ -244,6 +244,14 @@ impl Raw {
         self.stream.write_all(&out).await.expect("sent");
     }
 
+    /// Reads what the server sent next; false once it closed the connection.
+    async fn read_more(&mut self) -> bool {
+        let read = timeout(WAIT, self.stream.read_buf(&mut self.read))
+            .await
+            .expect("the server answers or closes in time");
+        matches!(read, Ok(n) if n > 0)
+    }
+
     /// The next packet from an MQTT 5 connection, read with rumqttc's client
     /// codec (Umbra's reads only what clients send).
     async fn next_v5(&mut self) -> Option<rumqttc::v5::mqttbytes::v5::Packet> {
@@ -254,12 +262,8 @@ impl Raw {
                 Err(Error5::InsufficientBytes(_)) => {}
                 Err(e) => panic!("server sent garbage: {e}"),
             }
-            let read = timeout(WAIT, self.stream.read_buf(&mut self.read))
-                .await
-                .expect("the server answers or closes in time");
-            match read {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+            if !self.read_more().await {
+                return None;
             }
         }
     }
@@ -272,12 +276,8 @@ impl Raw {
                 Err(wire::Error::InsufficientBytes(_)) => {}
                 Err(e) => panic!("server sent garbage: {e}"),
             }
-            let read = timeout(WAIT, self.stream.read_buf(&mut self.read))
-                .await
-                .expect("the server answers or closes in time");
-            match read {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+            if !self.read_more().await {
+                return None;
             }
         }
     }
