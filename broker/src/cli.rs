@@ -1,5 +1,6 @@
 //! The operator command line: `umbra shadow ...` and `umbra changes`, talking
-//! to a running server's HTTP API.
+//! to a running server's HTTP API, and `umbra passwd`, which edits a
+//! password file.
 
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -71,9 +72,29 @@ pub struct ChangesArgs {
     pub q: Option<String>,
 }
 
+/// `umbra passwd FILE NAME`: sets (or with `-D` removes) a device's password.
+#[derive(Debug, Clone, Args)]
+pub struct PasswdArgs {
+    /// The password file (`[mqtt] password_file`); created if missing.
+    pub file: std::path::PathBuf,
+    /// The user name: the device's thing name (its client id).
+    pub name: String,
+    /// Read the password from the first line of standard input instead of
+    /// prompting for it.
+    #[arg(long, conflicts_with = "delete")]
+    pub stdin: bool,
+    /// Remove the user instead.
+    #[arg(short = 'D', long)]
+    pub delete: bool,
+}
+
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error(transparent)]
+    PasswordFile(#[from] crate::auth::PasswordFileError),
+    #[error("{0}")]
+    Usage(String),
     #[error("{status}: {body}")]
     Api { status: u16, body: String },
     #[error("cannot reach {url}: {source}")]
@@ -309,5 +330,49 @@ pub fn run_changes(
             event_type.clear();
         }
     }
+    Ok(())
+}
+
+/// Runs `umbra passwd`: the password comes from `input`'s first line with
+/// `--stdin`, else from two no-echo prompts on the terminal.
+pub fn run_passwd(
+    args: &PasswdArgs,
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    use crate::auth::PasswordFile;
+    let file = args.file.display();
+    if args.delete {
+        if !PasswordFile::remove(&args.file, &args.name)? {
+            return Err(CliError::Usage(format!("{} is not in {file}", args.name)));
+        }
+        writeln!(out, "removed {} from {file}", args.name)?;
+        return Ok(());
+    }
+    let password = if args.stdin {
+        let mut line = String::new();
+        input.read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        let no_terminal = |e: std::io::Error| {
+            CliError::Usage(format!("cannot prompt for the password ({e}); use --stdin"))
+        };
+        let first = rpassword::prompt_password(format!("password for {}: ", args.name))
+            .map_err(no_terminal)?;
+        let again = rpassword::prompt_password("again: ").map_err(no_terminal)?;
+        if first != again {
+            return Err(CliError::Usage("the two passwords differ".into()));
+        }
+        first
+    };
+    if password.is_empty() {
+        return Err(CliError::Usage("the password is empty".into()));
+    }
+    PasswordFile::set(&args.file, &args.name, &password, argon2::Params::default())?;
+    writeln!(
+        out,
+        "set {} in {file}; a running umbra with this password_file takes it within seconds (or on SIGHUP)",
+        args.name
+    )?;
     Ok(())
 }

@@ -127,10 +127,13 @@ impl Config {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    source,
-                })?
+                let mut config: Config =
+                    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                config.resolve_paths(path.parent().unwrap_or(Path::new("")));
+                config
             }
         };
         if let Some(addr) = overrides.mqtt_addr {
@@ -147,6 +150,26 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes the file paths a config file names (TLS certificates and keys,
+    /// the password file) relative to that file's directory, not to the
+    /// directory umbra was started from. `data_dir` stays as it was (it is
+    /// also set from the command line and the environment).
+    fn resolve_paths(&mut self, base: &Path) {
+        let mqtt = &mut self.mqtt;
+        let tls = [&mut mqtt.mqtt_v4, &mut mqtt.mqtt_v5, &mut mqtt.websocket]
+            .into_iter()
+            .flatten()
+            .filter_map(|listener| listener.tls.as_mut());
+        for files in tls {
+            for path in [&mut files.cert, &mut files.key] {
+                *path = base.join(&*path);
+            }
+        }
+        if let Some(path) = &mut mqtt.password_file {
+            *path = base.join(&*path);
+        }
     }
 
     /// Checks every setting that could fail later, so nothing binds on bad config.
@@ -223,6 +246,35 @@ mod tests {
             Some("127.0.0.1:8083")
         );
         assert_eq!(c.data_dir, PathBuf::from("umbra-data"));
+    }
+
+    #[test]
+    fn paths_in_a_config_file_are_relative_to_it() {
+        let (dir, path) = write(
+            "[mqtt]\npassword_file = \"passwd\"\n\
+             [mqtt.mqtt_v4]\naddr = \"127.0.0.1:1883\"\n\
+             tls = { cert = \"tls/cert.pem\", key = \"/abs/key.pem\" }\n",
+        );
+        let c: Config = toml::from_str(&std::fs::read_to_string(&path).expect("read"))
+            .map(|mut c: Config| {
+                c.resolve_paths(dir.path());
+                c
+            })
+            .expect("parses");
+        assert_eq!(c.mqtt.password_file, Some(dir.path().join("passwd")));
+        let tls = c.mqtt.mqtt_v4.and_then(|l| l.tls).expect("tls");
+        assert_eq!(tls.cert, dir.path().join("tls/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/abs/key.pem"));
+        // Through load: a missing TLS file is named with the resolved path
+        // (the password file exists: an empty one has no users).
+        std::fs::write(dir.path().join("passwd"), "").expect("written");
+        let err = Config::load(Some(&path), &Overrides::default())
+            .expect_err("no such files")
+            .to_string();
+        assert!(
+            err.contains(&dir.path().join("tls/cert.pem").display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

@@ -33,8 +33,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::{Authenticator, Verdict};
 use crate::codec::{sniff, Codec, Sniffed};
-use crate::embedded::{ConnectionLimits, Credentials, EdgeSettings};
+use crate::embedded::{ConnectionLimits, EdgeSettings};
 use crate::fanout::{min_qos, Delivery, Publisher};
 use crate::metrics::{bump, EdgeMetrics};
 use crate::requests::{Answered, ShadowPublish, ShadowRequests};
@@ -56,7 +57,7 @@ pub enum PresenceEvent {
 pub struct Broker {
     pub limits: ConnectionLimits,
     pub edge: EdgeSettings,
-    pub auth: Option<Credentials>,
+    pub auth: Authenticator,
     pub publisher: Publisher,
     pub sessions: Sessions,
     pub shadow: Arc<dyn ShadowRequests>,
@@ -287,13 +288,6 @@ async fn open(stream: TcpStream, transport: &Transport, broker: &Broker) -> Resu
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Applies the CONNECT rules, attaches the session and answers CONNACK.
 async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     let Opened {
@@ -306,6 +300,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         return None;
     };
     let limits = &broker.limits;
+    let login = login
+        .as_ref()
+        .map(|l| (l.username.as_str(), l.password.as_str()));
+    let verdict = broker.auth.check(login, &connect.client_id).await;
     let refusal = if connect.client_id.len() > limits.max_client_id_bytes {
         Some((
             ConnectReturnCode::ClientIdentifierNotValid,
@@ -316,15 +314,15 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             ConnectReturnCode::ClientIdentifierNotValid,
             "empty client id needs a clean session",
         ))
-    } else if broker.auth.as_ref().is_some_and(|auth| {
-        !login.as_ref().is_some_and(|login| {
-            constant_time_eq(login.username.as_bytes(), auth.username.as_bytes())
-                & constant_time_eq(login.password.as_bytes(), auth.password.as_bytes())
-        })
-    }) {
+    } else if verdict == Verdict::BadCredentials {
         Some((
             ConnectReturnCode::BadUserNamePassword,
             "bad user name or password",
+        ))
+    } else if verdict == Verdict::NotAuthorized {
+        Some((
+            ConnectReturnCode::NotAuthorized,
+            "client id is not the authenticated user's",
         ))
     } else if will.as_ref().is_some_and(|will| !will_allowed(will)) {
         Some((ConnectReturnCode::NotAuthorized, "will on a $ topic"))

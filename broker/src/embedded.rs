@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::auth::{Authenticator, PasswordFile, PasswordFileError};
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
 use crate::metrics::EdgeMetrics;
@@ -76,8 +77,17 @@ pub struct BrokerSettings {
     pub mqtt_v5: Option<ListenerSettings>,
     /// MQTT 3.1.1 and 5 over WebSocket (or WebSocket over TLS).
     pub websocket: Option<ListenerSettings>,
-    /// Username and password every client must present; `None` = anonymous.
+    /// A user name and password shared by the whole fleet; it proves no
+    /// identity (see `password_file`).
     pub auth: Option<Credentials>,
+    /// Per-device credentials: `name:argon2id-hash` lines, managed with
+    /// `umbra passwd`; reloaded when the file changes and on SIGHUP.
+    pub password_file: Option<PathBuf>,
+    /// A password-file user must use its user name as client id (so that
+    /// its credentials cannot act for another thing).
+    pub client_id_is_user: bool,
+    /// How often the password file is checked for changes, in ms.
+    pub password_file_check_ms: u64,
     /// Accept anonymous clients on listeners reachable from other hosts.
     pub allow_anonymous_remote: bool,
     pub edge: EdgeSettings,
@@ -92,6 +102,9 @@ impl Default for BrokerSettings {
             mqtt_v5: None,
             websocket: Some(ListenerSettings::local(8083)),
             auth: None,
+            password_file: None,
+            client_id_is_user: true,
+            password_file_check_ms: 2000,
             allow_anonymous_remote: false,
             edge: EdgeSettings::default(),
         }
@@ -283,6 +296,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("auth username must not be empty")]
     EmptyUsername,
+    #[error(transparent)]
+    PasswordFile(#[from] PasswordFileError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +317,8 @@ pub enum StartError {
         #[source]
         source: transport::TlsError,
     },
+    #[error(transparent)]
+    PasswordFile(#[from] PasswordFileError),
 }
 
 impl BrokerSettings {
@@ -358,8 +375,12 @@ impl BrokerSettings {
         if self.auth.as_ref().is_some_and(|a| a.username.is_empty()) {
             return Err(ConfigError::EmptyUsername);
         }
+        if let Some(path) = &self.password_file {
+            PasswordFile::read(path)?;
+        }
         for (listener, settings) in self.listeners() {
             if self.auth.is_none()
+                && self.password_file.is_none()
                 && !self.allow_anonymous_remote
                 && !settings.addr.ip().is_loopback()
             {
@@ -411,7 +432,8 @@ pub struct RunningBroker {
     stop_accepting: CancellationToken,
     connections: TaskTracker,
     broker: Arc<Broker>,
-    sweeper: Option<JoinHandle<()>>,
+    /// Session expiry and password-file reloads.
+    housekeeping: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningBroker {
@@ -446,6 +468,11 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         };
         transports.push((kind, listener.addr, transport));
     }
+    let auth = Authenticator::new(
+        settings.auth.clone(),
+        settings.password_file.clone(),
+        settings.client_id_is_user,
+    )?;
     let router = Router::new(0, settings.router_config());
     let publisher = hooks.publisher;
     let metrics = publisher.metrics();
@@ -456,7 +483,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let broker = Arc::new(Broker {
         limits: settings.connection.clone(),
         edge: settings.edge.clone(),
-        auth: settings.auth.clone(),
+        auth,
         sessions: Sessions::new(
             publisher.clone(),
             router.clone(),
@@ -507,23 +534,10 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         ));
         listeners.push((kind, task));
     }
-    let sweeper = {
-        let broker = Arc::clone(&broker);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(EXPIRY_SWEEP);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {
-                        let expired = broker.sessions.expire();
-                        if expired > 0 {
-                            info!(expired, "persistent sessions expired");
-                        }
-                    }
-                    () = broker.stop.cancelled() => return,
-                }
-            }
-        })
-    };
+    let housekeeping = tokio::spawn(housekeeping(
+        Arc::clone(&broker),
+        Duration::from_millis(settings.password_file_check_ms.max(1)),
+    ));
 
     info!(?addrs, "embedded broker started");
     Ok(RunningBroker {
@@ -532,7 +546,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         stop_accepting,
         connections,
         broker,
-        sweeper: Some(sweeper),
+        housekeeping: Some(housekeeping),
     })
 }
 
@@ -573,8 +587,8 @@ impl RunningBroker {
         {
             warn!("connections did not end before the deadline");
         }
-        if let Some(sweeper) = self.sweeper.take() {
-            rethrow("session expiry".into(), sweeper.await);
+        if let Some(housekeeping) = self.housekeeping.take() {
+            rethrow("housekeeping".into(), housekeeping.await);
         }
         info!("embedded broker stopped");
     }
@@ -585,6 +599,41 @@ impl RunningBroker {
         self.stop_accepting.cancel();
         for (kind, task) in std::mem::take(&mut self.listeners) {
             rethrow(kind.to_string(), task.await);
+        }
+    }
+}
+
+/// Ends expired persistent sessions, and reloads the password file when it
+/// changes or the process gets SIGHUP, until the broker stops.
+async fn housekeeping(broker: Arc<Broker>, file_check: Duration) {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let watching = broker.auth.password_file().is_some();
+    let mut hangup = match watching {
+        true => signal(SignalKind::hangup())
+            .map_err(|err| warn!(%err, "SIGHUP will not reload the password file"))
+            .ok(),
+        false => None,
+    };
+    async fn hung_up(signal: &mut Option<Signal>) -> Option<()> {
+        match signal {
+            Some(signal) => signal.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+    let mut expiry = tokio::time::interval(EXPIRY_SWEEP);
+    let mut check = tokio::time::interval(file_check);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = expiry.tick() => {
+                let expired = broker.sessions.expire();
+                if expired > 0 {
+                    info!(expired, "persistent sessions expired");
+                }
+            }
+            _ = check.tick(), if watching => broker.auth.reload_if_changed(),
+            Some(()) = hung_up(&mut hangup) => broker.auth.reload_logged(),
+            () = broker.stop.cancelled() => return,
         }
     }
 }

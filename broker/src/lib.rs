@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: who a client is: the password file (argon2id), the shared
+//!   credential, anonymous clients; `umbra passwd`'s file edits.
 //! - [`cli`]: the operator commands (`umbra shadow ...`, `umbra changes`).
 //! - [`config`]: umbra's configuration (file < env < flags) and its validation.
 //! - [`server`]: the umbra server: store, shadow service and broker wired
@@ -29,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;

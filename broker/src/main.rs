@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
-use umbra_broker::cli::{self, ApiArgs, ChangesArgs, ShadowCommand};
+use umbra_broker::cli::{self, ApiArgs, ChangesArgs, PasswdArgs, ShadowCommand};
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
 /// jemalloc, not glibc's malloc: allocation was the largest single part of
@@ -66,6 +66,8 @@ enum Command {
         #[command(flatten)]
         changes: ChangesArgs,
     },
+    /// Set or remove a device's password in a password file (argon2id).
+    Passwd(PasswdArgs),
 }
 
 fn main() -> ExitCode {
@@ -130,6 +132,7 @@ fn run_command(api: &ApiArgs, command: Command) -> ExitCode {
     let result = match command {
         Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
         Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
+        Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

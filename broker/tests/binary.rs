@@ -76,6 +76,13 @@ async fn bad_flags_and_config_exit_64_naming_the_problem() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("max_depht"), "{err}");
 
+    // A password file that does not parse stops the start, naming the line.
+    std::fs::write(dir.path().join("passwd"), "# devices\nlamp-1:plaintext\n").expect("write");
+    std::fs::write(&file, "[mqtt]\npassword_file = \"passwd\"\n").expect("write");
+    let (code, _, err) = run_to_exit(&["--config", file.to_str().unwrap_or_default()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("password file line 2"), "{err}");
+
     let (code, _, err) = run_to_exit(&["--mqtt-addr", "0.0.0.0:0"]).await;
     assert_eq!(
         code, 64,
@@ -238,4 +245,131 @@ async fn operator_cli_reads_and_changes_shadows() {
     let (code, _, err) = cli(&["shadow", "update", "cli-1", "{not json"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("not JSON"), "{err}");
+}
+
+/// What the broker answers a CONNECT with `login`: `Ok` or the refusal.
+async fn connack(
+    addr: SocketAddr,
+    id: &str,
+    login: Option<(&str, &str)>,
+) -> Result<(AsyncClient, rumqttc::EventLoop), rumqttc::ConnectReturnCode> {
+    let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    loop {
+        let event = tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("an answer to the CONNECT");
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok((client, eventloop)),
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),
+            Err(e) => panic!("no CONNACK: {e}"),
+        }
+    }
+}
+
+/// `umbra passwd` writes per-device passwords; a device proves its identity
+/// with its own and can use no other client id; a removed device is refused
+/// after SIGHUP while connected devices stay connected.
+#[tokio::test]
+async fn devices_authenticate_with_their_own_passwords() {
+    use rumqttc::ConnectReturnCode::{BadUserNamePassword, NotAuthorized};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passwd = dir.path().join("passwd");
+    let passwd_arg = passwd.to_str().expect("utf-8 path");
+    for (name, password) in [("lamp-1", "s3cret"), ("lamp-2", "other")] {
+        let mut child = Command::new(UMBRA)
+            .args(["passwd", passwd_arg, name, "--stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("umbra passwd runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, format!("{password}\n").as_bytes())
+            .await
+            .expect("password written");
+        drop(stdin);
+        assert!(child.wait().await.expect("exits").success());
+    }
+    let text = std::fs::read_to_string(&passwd).expect("written");
+    assert!(text.starts_with("lamp-1:$argon2id$"), "{text}");
+    assert!(!text.contains("s3cret"));
+
+    // Relative to the config file; reloaded on SIGHUP only, for this test.
+    let config = dir.path().join("umbra.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\npassword_file = \"passwd\"\npassword_file_check_ms = 3600000\n",
+    )
+    .expect("config written");
+    let data = dir.path().join("data");
+    let umbra = support::spawn_with(&data, &["--config", config.to_str().expect("utf-8")]).await;
+    let addr = umbra.mqtt;
+
+    let (lamp, mut lamp_loop) = connack(addr, "lamp-1", Some(("lamp-1", "s3cret")))
+        .await
+        .expect("own password");
+    assert_eq!(
+        connack(addr, "lamp-1", Some(("lamp-1", "wrong")))
+            .await
+            .err(),
+        Some(BadUserNamePassword)
+    );
+    assert_eq!(
+        connack(addr, "lamp-2", Some(("lamp-1", "s3cret")))
+            .await
+            .err(),
+        Some(NotAuthorized),
+        "lamp-1's password does not open lamp-2"
+    );
+    assert_eq!(
+        connack(addr, "lamp-1", None).await.err(),
+        Some(BadUserNamePassword)
+    );
+    assert!(connack(addr, "lamp-2", Some(("lamp-2", "other")))
+        .await
+        .is_ok());
+
+    let (code, out, err) = run_to_exit(&["passwd", passwd_arg, "lamp-2", "-D"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let pid = umbra.child.id().expect("pid").to_string();
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(hup.success());
+    let refused = async {
+        while connack(addr, "lamp-2", Some(("lamp-2", "other")))
+            .await
+            .is_ok()
+        {}
+    };
+    tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("lamp-2 refused once the file is reloaded");
+
+    // lamp-1's connection lived through the reload.
+    lamp.publish(
+        "$aws/things/lamp-1/shadow/get",
+        QoS::AtLeastOnce,
+        false,
+        "{}",
+    )
+    .await
+    .expect("queued");
+    let acked = async {
+        loop {
+            match lamp_loop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("lamp-1 was disconnected: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, acked).await.expect("puback");
 }

@@ -868,6 +868,60 @@ async fn router_messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
     h.broker.shutdown(WAIT).await;
 }
 
+/// A device added to the password file can connect within the file check
+/// interval, without a restart; one removed cannot any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_file_is_reloaded_when_it_changes() {
+    use umbra_broker::auth::PasswordFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    let cheap = || argon2::Params::new(64, 1, 1, None).expect("params");
+    PasswordFile::set(&path, "lamp-1", "one", cheap()).expect("set");
+    let mut settings = settings();
+    settings.password_file = Some(path.clone());
+    settings.password_file_check_ms = 10;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let answer = |id: &'static str, password: &'static str| async move {
+        let mut raw = Raw::connect_with(port, login_packet(id, password)).await;
+        raw.connack().await.code
+    };
+    assert_eq!(answer("lamp-1", "one").await, ConnectReturnCode::Success);
+    assert_eq!(
+        answer("lamp-2", "two").await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+
+    // Removed first: a file that has lamp-2 no longer has lamp-1.
+    PasswordFile::remove(&path, "lamp-1").expect("removed");
+    PasswordFile::set(&path, "lamp-2", "two", cheap()).expect("set");
+    let reloaded = async { while answer("lamp-2", "two").await != ConnectReturnCode::Success {} };
+    timeout(WAIT, reloaded)
+        .await
+        .expect("lamp-2 accepted after the change");
+    assert_eq!(
+        answer("lamp-1", "one").await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
+fn login_packet(client_id: &str, password: &str) -> WirePacket {
+    match connect_packet(client_id) {
+        WirePacket::Connect(connect, props, will, will_props, _) => WirePacket::Connect(
+            connect,
+            props,
+            will,
+            will_props,
+            Some(Login {
+                username: client_id.to_owned(),
+                password: password.to_owned(),
+            }),
+        ),
+        other => other,
+    }
+}
+
 /// Waits until a session is parked (its connection's task has ended).
 async fn parked(h: &Harness) {
     let parked = async {
