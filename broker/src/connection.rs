@@ -33,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::addresses::{Addresses, Slot};
 use crate::auth::{Authenticator, Verdict};
 use crate::codec::{sniff, Codec, Sniffed};
 use crate::embedded::{ConnectionLimits, EdgeSettings};
@@ -58,6 +59,8 @@ pub struct Broker {
     pub limits: ConnectionLimits,
     pub edge: EdgeSettings,
     pub auth: Authenticator,
+    /// Connections and failed logins per source address.
+    pub addresses: Arc<Addresses>,
     pub publisher: Publisher,
     pub sessions: Sessions,
     pub shadow: Arc<dyn ShadowRequests>,
@@ -148,15 +151,21 @@ impl From<LinkError> for End {
     }
 }
 
+/// A connection's places: one under the broker's connection limit and, for
+/// a limited address, one of its address's; held until the connection ends.
+#[derive(Debug)]
+pub struct Admission {
+    pub permit: OwnedSemaphorePermit,
+    pub slot: Option<Slot>,
+}
+
 /// Serves one accepted TCP connection until it ends.
-/// `permit` is the connection's place under the connection limit, held until
-/// it ends.
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     transport: Transport,
     broker: Arc<Broker>,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
     // Each phase is its own heap future: a task's future is as large as its
     // largest state, and the TLS and WebSocket handshakes alone are over
@@ -168,7 +177,7 @@ pub async fn run(
         return;
     };
     serving(connection).await;
-    drop(permit);
+    drop(admission);
 }
 
 type Phase<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -190,7 +199,7 @@ fn opening(
         let opened = tokio::select! {
             biased;
             () = broker.stop.cancelled() => return None,
-            opened = open(stream, &transport, broker) => opened,
+            opened = open(stream, peer, &transport, broker) => opened,
             () = timed_out => {
                 debug!(%peer, ?transport, "no CONNECT before the connect timeout");
                 return None;
@@ -224,10 +233,16 @@ struct Opened {
     codec: Codec,
     connect: Packet,
     read: BytesMut,
+    peer: SocketAddr,
 }
 
 /// The transport handshake, then the CONNECT packet.
-async fn open(stream: TcpStream, transport: &Transport, broker: &Broker) -> Result<Opened, String> {
+async fn open(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: &Transport,
+    broker: &Broker,
+) -> Result<Opened, String> {
     let mut stream = transport::handshake(stream, transport)
         .await
         .map_err(|e| format!("handshake failed: {e}"))?;
@@ -285,6 +300,7 @@ async fn open(stream: TcpStream, transport: &Transport, broker: &Broker) -> Resu
         codec,
         connect,
         read,
+        peer,
     })
 }
 
@@ -295,16 +311,37 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         codec,
         connect,
         read,
+        peer,
     } = opened;
     let Packet::Connect(connect, props, will, _will_props, login) = connect else {
         return None;
     };
     let limits = &broker.limits;
-    let login = login
-        .as_ref()
-        .map(|l| (l.username.as_str(), l.password.as_str()));
-    let verdict = broker.auth.check(login, &connect.client_id).await;
-    let refusal = if connect.client_id.len() > limits.max_client_id_bytes {
+    let addresses = &broker.addresses;
+    let blocked = broker.auth.required() && addresses.blocked(peer.ip());
+    let verdict = match blocked {
+        true => Verdict::NotAuthorized,
+        false => {
+            let login = login
+                .as_ref()
+                .map(|l| (l.username.as_str(), l.password.as_str()));
+            broker.auth.check(login, &connect.client_id).await
+        }
+    };
+    match verdict {
+        Verdict::BadCredentials => {
+            // Slower with each failure from the address (then refused).
+            tokio::time::sleep(addresses.failed(peer.ip())).await;
+        }
+        Verdict::Allowed { .. } if broker.auth.required() => addresses.succeeded(peer.ip()),
+        _ => {}
+    }
+    let refusal = if blocked {
+        Some((
+            ConnectReturnCode::NotAuthorized,
+            "too many failed logins from this address",
+        ))
+    } else if connect.client_id.len() > limits.max_client_id_bytes {
         Some((
             ConnectReturnCode::ClientIdentifierNotValid,
             "client id too long",

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::addresses::{AddressLimits, Addresses};
 use crate::auth::{Authenticator, PasswordFile, PasswordFileError};
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
@@ -88,6 +89,8 @@ pub struct BrokerSettings {
     pub client_id_is_user: bool,
     /// How often the password file is checked for changes, in ms.
     pub password_file_check_ms: u64,
+    /// Connections and failed logins per source address.
+    pub addresses: AddressLimits,
     /// Accept anonymous clients on listeners reachable from other hosts.
     pub allow_anonymous_remote: bool,
     pub edge: EdgeSettings,
@@ -105,6 +108,7 @@ impl Default for BrokerSettings {
             password_file: None,
             client_id_is_user: true,
             password_file_check_ms: 2000,
+            addresses: AddressLimits::default(),
             allow_anonymous_remote: false,
             edge: EdgeSettings::default(),
         }
@@ -484,6 +488,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         limits: settings.connection.clone(),
         edge: settings.edge.clone(),
         auth,
+        addresses: Addresses::new(settings.addresses.clone()),
         sessions: Sessions::new(
             publisher.clone(),
             router.clone(),

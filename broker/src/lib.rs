@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //!
+//! - [`addresses`]: limits per source address (connections at once,
+//!   failed logins slowed, then refused for a while).
 //! - [`auth`]: who a client is: the password file (argon2id), the shared
 //!   credential, anonymous clients; `umbra passwd`'s file edits.
 //! - [`cli`]: the operator commands (`umbra shadow ...`, `umbra changes`).
@@ -31,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod addresses;
 pub mod auth;
 pub mod cli;
 pub mod codec;

@@ -136,6 +136,8 @@ pub struct EdgeMetrics {
     pub answers_unrouted: AtomicU64,
     /// Router links created (connections that used non-`$aws` topics).
     pub router_links: AtomicU64,
+    /// Connections closed at once because their address held its most.
+    pub address_limited: AtomicU64,
     /// Filters the router keeps a message log for (set when the broker
     /// starts; a filter's log is freed when no session subscribes to it).
     pub router_filters: OnceLock<Arc<AtomicUsize>>,
@@ -172,7 +174,7 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 21] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 22] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -269,6 +271,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 21] = [
         MetricType::COUNTER,
     ),
     (
+        "umbra_mqtt_address_limited_total",
+        "Connections closed on accept because their source address held max_connections already.",
+        MetricType::COUNTER,
+    ),
+    (
         "umbra_mqtt_router_filters",
         "Filters rumqttd's router keeps a message log for (freed when no session subscribes to them).",
         MetricType::GAUGE,
@@ -325,6 +332,7 @@ impl EdgeCollector {
             "umbra_mqtt_answers_dropped_total" => one(&m.answers_dropped),
             "umbra_mqtt_answers_unrouted_total" => one(&m.answers_unrouted),
             "umbra_mqtt_router_links_total" => one(&m.router_links),
+            "umbra_mqtt_address_limited_total" => one(&m.address_limited),
             "umbra_mqtt_router_filters" => vec![(
                 None,
                 m.router_filters

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use ws_stream_tungstenite::WsStream;
 
 use crate::connection::{self, Broker};
+use crate::metrics::bump;
 
 /// A byte stream of a transport other than plain TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -214,6 +215,11 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let Some(slot) = broker.addresses.admit(peer.ip()) else {
+            bump(&broker.metrics.address_limited);
+            debug!(%peer, "the address holds its most connections; closed");
+            continue;
+        };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(cause = %err, %peer, "cannot set TCP_NODELAY");
         }
@@ -222,7 +228,8 @@ pub async fn accept_loop(
         // Tracked so that shutdown can wait for every connection. A panic in
         // one ends only that connection (tokio's panic hook reports it); the
         // listener and the broker go on, so nothing joins these tasks.
-        connections.spawn(connection::run(stream, peer, transport, broker, permit));
+        let admission = connection::Admission { permit, slot };
+        connections.spawn(connection::run(stream, peer, transport, broker, admission));
     }
 }
 

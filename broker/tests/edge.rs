@@ -880,6 +880,8 @@ async fn the_password_file_is_reloaded_when_it_changes() {
     let mut settings = settings();
     settings.password_file = Some(path.clone());
     settings.password_file_check_ms = 10;
+    // This test fails logins until the reload: not a guessing attack.
+    settings.addresses.max_failed_logins = 0;
     let h = start_broker(settings);
     let port = port(&h.broker, ListenerKind::MqttV4);
     let answer = |id: &'static str, password: &'static str| async move {
@@ -903,6 +905,74 @@ async fn the_password_file_is_reloaded_when_it_changes() {
         answer("lamp-1", "one").await,
         ConnectReturnCode::BadUserNamePassword
     );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// Failed logins from an address are slowed, then the address is refused
+/// for a while, right password or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_keeps_failing_to_log_in_is_refused_for_a_while() {
+    use umbra_broker::auth::PasswordFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    let cheap = argon2::Params::new(64, 1, 1, None).expect("params");
+    PasswordFile::set(&path, "lamp-1", "right", cheap).expect("set");
+    let mut settings = settings();
+    settings.password_file = Some(path);
+    settings.addresses.max_failed_logins = 3;
+    settings.addresses.failed_login_delay_ms = 1;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let answer = |password: &'static str| async move {
+        let mut raw = Raw::connect_with(port, login_packet("lamp-1", password)).await;
+        raw.connack().await.code
+    };
+    assert_eq!(answer("right").await, ConnectReturnCode::Success);
+    for _ in 0..3 {
+        assert_eq!(
+            answer("guess").await,
+            ConnectReturnCode::BadUserNamePassword
+        );
+    }
+    assert_eq!(
+        answer("right").await,
+        ConnectReturnCode::NotAuthorized,
+        "refused for the block's length"
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// An address holds at most `max_connections` connections; more are
+/// closed on accept and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_holds_at_most_its_connections() {
+    let mut settings = settings();
+    settings.addresses.max_connections = 2;
+    settings.addresses.loopback_unlimited = false;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut first = Raw::connect(port, "dev1").await;
+    assert_eq!(first.connack().await.code, ConnectReturnCode::Success);
+    let mut second = Raw::connect(port, "dev2").await;
+    assert_eq!(second.connack().await.code, ConnectReturnCode::Success);
+    let mut third = Raw::connect(port, "dev3").await;
+    assert!(third.next().await.is_none(), "closed without a CONNACK");
+    assert_eq!(
+        h.broker.metrics().address_limited.load(Ordering::Relaxed),
+        1
+    );
+    drop(first);
+    let again = async {
+        loop {
+            let mut raw = Raw::connect(port, "dev4").await;
+            if raw.next().await.is_some() {
+                return;
+            }
+        }
+    };
+    timeout(WAIT, again)
+        .await
+        .expect("a place is given back when a connection ends");
     h.broker.shutdown(WAIT).await;
 }
 
