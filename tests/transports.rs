@@ -24,13 +24,7 @@ fn tls_listener(dir: &std::path::Path) -> (String, TlsFiles) {
     let key_path = dir.join("server.key");
     std::fs::write(&cert_path, cert.pem()).expect("write cert");
     std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-    (
-        ca.pem(),
-        TlsFiles {
-            cert: cert_path,
-            key: key_path,
-        },
-    )
+    (ca.pem(), TlsFiles::new(cert_path, key_path))
 }
 
 /// A test configuration whose MQTT listener serves TLS; returns the CA's PEM.
@@ -75,6 +69,105 @@ async fn a_device_keeps_its_shadow_over_tls() {
         .next_on("$aws/things/tls-lamp/shadow/update/accepted")
         .await;
     assert_eq!(accepted["version"], 1);
+    server.shutdown().await;
+}
+
+/// What the server answers a TLS CONNECT from `client_id` with: `Ok` and
+/// the connected device, a CONNACK refusal, or a failed handshake.
+async fn tls_connack(options: MqttOptions) -> Result<Device, String> {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options.clone(), 8);
+    loop {
+        let event = tokio::time::timeout(umbra_tests::WAIT, eventloop.poll())
+            .await
+            .expect("an answer in time");
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                return Err(format!("{code:?}"))
+            }
+            Err(e) => return Err(format!("no CONNACK: {e}")),
+        }
+    }
+    drop((client, eventloop));
+    Ok(Device::connect_with(options).await)
+}
+
+/// Mutual TLS with certificates from `umbra certs`' code: a device proves
+/// its identity with its certificate (subject CN = thing name) and can use
+/// no other client id; no certificate, no handshake; a revoked certificate
+/// is refused once the revocation list is reloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_authenticate_with_their_certificates() {
+    use umbra_broker::certs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let ca_path = certs::make_ca(&pki).expect("ca");
+    certs::make_server(&pki, &["localhost".to_string()]).expect("server cert");
+    let (_, serial) = certs::make_device(&pki, "lamp-1").expect("device cert");
+    let revoked = dir.path().join("revoked.txt");
+    std::fs::write(&revoked, "# serials\n").expect("written");
+
+    let mut config = test_config(&dir.path().join("data"));
+    let mut files = TlsFiles::new(pki.join("server.pem"), pki.join("server.key"));
+    files.client_ca = Some(ca_path.clone());
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(files),
+        ..ListenerSettings::local(0)
+    });
+    config.mqtt.revoked_certificates = Some(revoked.clone());
+    config.mqtt.password_file_check_ms = 20;
+    let server = start(config).await;
+    let port = server.addrs().mqtt.expect("tls listener").port();
+    let ca = std::fs::read_to_string(&ca_path).expect("ca pem");
+    let read = |name: &str| std::fs::read(pki.join(name)).expect("pem");
+    let with_cert = |client_id: &str| {
+        let mut options = tls_options(client_id, port, &ca);
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: ca.as_bytes().to_vec(),
+            alpn: None,
+            client_auth: Some((read("lamp-1.pem"), read("lamp-1.key"))),
+        }));
+        options
+    };
+
+    let mut lamp = tls_connack(with_cert("lamp-1"))
+        .await
+        .expect("own certificate");
+    lamp.subscribe("$aws/things/lamp-1/shadow/update/accepted")
+        .await;
+    lamp.publish(
+        "$aws/things/lamp-1/shadow/update",
+        r#"{"state":{"reported":{"on":true}}}"#,
+    )
+    .await;
+    let accepted = lamp
+        .next_on("$aws/things/lamp-1/shadow/update/accepted")
+        .await;
+    assert_eq!(accepted["version"], 1);
+
+    assert_eq!(
+        tls_connack(with_cert("lamp-2")).await.err().as_deref(),
+        Some("NotAuthorized"),
+        "lamp-1's certificate does not open lamp-2"
+    );
+    let no_cert = tls_connack(tls_options("lamp-1", port, &ca)).await.err();
+    assert!(
+        no_cert
+            .as_deref()
+            .is_some_and(|e| e.starts_with("no CONNACK")),
+        "no certificate, no handshake: {no_cert:?}"
+    );
+
+    std::fs::write(&revoked, format!("{}\n", serial.to_uppercase())).expect("revoked");
+    let refused = async { while tls_connack(with_cert("lamp-1")).await.is_ok() {} };
+    tokio::time::timeout(umbra_tests::WAIT, refused)
+        .await
+        .expect("refused once the revocation list is reloaded");
+    assert_eq!(
+        tls_connack(with_cert("lamp-1")).await.err().as_deref(),
+        Some("NotAuthorized")
+    );
     server.shutdown().await;
 }
 

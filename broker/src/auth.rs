@@ -9,7 +9,7 @@
 //! [`PasswordFile::remove`]) and reloaded when it changes or on SIGHUP
 //! ([`Authenticator::reload`]) without touching connected clients.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::embedded::Credentials;
+use crate::transport::PeerCert;
 
 /// A password file that cannot be used, with the line at fault.
 #[derive(Debug, thiserror::Error)]
@@ -201,19 +202,47 @@ pub fn hash_password(password: &str, params: Params) -> Result<String, PasswordF
 /// What a CONNECT's credentials come to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Allowed; `identity` is the password-file user it proved to be.
+    /// Allowed; `identity` is the password-file user or certificate
+    /// subject it proved to be.
     Allowed { identity: Option<String> },
     /// Missing or wrong user name or password.
     BadCredentials,
-    /// Right password, but the client id is not the user's.
+    /// Proven, but the client id is not the identity's.
     NotAuthorized,
+    /// A certificate on the revocation list.
+    Revoked,
 }
 
-/// The password file's users as last loaded, and when that file was written.
+/// The password file's users and the revoked certificate serials as last
+/// loaded, and when those files were written.
 #[derive(Debug, Default)]
 struct Loaded {
     file: PasswordFile,
-    stamp: Option<(SystemTime, u64)>,
+    revoked: HashSet<String>,
+    stamps: [Option<(SystemTime, u64)>; 2],
+}
+
+/// Parses a revocation list: one certificate serial number in hex per line
+/// (`:` separators and leading zeros allowed), `#` comments.
+pub fn parse_revoked(text: &str) -> Result<HashSet<String>, PasswordFileError> {
+    let mut serials = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let hex: String = line.chars().filter(|c| *c != ':').collect();
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(PasswordFileError::Line {
+                line: n + 1,
+                reason: format!("not a hex serial number: {line:?}"),
+            });
+        }
+        let serial = hex.to_ascii_lowercase();
+        let serial = serial.trim_start_matches('0');
+        serials.insert(if serial.is_empty() { "0" } else { serial }.to_owned());
+    }
+    Ok(serials)
 }
 
 /// Checks every CONNECT's credentials. Argon2id verification is slow on
@@ -224,6 +253,7 @@ struct Loaded {
 pub struct Authenticator {
     shared: Option<Credentials>,
     path: Option<PathBuf>,
+    revoked_path: Option<PathBuf>,
     client_id_is_user: bool,
     loaded: RwLock<Arc<Loaded>>,
     verified: Mutex<HashMap<String, (String, hmac::Tag)>>,
@@ -246,6 +276,7 @@ impl Authenticator {
     pub fn new(
         shared: Option<Credentials>,
         path: Option<PathBuf>,
+        revoked_path: Option<PathBuf>,
         client_id_is_user: bool,
     ) -> Result<Authenticator, PasswordFileError> {
         let rng = ring::rand::SystemRandom::new();
@@ -255,6 +286,7 @@ impl Authenticator {
         let auth = Authenticator {
             shared,
             path,
+            revoked_path,
             client_id_is_user,
             loaded: RwLock::new(Arc::default()),
             verified: Mutex::new(HashMap::new()),
@@ -270,47 +302,85 @@ impl Authenticator {
         self.shared.is_some() || self.path.is_some()
     }
 
-    pub fn password_file(&self) -> Option<&Path> {
-        self.path.as_deref()
+    /// Whether there are files to reload (password file, revocation list).
+    pub fn has_files(&self) -> bool {
+        self.path.is_some() || self.revoked_path.is_some()
+    }
+
+    fn stamps(&self) -> [Option<(SystemTime, u64)>; 2] {
+        [
+            self.path.as_deref().and_then(file_stamp),
+            self.revoked_path.as_deref().and_then(file_stamp),
+        ]
     }
 
     fn loaded(&self) -> Arc<Loaded> {
         Arc::clone(&self.loaded.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Reads the password file again. On error the users loaded before stay.
-    /// Returns how many users it has now.
+    /// Reads the password file and the revocation list again. On error
+    /// what was loaded before stays. Returns how many users there are now.
     pub fn reload(&self) -> Result<usize, PasswordFileError> {
-        let Some(path) = &self.path else {
-            return Ok(0);
+        let stamps = self.stamps();
+        let file = match &self.path {
+            Some(path) => PasswordFile::read(path)?,
+            None => PasswordFile::default(),
         };
-        let stamp = file_stamp(path);
-        let file = PasswordFile::read(path)?;
+        let revoked = match &self.revoked_path {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                parse_revoked(&text)?
+            }
+            None => HashSet::new(),
+        };
         let users = file.entries.len();
         self.verified
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|name, (hash, _)| file.hash_of(name) == Some(hash.as_str()));
-        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) =
-            Arc::new(Loaded { file, stamp });
+        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Loaded {
+            file,
+            revoked,
+            stamps,
+        });
         Ok(users)
     }
 
-    /// Reloads the password file if it was written since it was loaded.
-    /// Logs what happened; a file that cannot be used is not taken.
+    /// Reloads the files if one was written since they were loaded. Logs
+    /// what happened; a file that cannot be used is not taken.
     pub fn reload_if_changed(&self) {
-        let Some(path) = &self.path else { return };
-        if file_stamp(path) == self.loaded().stamp {
-            return;
+        if self.has_files() && self.stamps() != self.loaded().stamps {
+            self.reload_logged();
         }
-        self.reload_logged();
     }
 
     /// [`reload`](Self::reload), with the outcome logged.
     pub fn reload_logged(&self) {
         match self.reload() {
-            Ok(users) => info!(users, path = ?self.path, "password file loaded"),
-            Err(err) => warn!(%err, "password file not reloaded; the users loaded before stay"),
+            Ok(users) => info!(
+                users,
+                revoked = self.loaded().revoked.len(),
+                "password file and revocation list loaded"
+            ),
+            Err(err) => warn!(%err, "credentials not reloaded; what was loaded before stays"),
+        }
+    }
+
+    /// Decides a CONNECT that came with a verified client certificate: its
+    /// subject's common name is the identity.
+    pub fn check_certificate(&self, cert: &PeerCert, client_id: &str) -> Verdict {
+        if self.loaded().revoked.contains(&cert.serial) {
+            return Verdict::Revoked;
+        }
+        match &cert.common_name {
+            Some(name) if !self.client_id_is_user || name == client_id => Verdict::Allowed {
+                identity: Some(name.clone()),
+            },
+            _ => Verdict::NotAuthorized,
         }
     }
 
@@ -476,7 +546,7 @@ mod tests {
             username: "fleet".into(),
             password: "shared".into(),
         };
-        let auth = Authenticator::new(Some(shared), Some(path.clone()), true).expect("loads");
+        let auth = Authenticator::new(Some(shared), Some(path.clone()), None, true).expect("loads");
         let lamp = |password| Some(("lamp-1", password));
         let allowed = Verdict::Allowed {
             identity: Some("lamp-1".into()),
@@ -519,7 +589,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_credentials_configured_everyone_is_anonymous() {
-        let auth = Authenticator::new(None, None, true).expect("nothing to load");
+        let auth = Authenticator::new(None, None, None, true).expect("nothing to load");
         assert!(!auth.required());
         assert_eq!(
             auth.check(None, "x").await,

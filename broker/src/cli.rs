@@ -88,9 +88,30 @@ pub struct PasswdArgs {
     pub delete: bool,
 }
 
+/// `umbra certs`: a development CA and certificates signed by it.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CertsCommand {
+    /// Make ca.pem and ca.key in DIR (the listener's client_ca is ca.pem).
+    Ca { dir: std::path::PathBuf },
+    /// Make server.pem and server.key in DIR for the listener, valid for HOSTs.
+    Server {
+        dir: std::path::PathBuf,
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Make NAME.pem and NAME.key in DIR: a device certificate whose subject
+    /// common name, NAME, is the device's identity (its thing name).
+    Device {
+        dir: std::path::PathBuf,
+        name: String,
+    },
+}
+
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error(transparent)]
+    Certs(#[from] crate::certs::CertError),
     #[error(transparent)]
     PasswordFile(#[from] crate::auth::PasswordFileError),
     #[error("{0}")]
@@ -328,6 +349,39 @@ pub fn run_changes(
             out.flush()?;
             data.clear();
             event_type.clear();
+        }
+    }
+    Ok(())
+}
+
+/// Runs `umbra certs`.
+pub fn run_certs(command: &CertsCommand, out: &mut impl Write) -> Result<(), CliError> {
+    use crate::certs;
+    match command {
+        CertsCommand::Ca { dir } => {
+            let path = certs::make_ca(dir)?;
+            writeln!(
+                out,
+                "wrote {} and its key (set it as a TLS listener's client_ca)",
+                path.display()
+            )?;
+        }
+        CertsCommand::Server { dir, hosts } => {
+            let path = certs::make_server(dir, hosts)?;
+            writeln!(
+                out,
+                "wrote {} and its key, for {}",
+                path.display(),
+                hosts.join(", ")
+            )?;
+        }
+        CertsCommand::Device { dir, name } => {
+            let (path, serial) = certs::make_device(dir, name)?;
+            writeln!(
+                out,
+                "wrote {} and its key (serial {serial})",
+                path.display()
+            )?;
         }
     }
     Ok(())

@@ -163,11 +163,19 @@ impl Config {
             .flatten()
             .filter_map(|listener| listener.tls.as_mut());
         for files in tls {
-            for path in [&mut files.cert, &mut files.key] {
+            let paths = [
+                Some(&mut files.cert),
+                Some(&mut files.key),
+                files.client_ca.as_mut(),
+            ];
+            for path in paths.into_iter().flatten() {
                 *path = base.join(&*path);
             }
         }
-        if let Some(path) = &mut mqtt.password_file {
+        for path in [&mut mqtt.password_file, &mut mqtt.revoked_certificates]
+            .into_iter()
+            .flatten()
+        {
             *path = base.join(&*path);
         }
     }

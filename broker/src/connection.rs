@@ -42,7 +42,7 @@ use crate::metrics::{bump, EdgeMetrics};
 use crate::requests::{Answered, ShadowPublish, ShadowRequests};
 use crate::sessions::{Attached, Sessions};
 use crate::topics::{self, Forbidden, PublishRoute, SubscribeRoute};
-use crate::transport::{self, Io, Transport};
+use crate::transport::{self, Io, PeerCert, Transport};
 
 /// A device connected or disconnected. `session` increases with every
 /// accepted connection of this broker, so a consumer can tell a stale
@@ -234,6 +234,8 @@ struct Opened {
     connect: Packet,
     read: BytesMut,
     peer: SocketAddr,
+    /// The client's verified TLS certificate, if it presented one.
+    cert: Option<PeerCert>,
 }
 
 /// The transport handshake, then the CONNECT packet.
@@ -243,7 +245,7 @@ async fn open(
     transport: &Transport,
     broker: &Broker,
 ) -> Result<Opened, String> {
-    let mut stream = transport::handshake(stream, transport)
+    let (mut stream, cert) = transport::handshake(stream, transport)
         .await
         .map_err(|e| format!("handshake failed: {e}"))?;
     let mut read = BytesMut::with_capacity(128);
@@ -301,6 +303,7 @@ async fn open(
         connect,
         read,
         peer,
+        cert,
     })
 }
 
@@ -312,6 +315,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         connect,
         read,
         peer,
+        cert,
     } = opened;
     let Packet::Connect(connect, props, will, _will_props, login) = connect else {
         return None;
@@ -319,9 +323,11 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     let limits = &broker.limits;
     let addresses = &broker.addresses;
     let blocked = broker.auth.required() && addresses.blocked(peer.ip());
-    let verdict = match blocked {
-        true => Verdict::NotAuthorized,
-        false => {
+    let verdict = match (blocked, &cert) {
+        (true, _) => Verdict::NotAuthorized,
+        // A verified certificate is the identity; no password is asked for.
+        (false, Some(cert)) => broker.auth.check_certificate(cert, &connect.client_id),
+        (false, None) => {
             let login = login
                 .as_ref()
                 .map(|l| (l.username.as_str(), l.password.as_str()));
@@ -359,8 +365,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     } else if verdict == Verdict::NotAuthorized {
         Some((
             ConnectReturnCode::NotAuthorized,
-            "client id is not the authenticated user's",
+            "client id is not the authenticated identity's",
         ))
+    } else if verdict == Verdict::Revoked {
+        Some((ConnectReturnCode::NotAuthorized, "certificate revoked"))
     } else if will.as_ref().is_some_and(|will| !will_allowed(will)) {
         Some((ConnectReturnCode::NotAuthorized, "will on a $ topic"))
     } else {

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::addresses::{AddressLimits, Addresses};
-use crate::auth::{Authenticator, PasswordFile, PasswordFileError};
+use crate::auth::{parse_revoked, Authenticator, PasswordFile, PasswordFileError};
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
 use crate::metrics::EdgeMetrics;
@@ -89,6 +89,9 @@ pub struct BrokerSettings {
     pub client_id_is_user: bool,
     /// How often the password file is checked for changes, in ms.
     pub password_file_check_ms: u64,
+    /// Serial numbers (hex, one per line) of client certificates that are
+    /// refused; reloaded like the password file.
+    pub revoked_certificates: Option<PathBuf>,
     /// Connections and failed logins per source address.
     pub addresses: AddressLimits,
     /// Accept anonymous clients on listeners reachable from other hosts.
@@ -108,6 +111,7 @@ impl Default for BrokerSettings {
             password_file: None,
             client_id_is_user: true,
             password_file_check_ms: 2000,
+            revoked_certificates: None,
             addresses: AddressLimits::default(),
             allow_anonymous_remote: false,
             edge: EdgeSettings::default(),
@@ -237,6 +241,36 @@ impl ListenerSettings {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Verify client certificates against this CA (PEM): mutual TLS, the
+    /// way AWS IoT devices authenticate. A verified certificate's subject
+    /// common name is the device's identity.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: a client without a certificate is refused in the
+    /// handshake (false: it may authenticate with a password instead).
+    #[serde(default = "yes")]
+    pub require_client_cert: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TlsFiles {
+    /// Server certificate and key, no client certificates.
+    pub fn new(cert: PathBuf, key: PathBuf) -> TlsFiles {
+        TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+            require_client_cert: true,
+        }
+    }
+
+    /// Whether every client of the listener proves its identity with a certificate.
+    pub fn requires_client_cert(&self) -> bool {
+        self.client_ca.is_some() && self.require_client_cert
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -382,9 +416,21 @@ impl BrokerSettings {
         if let Some(path) = &self.password_file {
             PasswordFile::read(path)?;
         }
+        if let Some(path) = &self.revoked_certificates {
+            let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            parse_revoked(&text)?;
+        }
         for (listener, settings) in self.listeners() {
+            let certificates = settings
+                .tls
+                .as_ref()
+                .is_some_and(TlsFiles::requires_client_cert);
             if self.auth.is_none()
                 && self.password_file.is_none()
+                && !certificates
                 && !self.allow_anonymous_remote
                 && !settings.addr.ip().is_loopback()
             {
@@ -394,7 +440,10 @@ impl BrokerSettings {
                 });
             }
             if let Some(tls) = &settings.tls {
-                for path in [&tls.cert, &tls.key] {
+                for path in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
                     if !path.exists() {
                         return Err(ConfigError::TlsFileMissing {
                             listener,
@@ -457,12 +506,14 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let mut transports = Vec::new();
     for (kind, listener) in settings.listeners() {
         let tls = match &listener.tls {
-            Some(files) => Some(transport::tls_acceptor(&files.cert, &files.key).map_err(
-                |source| StartError::Tls {
-                    listener: kind,
-                    source,
-                },
-            )?),
+            Some(files) => {
+                Some(
+                    transport::tls_acceptor(files).map_err(|source| StartError::Tls {
+                        listener: kind,
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         let transport = match (kind, tls) {
@@ -475,6 +526,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let auth = Authenticator::new(
         settings.auth.clone(),
         settings.password_file.clone(),
+        settings.revoked_certificates.clone(),
         settings.client_id_is_user,
     )?;
     let router = Router::new(0, settings.router_config());
@@ -612,7 +664,7 @@ impl RunningBroker {
 /// changes or the process gets SIGHUP, until the broker stops.
 async fn housekeeping(broker: Arc<Broker>, file_check: Duration) {
     use tokio::signal::unix::{signal, Signal, SignalKind};
-    let watching = broker.auth.password_file().is_some();
+    let watching = broker.auth.has_files();
     let mut hangup = match watching {
         true => signal(SignalKind::hangup())
             .map_err(|err| warn!(%err, "SIGHUP will not reload the password file"))

@@ -8,6 +8,8 @@
 //!   failed logins slowed, then refused for a while).
 //! - [`auth`]: who a client is: the password file (argon2id), the shared
 //!   credential, anonymous clients; `umbra passwd`'s file edits.
+//! - [`certs`]: `umbra certs`: a development CA, server and device
+//!   certificates for mutual TLS.
 //! - [`cli`]: the operator commands (`umbra shadow ...`, `umbra changes`).
 //! - [`config`]: umbra's configuration (file < env < flags) and its validation.
 //! - [`server`]: the umbra server: store, shadow service and broker wired
@@ -35,6 +37,7 @@
 
 pub mod addresses;
 pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
-use umbra_broker::cli::{self, ApiArgs, ChangesArgs, PasswdArgs, ShadowCommand};
+use umbra_broker::cli::{self, ApiArgs, CertsCommand, ChangesArgs, PasswdArgs, ShadowCommand};
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
 /// jemalloc, not glibc's malloc: allocation was the largest single part of
@@ -68,6 +68,11 @@ enum Command {
     },
     /// Set or remove a device's password in a password file (argon2id).
     Passwd(PasswdArgs),
+    /// Make a development CA, a server certificate and device certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -132,6 +137,7 @@ fn run_command(api: &ApiArgs, command: Command) -> ExitCode {
     let result = match command {
         Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
         Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
+        Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),
     };
     match result {

@@ -18,7 +18,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +27,7 @@ use tracing::{debug, warn};
 use ws_stream_tungstenite::WsStream;
 
 use crate::connection::{self, Broker};
+use crate::embedded::TlsFiles;
 use crate::metrics::bump;
 
 /// A byte stream of a transport other than plain TCP.
@@ -138,10 +140,14 @@ pub enum TlsError {
     NoKey(String),
     #[error("certificate and key do not make a TLS config: {0}")]
     Config(#[from] tokio_rustls::rustls::Error),
+    #[error("client CA: {0}")]
+    ClientCa(String),
 }
 
-/// A TLS acceptor from PEM files, read once at start.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// A TLS acceptor from PEM files, read once at start; with a client CA it
+/// verifies client certificates (required, or optional).
+pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
+    let (cert, key) = (files.cert.as_path(), files.key.as_path());
     let open = |path: &Path| {
         File::open(path)
             .map(BufReader::new)
@@ -165,10 +171,59 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             source,
         })?
         .ok_or_else(|| TlsError::NoKey(key.display().to_string()))?;
-    let config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = ServerConfig::builder();
+    let config = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut open(ca)?) {
+                let cert = cert.map_err(|source| TlsError::Read {
+                    path: ca.display().to_string(),
+                    source,
+                })?;
+                roots.add(cert)?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoCertificate(ca.display().to_string()));
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+            let verifier = match files.require_client_cert {
+                true => verifier.build(),
+                false => verifier.allow_unauthenticated().build(),
+            }
+            .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    }
+    .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// What a verified client certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The subject's common name: the device's identity.
+    pub common_name: Option<String>,
+    /// The serial number in lower-case hex without leading zeros (what a
+    /// revocation list names).
+    pub serial: String,
+}
+
+impl PeerCert {
+    fn of(connection: &tokio_rustls::rustls::ServerConnection) -> Option<PeerCert> {
+        let der = connection.peer_certificates()?.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        Some(PeerCert {
+            common_name,
+            serial: format!("{:x}", cert.serial),
+        })
+    }
 }
 
 /// Binds `addr` with room for `backlog` connections waiting to be accepted.
@@ -233,13 +288,25 @@ pub async fn accept_loop(
     }
 }
 
-/// Runs the transport's handshake on an accepted TCP stream.
-pub async fn handshake(stream: TcpStream, transport: &Transport) -> io::Result<Io> {
+/// Runs the transport's handshake on an accepted TCP stream; with TLS, also
+/// returns the client's verified certificate, if it presented one.
+pub async fn handshake(
+    stream: TcpStream,
+    transport: &Transport,
+) -> io::Result<(Io, Option<PeerCert>)> {
     match transport {
-        Transport::Tcp => Ok(Io::Tcp(stream)),
-        Transport::Tls(acceptor) => Ok(Io::Other(Box::new(acceptor.accept(stream).await?))),
-        Transport::WebSocket(None) => websocket(stream).await,
-        Transport::WebSocket(Some(acceptor)) => websocket(acceptor.accept(stream).await?).await,
+        Transport::Tcp => Ok((Io::Tcp(stream), None)),
+        Transport::Tls(acceptor) => {
+            let tls = acceptor.accept(stream).await?;
+            let cert = PeerCert::of(tls.get_ref().1);
+            Ok((Io::Other(Box::new(tls)), cert))
+        }
+        Transport::WebSocket(None) => Ok((websocket(stream).await?, None)),
+        Transport::WebSocket(Some(acceptor)) => {
+            let tls = acceptor.accept(stream).await?;
+            let cert = PeerCert::of(tls.get_ref().1);
+            Ok((websocket(tls).await?, cert))
+        }
     }
 }
 
