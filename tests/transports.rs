@@ -171,6 +171,57 @@ async fn devices_authenticate_with_their_certificates() {
     server.shutdown().await;
 }
 
+/// AWS's own device SDK (v2, Python), unmodified, with its mutual-TLS
+/// connection builder and a certificate from `umbra certs`: get (404 for a
+/// new thing), an update with a delta, the report, in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs awsiotsdk (PyPI)"]
+async fn the_aws_iot_device_sdk_keeps_its_shadow_over_mutual_tls() {
+    use umbra_broker::certs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let ca = certs::make_ca(&pki).expect("ca");
+    certs::make_server(&pki, &["localhost".to_string()]).expect("server cert");
+    certs::make_device(&pki, "sdk-lamp").expect("device cert");
+    let mut config = test_config(&dir.path().join("data"));
+    let mut files = TlsFiles::new(pki.join("server.pem"), pki.join("server.key"));
+    files.client_ca = Some(ca.clone());
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(files),
+        ..ListenerSettings::local(0)
+    });
+    let server = start(config).await;
+    let port = server.addrs().mqtt.expect("tls listener").port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/aws/shadow_mtls.py");
+    let path = |p: std::path::PathBuf| p.to_str().expect("utf-8 path").to_owned();
+    let run = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(["localhost", &port.to_string()])
+        .args([
+            path(ca),
+            path(pki.join("sdk-lamp.pem")),
+            path(pki.join("sdk-lamp.key")),
+        ])
+        .arg("sdk-lamp")
+        .output();
+    let out = tokio::time::timeout(umbra_tests::WAIT * 3, run)
+        .await
+        .expect("the SDK's run ends")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for step in [
+        "connected",
+        "get rejected 404",
+        "delta {\"color\": \"green\"}",
+        "in sync at version 2",
+    ] {
+        assert!(stdout.contains(step), "no {step:?} in: {stdout}");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_keeps_its_shadow_over_websocket() {
     let dir = tempfile::tempdir().expect("tempdir");
