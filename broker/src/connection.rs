@@ -39,6 +39,7 @@ use crate::codec::{sniff, Codec, Sniffed};
 use crate::embedded::{ConnectionLimits, EdgeSettings};
 use crate::fanout::{min_qos, Delivery, Publisher};
 use crate::metrics::{bump, EdgeMetrics};
+use crate::policy::{Policy, Role, Subject};
 use crate::requests::{Answered, ShadowPublish, ShadowRequests};
 use crate::sessions::{Attached, Sessions};
 use crate::topics::{self, Forbidden, PublishRoute, SubscribeRoute};
@@ -61,6 +62,8 @@ pub struct Broker {
     pub auth: Authenticator,
     /// Connections and failed logins per source address.
     pub addresses: Arc<Addresses>,
+    /// Roles: who may publish and subscribe where outside `$aws/`.
+    pub policy: Policy,
     pub publisher: Publisher,
     pub sessions: Sessions,
     pub shadow: Arc<dyn ShadowRequests>,
@@ -342,6 +345,21 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         Verdict::Allowed { .. } if broker.auth.required() => addresses.succeeded(peer.ip()),
         _ => {}
     }
+    let identity = match &verdict {
+        Verdict::Allowed { identity } => identity.clone(),
+        _ => None,
+    };
+    let role = broker.policy.role_of(identity.as_deref());
+    let will_topic = will
+        .as_ref()
+        .map(|w| String::from_utf8_lossy(&w.topic).into_owned());
+    let will_refused = will_topic.as_deref().is_some_and(|topic| {
+        let subject = Subject {
+            thing: identity.as_deref().unwrap_or(&connect.client_id),
+            client_id: &connect.client_id,
+        };
+        !role.may_publish(topic, subject)
+    });
     let refusal = if blocked {
         Some((
             ConnectReturnCode::NotAuthorized,
@@ -371,6 +389,11 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         Some((ConnectReturnCode::NotAuthorized, "certificate revoked"))
     } else if will.as_ref().is_some_and(|will| !will_allowed(will)) {
         Some((ConnectReturnCode::NotAuthorized, "will on a $ topic"))
+    } else if will_refused {
+        Some((
+            ConnectReturnCode::NotAuthorized,
+            "will outside the client's policy",
+        ))
     } else {
         None
     };
@@ -426,7 +449,11 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         broker: Arc::clone(broker),
         stream,
         codec,
-        privileged: broker.edge.privileged_clients.contains(&client_id),
+        privileged: role.all_things || broker.edge.privileged_clients.contains(&client_id),
+        identity: identity
+            .filter(|identity| *identity != client_id)
+            .map(String::into_boxed_str),
+        role,
         client_id,
         conn,
         read,
@@ -507,6 +534,10 @@ struct Connection {
     codec: Codec,
     client_id: String,
     privileged: bool,
+    /// The identity the client proved, when it is not its client id.
+    identity: Option<Box<str>>,
+    /// What it may publish and subscribe to outside `$aws/`.
+    role: Arc<Role>,
     /// This connection's number (also its presence session identifier).
     conn: u64,
     read: BytesMut,
@@ -845,6 +876,18 @@ impl Connection {
         Ok(())
     }
 
+    /// The thing this client is: its proven identity, else its client id.
+    fn thing(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.client_id)
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            thing: self.thing(),
+            client_id: &self.client_id,
+        }
+    }
+
     fn forbidden(&self, what: &'static str, target: &str, why: Forbidden) -> End {
         bump(&self.broker.metrics.forbidden);
         info!(
@@ -967,7 +1010,7 @@ impl Connection {
             // A retransmission of a QoS 2 message already taken.
             return self.send(pubrec(pkid));
         }
-        match topics::route_publish(topic, &self.client_id, self.privileged) {
+        match topics::route_publish(topic, self.thing(), self.privileged) {
             PublishRoute::ShadowRequest(request) => {
                 bump(&self.broker.metrics.shadow_requests);
                 let submitted = self.broker.shadow.submit(ShadowPublish {
@@ -994,6 +1037,9 @@ impl Connection {
                 let _routed = self.broker.publisher.publish_at(&topic, payload, qos);
             }
             PublishRoute::Drop => {}
+            PublishRoute::Router if !self.role.may_publish(topic, self.subject()) => {
+                return Err(self.forbidden("publish", topic, Forbidden::Policy));
+            }
             PublishRoute::Router => {
                 // The router gets QoS 1 at most (the connection runs QoS 2's
                 // exchange itself) and its PUBACK becomes the client's PUBACK
@@ -1070,7 +1116,7 @@ impl Connection {
                 codes.push(Some(self.refusal(SubscribeReasonCode::QuotaExceeded)));
                 continue;
             }
-            match topics::route_subscribe(&filter.path, &self.client_id, self.privileged) {
+            match topics::route_subscribe(&filter.path, self.thing(), self.privileged) {
                 SubscribeRoute::Aws => {
                     let qos = min_qos(filter.qos, QoS::AtLeastOnce);
                     let session = &mut self.attached.session;
@@ -1087,6 +1133,18 @@ impl Connection {
                         None => session.filters.push((shared, qos)),
                     }
                     codes.push(Some(SubscribeReasonCode::Success(qos)));
+                }
+                SubscribeRoute::Router
+                    if !self.role.may_subscribe(&filter.path, self.subject()) =>
+                {
+                    bump(&self.broker.metrics.refused_subscriptions);
+                    info!(
+                        client_id = self.client_id,
+                        filter = filter.path,
+                        role = self.role.name,
+                        "subscription refused: outside the client's policy"
+                    );
+                    codes.push(Some(self.refusal(SubscribeReasonCode::NotAuthorized)));
                 }
                 SubscribeRoute::Router => {
                     self.router_side().filters.insert(filter.path.clone());

@@ -37,6 +37,7 @@ use crate::auth::{parse_revoked, Authenticator, PasswordFile, PasswordFileError}
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
 use crate::metrics::EdgeMetrics;
+use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::requests::ShadowRequests;
 use crate::sessions::Sessions;
 use crate::transport::{self, Transport};
@@ -94,6 +95,8 @@ pub struct BrokerSettings {
     pub revoked_certificates: Option<PathBuf>,
     /// Connections and failed logins per source address.
     pub addresses: AddressLimits,
+    /// Roles: who may publish and subscribe where outside `$aws/`.
+    pub policy: PolicySettings,
     /// Accept anonymous clients on listeners reachable from other hosts.
     pub allow_anonymous_remote: bool,
     pub edge: EdgeSettings,
@@ -113,6 +116,7 @@ impl Default for BrokerSettings {
             password_file_check_ms: 2000,
             revoked_certificates: None,
             addresses: AddressLimits::default(),
+            policy: PolicySettings::default(),
             allow_anonymous_remote: false,
             edge: EdgeSettings::default(),
         }
@@ -336,6 +340,8 @@ pub enum ConfigError {
     EmptyUsername,
     #[error(transparent)]
     PasswordFile(#[from] PasswordFileError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -413,6 +419,7 @@ impl BrokerSettings {
         if self.auth.as_ref().is_some_and(|a| a.username.is_empty()) {
             return Err(ConfigError::EmptyUsername);
         }
+        Policy::new(&self.policy)?;
         if let Some(path) = &self.password_file {
             PasswordFile::read(path)?;
         }
@@ -541,6 +548,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         edge: settings.edge.clone(),
         auth,
         addresses: Addresses::new(settings.addresses.clone()),
+        policy: Policy::new(&settings.policy).map_err(ConfigError::from)?,
         sessions: Sessions::new(
             publisher.clone(),
             router.clone(),

@@ -24,6 +24,8 @@
 //! - [`fanout`]: the `$aws` subscription table and per-session mailboxes.
 //! - [`topics`]: pure rules of the topic space (routes, authorization,
 //!   topic and filter syntax, matching).
+//! - [`policy`]: roles: who may publish and subscribe where outside
+//!   `$aws/`, by identity.
 //! - [`requests`]: how shadow requests leave a connection.
 //! - [`metrics`]: atomic counters for Umbra's metrics endpoint.
 //!
@@ -45,6 +47,7 @@ pub mod connection;
 pub mod embedded;
 pub mod fanout;
 pub mod metrics;
+pub mod policy;
 pub mod requests;
 pub mod server;
 pub mod sessions;

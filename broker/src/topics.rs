@@ -6,7 +6,7 @@
 //! == thing name) may only touch `$aws/things/{its own name}/...`; privileged
 //! (service) clients may use all of `$aws/...`. Everything else under `$aws/`
 //! is read-only and reserved to privileged clients. Topics outside `$` are
-//! unrestricted.
+//! governed by the client's role ([`crate::policy`]).
 
 use umbra_shadow::topic::{parse_request_topic, RequestTopic};
 
@@ -30,6 +30,8 @@ pub enum Forbidden {
     AnswerTopic,
     /// Other `$aws/...` topics are read-only and reserved to privileged clients.
     ReservedAws,
+    /// Outside `$aws/`, a topic the client's role does not allow.
+    Policy,
 }
 
 impl Forbidden {
@@ -38,6 +40,7 @@ impl Forbidden {
             Forbidden::OtherThing => "topic of another thing",
             Forbidden::AnswerTopic => "shadow answer topic",
             Forbidden::ReservedAws => "reserved $aws topic",
+            Forbidden::Policy => "topic outside the client's policy",
         }
     }
 }

@@ -976,6 +976,95 @@ async fn an_address_holds_at_most_its_connections() {
     h.broker.shutdown(WAIT).await;
 }
 
+/// A device that proved its identity stays in its own namespace outside
+/// `$aws/` (the built-in `device` role: `things/{its name}/#`), a refused
+/// subscription gets a failure code and a refused publish or will is
+/// refused; an identity assigned the `service` role may go everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_keep_to_their_roles() {
+    use umbra_broker::auth::PasswordFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    let cheap = || argon2::Params::new(64, 1, 1, None).expect("params");
+    for name in ["lamp-1", "lamp-2", "console"] {
+        PasswordFile::set(&path, name, "pw", cheap()).expect("set");
+    }
+    let mut settings = settings();
+    settings.password_file = Some(path);
+    settings
+        .policy
+        .identities
+        .insert("console".into(), "service".into());
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let login = |id: &str| {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_credentials(id, "pw");
+        options
+    };
+
+    let mut console = connect_with(login("console"));
+    console.connected().await;
+    assert_eq!(
+        console.subscribe("#").await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let mut lamp = connect_with(login("lamp-1"));
+    lamp.connected().await;
+    assert_eq!(
+        lamp.subscribe("#").await,
+        vec![SubscribeReasonCode::Failure],
+        "a device cannot read the whole fleet"
+    );
+    assert_eq!(
+        lamp.subscribe("things/lamp-2/cmd").await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        lamp.subscribe("things/lamp-1/cmd").await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    // Its own telemetry reaches the service; a service command reaches it.
+    lamp.publish("things/lamp-1/telemetry", "21.5").await;
+    let seen = console.next_publish().await;
+    assert_eq!(seen.topic, "things/lamp-1/telemetry");
+    console.publish("things/lamp-1/cmd", "on").await;
+    loop {
+        let got = lamp.next_publish().await;
+        if got.topic == "things/lamp-1/cmd" {
+            assert_eq!(got.payload.as_ref(), b"on");
+            break;
+        }
+    }
+    // The service may use a thing's shadow topics; a device only its own.
+    assert_eq!(
+        console
+            .subscribe("$aws/things/lamp-1/shadow/update/delta")
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    lamp.publish("cmd/lamp-2/unlock", "open").await;
+    lamp.closed().await;
+    assert_eq!(h.broker.metrics().forbidden.load(Ordering::Relaxed), 1);
+
+    // A will is a publish too.
+    let mut with_will = login("lamp-2");
+    with_will.set_last_will(rumqttc::LastWill::new(
+        "things/lamp-1/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut lamp2 = connect_with(with_will);
+    let refused = lamp2.next().await;
+    assert!(
+        matches!(&refused, Err(e) if e.contains("NotAuthorized")),
+        "{refused:?}"
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
 fn login_packet(client_id: &str, password: &str) -> WirePacket {
     match connect_packet(client_id) {
         WirePacket::Connect(connect, props, will, will_props, _) => WirePacket::Connect(

@@ -1,0 +1,334 @@
+//! Who may publish and subscribe where outside `$aws/`: roles of topic
+//! rules with placeholders for the client's identity, assigned by identity.
+//!
+//! `$aws/` keeps its own rules ([`crate::topics`]): a device uses only its
+//! own thing's topics, and a role with `all_things` (like
+//! `privileged_clients`) every thing's. Outside `$aws/` a publish (retained
+//! messages and last wills included) must match one of the role's
+//! `publish` filters, and a subscription must lie inside one of its
+//! `subscribe` filters. In a rule, `${thing}` stands for the client's
+//! identity (its thing name: the password-file user, or the certificate's
+//! common name; without one, its client id) and `${client_id}` for its
+//! client id; an identity with `/`, `+` or `#` in it matches no rule.
+//!
+//! Built-in roles (a role of the same name in the config replaces one):
+//! - `device`, for clients that proved an identity: its own `things/${thing}/#`;
+//! - `open`, for anonymous clients and the shared credential's: every topic
+//!   (what a broker without per-device identities can offer);
+//! - `service`: every topic and every thing's `$aws` topics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// A role's rules, as configured.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoleSettings {
+    /// Filters a published topic must match.
+    pub publish: Vec<String>,
+    /// Filters a subscription must lie inside.
+    pub subscribe: Vec<String>,
+    /// Every thing's `$aws` topics, not only the client's own.
+    pub all_things: bool,
+}
+
+/// `[mqtt.policy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySettings {
+    /// The role of a client that proved an identity and has none assigned.
+    pub device_role: String,
+    /// The role of anonymous clients and of the shared credential's.
+    pub anonymous_role: String,
+    /// Roles by identity (password-file user or certificate common name).
+    pub identities: HashMap<String, String>,
+    /// Roles by name, besides (or replacing) the built-in ones.
+    pub roles: HashMap<String, RoleSettings>,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            device_role: "device".into(),
+            anonymous_role: "open".into(),
+            identities: HashMap::new(),
+            roles: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("policy: no role named {0:?}")]
+    UnknownRole(String),
+    #[error("policy: role {role:?} has an invalid filter {filter:?}")]
+    Filter { role: String, filter: String },
+}
+
+fn builtin_roles() -> HashMap<String, RoleSettings> {
+    let all = || vec!["#".to_string()];
+    HashMap::from([
+        (
+            "device".to_string(),
+            RoleSettings {
+                publish: vec!["things/${thing}/#".into()],
+                subscribe: vec!["things/${thing}/#".into()],
+                all_things: false,
+            },
+        ),
+        (
+            "open".to_string(),
+            RoleSettings {
+                publish: all(),
+                subscribe: all(),
+                all_things: false,
+            },
+        ),
+        (
+            "service".to_string(),
+            RoleSettings {
+                publish: all(),
+                subscribe: all(),
+                all_things: true,
+            },
+        ),
+    ])
+}
+
+/// A role ready to check against: its filters split into levels.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Role {
+    pub name: String,
+    publish: Vec<Vec<String>>,
+    subscribe: Vec<Vec<String>>,
+    pub all_things: bool,
+}
+
+/// Whose rules apply: the values of the placeholders.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub thing: &'a str,
+    pub client_id: &'a str,
+}
+
+impl Subject<'_> {
+    /// The value a rule level stands for: itself, or a placeholder's value
+    /// (`None` when that value cannot stand in a topic level).
+    fn level<'r>(&'r self, rule: &'r str) -> Option<&'r str> {
+        let value = match rule {
+            "${thing}" => self.thing,
+            "${client_id}" => self.client_id,
+            literal => return Some(literal),
+        };
+        (!value.is_empty() && !value.contains(['/', '+', '#'])).then_some(value)
+    }
+}
+
+impl Role {
+    fn new(name: &str, settings: &RoleSettings) -> Result<Role, PolicyError> {
+        let split = |filters: &[String]| {
+            filters
+                .iter()
+                .map(|f| {
+                    if crate::topics::valid_filter(f) {
+                        Ok(f.split('/').map(str::to_owned).collect())
+                    } else {
+                        Err(PolicyError::Filter {
+                            role: name.to_owned(),
+                            filter: f.clone(),
+                        })
+                    }
+                })
+                .collect::<Result<Vec<Vec<String>>, _>>()
+        };
+        Ok(Role {
+            name: name.to_owned(),
+            publish: split(&settings.publish)?,
+            subscribe: split(&settings.subscribe)?,
+            all_things: settings.all_things,
+        })
+    }
+
+    /// Whether `subject` may publish to `topic` (outside `$aws/`).
+    pub fn may_publish(&self, topic: &str, subject: Subject<'_>) -> bool {
+        self.publish.iter().any(|rule| covers(rule, topic, subject))
+    }
+
+    /// Whether `subject` may subscribe to `filter` (outside `$aws/`; a
+    /// `$share/{group}/` prefix is looked through).
+    pub fn may_subscribe(&self, filter: &str, subject: Subject<'_>) -> bool {
+        let filter = filter
+            .strip_prefix("$share/")
+            .and_then(|s| s.split_once('/'))
+            .map_or(filter, |(_group, inner)| inner);
+        self.subscribe
+            .iter()
+            .any(|rule| covers(rule, filter, subject))
+    }
+}
+
+/// Whether every topic `filter` matches is matched by `rule` (a topic is a
+/// filter without wildcards). A `#` in the rule covers the rest; a `+`
+/// covers one level, a `+` in the filter included; a literal covers only
+/// itself.
+fn covers(rule: &[String], filter: &str, subject: Subject<'_>) -> bool {
+    let mut levels = filter.split('/');
+    for rule_level in rule {
+        let Some(value) = subject.level(rule_level) else {
+            return false;
+        };
+        if value == "#" {
+            // `a/#` also matches `a` itself, as in MQTT.
+            return true;
+        }
+        let Some(level) = levels.next() else {
+            return false;
+        };
+        match (value, level) {
+            (_, "#") => return false,
+            ("+", _) => {}
+            (literal, level) if literal == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// Every role, and which one a client gets.
+#[derive(Debug)]
+pub struct Policy {
+    roles: HashMap<String, Arc<Role>>,
+    identities: HashMap<String, Arc<Role>>,
+    device: Arc<Role>,
+    anonymous: Arc<Role>,
+}
+
+impl Policy {
+    pub fn new(settings: &PolicySettings) -> Result<Policy, PolicyError> {
+        let mut all = builtin_roles();
+        all.extend(settings.roles.clone());
+        let roles = all
+            .iter()
+            .map(|(name, role)| Ok((name.clone(), Arc::new(Role::new(name, role)?))))
+            .collect::<Result<HashMap<_, _>, PolicyError>>()?;
+        let role = |name: &String| {
+            roles
+                .get(name)
+                .cloned()
+                .ok_or_else(|| PolicyError::UnknownRole(name.clone()))
+        };
+        let identities = settings
+            .identities
+            .iter()
+            .map(|(identity, name)| Ok((identity.clone(), role(name)?)))
+            .collect::<Result<HashMap<_, _>, PolicyError>>()?;
+        Ok(Policy {
+            device: role(&settings.device_role)?,
+            anonymous: role(&settings.anonymous_role)?,
+            roles,
+            identities,
+        })
+    }
+
+    /// The role of a client with `identity` (`None`: anonymous, or the
+    /// shared credential).
+    pub fn role_of(&self, identity: Option<&str>) -> Arc<Role> {
+        match identity {
+            None => Arc::clone(&self.anonymous),
+            Some(identity) => Arc::clone(self.identities.get(identity).unwrap_or(&self.device)),
+        }
+    }
+
+    /// A role by name (tests and tools).
+    pub fn role(&self, name: &str) -> Option<Arc<Role>> {
+        self.roles.get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::new(&PolicySettings::default()).expect("the default policy is valid")
+    }
+
+    const LAMP: Subject<'static> = Subject {
+        thing: "lamp-1",
+        client_id: "lamp-1",
+    };
+
+    #[test]
+    fn a_device_stays_in_its_own_namespace() {
+        let device = policy().role("device").expect("built in");
+        assert!(device.may_publish("things/lamp-1/telemetry", LAMP));
+        assert!(device.may_publish("things/lamp-1", LAMP), "a/# matches a");
+        assert!(!device.may_publish("things/lamp-2/telemetry", LAMP));
+        assert!(!device.may_publish("cmd/lamp-1/unlock", LAMP));
+        assert!(device.may_subscribe("things/lamp-1/#", LAMP));
+        assert!(device.may_subscribe("things/lamp-1/+/state", LAMP));
+        assert!(device.may_subscribe("$share/g/things/lamp-1/cmd", LAMP));
+        assert!(!device.may_subscribe("#", LAMP));
+        assert!(!device.may_subscribe("things/+/telemetry", LAMP));
+        assert!(!device.may_subscribe("things/#", LAMP));
+        let sneaky = Subject {
+            thing: "+",
+            client_id: "+",
+        };
+        assert!(!device.may_publish("things/x/t", sneaky));
+        assert!(!device.may_subscribe("things/+/t", sneaky));
+    }
+
+    #[test]
+    fn roles_are_assigned_by_identity() {
+        let settings: PolicySettings = toml::from_str(
+            r##"
+            identities = { console = "service", "gw-1" = "gateway" }
+            [roles.gateway]
+            publish = ["things/+/telemetry", "gateways/${client_id}/#"]
+            subscribe = ["things/+/cmd"]
+            "##,
+        )
+        .expect("parses");
+        let policy = Policy::new(&settings).expect("valid");
+        assert_eq!(policy.role_of(None).name, "open");
+        assert_eq!(policy.role_of(Some("lamp-1")).name, "device");
+        assert!(policy.role_of(Some("console")).all_things);
+        let gateway = policy.role_of(Some("gw-1"));
+        let gw = Subject {
+            thing: "gw-1",
+            client_id: "gw-1",
+        };
+        assert!(gateway.may_publish("things/lamp-9/telemetry", gw));
+        assert!(gateway.may_publish("gateways/gw-1/status", gw));
+        assert!(!gateway.may_publish("gateways/gw-2/status", gw));
+        assert!(gateway.may_subscribe("things/+/cmd", gw));
+        assert!(!gateway.may_subscribe("things/#", gw));
+        assert!(policy.role_of(None).may_subscribe("#", gw), "open");
+    }
+
+    #[test]
+    fn a_policy_naming_what_is_not_there_is_refused() {
+        let unknown = PolicySettings {
+            identities: HashMap::from([("x".into(), "nope".into())]),
+            ..PolicySettings::default()
+        };
+        assert_eq!(
+            Policy::new(&unknown).err(),
+            Some(PolicyError::UnknownRole("nope".into()))
+        );
+        let bad = PolicySettings {
+            roles: HashMap::from([(
+                "r".into(),
+                RoleSettings {
+                    publish: vec!["a/#/b".into()],
+                    ..RoleSettings::default()
+                },
+            )]),
+            ..PolicySettings::default()
+        };
+        assert!(matches!(Policy::new(&bad), Err(PolicyError::Filter { .. })));
+    }
+}
