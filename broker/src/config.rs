@@ -285,6 +285,48 @@ mod tests {
         );
     }
 
+    /// The README's configuration reference is a valid file, and its values
+    /// are the defaults it says they are.
+    #[test]
+    fn the_readme_configuration_reference_parses_to_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("a configuration section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block");
+        let config: Config = toml::from_str(block).expect("the reference parses");
+        let defaults = Config::default();
+        assert_eq!(
+            format!("{:?}", config.mqtt.addresses),
+            format!("{:?}", defaults.mqtt.addresses)
+        );
+        assert_eq!(
+            config.mqtt.policy.device_role,
+            defaults.mqtt.policy.device_role
+        );
+        assert_eq!(
+            config.mqtt.policy.anonymous_role,
+            defaults.mqtt.policy.anonymous_role
+        );
+        assert_eq!(
+            config.mqtt.client_id_is_user,
+            defaults.mqtt.client_id_is_user
+        );
+        assert_eq!(
+            config.mqtt.password_file_check_ms,
+            defaults.mqtt.password_file_check_ms
+        );
+        assert_eq!(
+            format!("{:?}", config.mqtt.connection),
+            format!("{:?}", defaults.mqtt.connection)
+        );
+    }
+
     #[test]
     fn a_partial_mqtt_table_keeps_the_other_defaults() {
         let (_d, path) = write("[mqtt.edge]\nprivileged_clients = [\"console\"]\n");
