@@ -9,7 +9,7 @@
 //! [`PasswordFile::remove`]) and reloaded when it changes or on SIGHUP
 //! ([`Authenticator::reload`]) without touching connected clients.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -46,10 +46,11 @@ pub enum PasswordFileError {
     Hash(String),
 }
 
-/// The users of a password file and their password hashes, in file order.
+/// The users of a password file and their password hashes, by name (a
+/// rewritten file lists them in name order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PasswordFile {
-    entries: Vec<(String, String)>,
+    entries: BTreeMap<String, String>,
 }
 
 /// AWS IoT's thing-name limit, which a device's user name is.
@@ -66,7 +67,7 @@ impl PasswordFile {
     /// A name may contain `:` (AWS thing names may), so a line splits at its
     /// last `:` (a PHC string has none).
     pub fn parse(text: &str) -> Result<PasswordFile, PasswordFileError> {
-        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut entries = BTreeMap::new();
         for (n, line) in text.lines().enumerate() {
             let line_error = |reason: String| PasswordFileError::Line {
                 line: n + 1,
@@ -90,10 +91,9 @@ impl PasswordFile {
                     parsed.algorithm
                 )));
             }
-            if entries.iter().any(|(n, _)| n == name) {
+            if entries.insert(name.to_owned(), hash.to_owned()).is_some() {
                 return Err(line_error(format!("{name} appears twice")));
             }
-            entries.push((name.to_owned(), hash.to_owned()));
         }
         Ok(PasswordFile { entries })
     }
@@ -115,14 +115,11 @@ impl PasswordFile {
     }
 
     pub fn users(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|(name, _)| name.as_str())
+        self.entries.keys().map(String::as_str)
     }
 
     fn hash_of(&self, name: &str) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, hash)| hash.as_str())
+        self.entries.get(name).map(String::as_str)
     }
 
     /// Sets `name`'s password in the file at `path` (created if missing),
@@ -139,19 +136,14 @@ impl PasswordFile {
         }
         let mut file = PasswordFile::read_or_new(path)?;
         let hash = hash_password(password, params)?;
-        match file.entries.iter_mut().find(|(n, _)| n == name) {
-            Some(entry) => entry.1 = hash,
-            None => file.entries.push((name.to_owned(), hash)),
-        }
+        file.entries.insert(name.to_owned(), hash);
         file.write(path)
     }
 
     /// Removes `name` from the file at `path`. Returns whether it was there.
     pub fn remove(path: &Path, name: &str) -> Result<bool, PasswordFileError> {
         let mut file = PasswordFile::read(path)?;
-        let before = file.entries.len();
-        file.entries.retain(|(n, _)| n != name);
-        if file.entries.len() == before {
+        if file.entries.remove(name).is_none() {
             return Ok(false);
         }
         file.write(path)?;
@@ -487,7 +479,7 @@ mod tests {
         let file = PasswordFile::parse(&text).expect("parses");
         assert_eq!(
             file.users().collect::<Vec<_>>(),
-            ["lamp-1", "factory:line:7"]
+            ["factory:line:7", "lamp-1"]
         );
     }
 
