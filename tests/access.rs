@@ -150,9 +150,10 @@ async fn secured(dir: &Path) -> (umbra_broker::Server, Fleet) {
         tls: Some(files),
         ..ListenerSettings::local(0)
     });
+    // Stored hashed: printf %s ops-token | sha256sum
     config.http.tokens = vec![TokenConfig {
         name: "ops".into(),
-        token: "ops-token".into(),
+        token: "sha256:d9310c002af91822beb0b3487d8b04f85bf6bf1f8a5496bff7d35fc7c5a29def".into(),
         role: Role::Write,
     }];
     let server = start(config).await;
@@ -245,6 +246,18 @@ async fn a_proven_device(fleet: &Fleet, options: impl Fn(&str) -> MqttOptions, m
         Err(e) => panic!("{e}"),
     };
     assert_eq!(status, 401, "{me}: HTTP with a device secret");
+    let status = match ureq::get(&url)
+        .set("Authorization", "Bearer ops-token")
+        .call()
+    {
+        Ok(response) => response.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_ne!(
+        status, 401,
+        "the operator's token, stored hashed, opens the API"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

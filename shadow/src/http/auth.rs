@@ -61,9 +61,13 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .ok_or(ApiError::Unauthorized)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
     tokens
         .iter()
-        .find(|t| same_secret(t.token.as_bytes(), presented.as_bytes()))
+        .find(|t| match t.token_hash() {
+            Some(hash) => hash.as_deref() == Some(digest.as_ref()),
+            None => same_secret(t.token.as_bytes(), presented.as_bytes()),
+        })
         .map(|t| Caller {
             name: t.name.clone(),
             role: t.role,
@@ -79,6 +83,30 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_may_be_stored_as_its_sha256() {
+        use super::super::TokenConfig;
+        // printf %s s3cret | sha256sum
+        let hashed = TokenConfig {
+            name: "ops".into(),
+            token: "sha256:1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0".into(),
+            role: Role::Write,
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"s3cret");
+        let stored = hashed.token_hash().expect("a hash").expect("valid hex");
+        assert_eq!(stored.as_slice(), digest.as_ref());
+        let plain = TokenConfig {
+            token: "s3cret".into(),
+            ..hashed.clone()
+        };
+        assert!(plain.token_hash().is_none());
+        let bad = TokenConfig {
+            token: "sha256:xyz".into(),
+            ..hashed
+        };
+        assert_eq!(bad.token_hash(), Some(None));
+    }
 
     #[test]
     fn secrets_compare() {

@@ -66,6 +66,24 @@ pub struct TokenConfig {
     pub role: Role,
 }
 
+impl TokenConfig {
+    /// A token written as `sha256:<64 hex digits>` is stored as the SHA-256
+    /// of the secret (so that the config file does not hold the secret):
+    /// `Some(Some(digest))`, or `Some(None)` when the hex is not 32 bytes.
+    /// `None` for a token stored as it is.
+    pub fn token_hash(&self) -> Option<Option<Vec<u8>>> {
+        let hex = self.token.strip_prefix("sha256:")?;
+        let bytes: Option<Vec<u8>> = (hex.len() == 64)
+            .then(|| {
+                (0..32)
+                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect()
+            })
+            .flatten();
+        Some(bytes)
+    }
+}
+
 impl std::fmt::Debug for TokenConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
@@ -83,6 +101,8 @@ pub enum ListenError {
     AnonymousRemote { addr: SocketAddr },
     #[error("api token {name:?} is empty")]
     EmptyToken { name: String },
+    #[error("api token {name:?}: a hashed token is sha256: and 64 hex digits")]
+    BadTokenHash { name: String },
 }
 
 /// Checks the config before the listener is bound: without tokens the API
@@ -90,6 +110,15 @@ pub enum ListenError {
 pub fn check_listen_addr(config: &ApiConfig, addr: SocketAddr) -> Result<(), ListenError> {
     if let Some(t) = config.tokens.iter().find(|t| t.token.is_empty()) {
         return Err(ListenError::EmptyToken {
+            name: t.name.clone(),
+        });
+    }
+    if let Some(t) = config
+        .tokens
+        .iter()
+        .find(|t| t.token_hash().is_some_and(|hash| hash.is_none()))
+    {
+        return Err(ListenError::BadTokenHash {
             name: t.name.clone(),
         });
     }
