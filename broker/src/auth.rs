@@ -191,6 +191,17 @@ pub fn hash_password(password: &str, params: Params) -> Result<String, PasswordF
         .map_err(|e| PasswordFileError::Hash(e.to_string()))
 }
 
+/// Which part of a client certificate names the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateIdentity {
+    /// The subject's common name (CN).
+    #[default]
+    CommonName,
+    /// The first DNS name among the subject alternative names.
+    DnsName,
+}
+
 /// What a CONNECT's credentials come to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -247,6 +258,7 @@ pub struct Authenticator {
     path: Option<PathBuf>,
     revoked_path: Option<PathBuf>,
     client_id_is_user: bool,
+    certificate_identity: CertificateIdentity,
     loaded: RwLock<Arc<Loaded>>,
     verified: Mutex<HashMap<String, (String, hmac::Tag)>>,
     key: hmac::Key,
@@ -270,6 +282,7 @@ impl Authenticator {
         path: Option<PathBuf>,
         revoked_path: Option<PathBuf>,
         client_id_is_user: bool,
+        certificate_identity: CertificateIdentity,
     ) -> Result<Authenticator, PasswordFileError> {
         let rng = ring::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
@@ -280,6 +293,7 @@ impl Authenticator {
             path,
             revoked_path,
             client_id_is_user,
+            certificate_identity,
             loaded: RwLock::new(Arc::default()),
             verified: Mutex::new(HashMap::new()),
             key,
@@ -363,12 +377,16 @@ impl Authenticator {
     }
 
     /// Decides a CONNECT that came with a verified client certificate: its
-    /// subject's common name is the identity.
+    /// subject's common name (or first DNS name) is the identity.
     pub fn check_certificate(&self, cert: &PeerCert, client_id: &str) -> Verdict {
         if self.loaded().revoked.contains(&cert.serial) {
             return Verdict::Revoked;
         }
-        match &cert.common_name {
+        let name = match self.certificate_identity {
+            CertificateIdentity::CommonName => &cert.common_name,
+            CertificateIdentity::DnsName => &cert.dns_name,
+        };
+        match name {
             Some(name) if !self.client_id_is_user || name == client_id => Verdict::Allowed {
                 identity: Some(name.clone()),
             },
@@ -538,7 +556,14 @@ mod tests {
             username: "fleet".into(),
             password: "shared".into(),
         };
-        let auth = Authenticator::new(Some(shared), Some(path.clone()), None, true).expect("loads");
+        let auth = Authenticator::new(
+            Some(shared),
+            Some(path.clone()),
+            None,
+            true,
+            CertificateIdentity::default(),
+        )
+        .expect("loads");
         let lamp = |password| Some(("lamp-1", password));
         let allowed = Verdict::Allowed {
             identity: Some("lamp-1".into()),
@@ -579,9 +604,36 @@ mod tests {
         assert_eq!(auth.check(lamp("new"), "lamp-1").await, allowed);
     }
 
+    #[test]
+    fn a_certificate_names_its_device_by_cn_or_dns_name() {
+        let mut params = rcgen::CertificateParams::new(vec!["lamp-7".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Acme lamp");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = params.self_signed(&key).expect("cert").der().to_vec();
+        let cert = PeerCert::from_der(&der).expect("parses");
+        assert_eq!(cert.common_name.as_deref(), Some("Acme lamp"));
+        assert_eq!(cert.dns_name.as_deref(), Some("lamp-7"));
+        let by = |identity| {
+            Authenticator::new(None, None, None, true, identity).expect("nothing to load")
+        };
+        assert_eq!(
+            by(CertificateIdentity::DnsName).check_certificate(&cert, "lamp-7"),
+            Verdict::Allowed {
+                identity: Some("lamp-7".into())
+            }
+        );
+        assert_eq!(
+            by(CertificateIdentity::CommonName).check_certificate(&cert, "lamp-7"),
+            Verdict::NotAuthorized
+        );
+    }
+
     #[tokio::test]
     async fn without_credentials_configured_everyone_is_anonymous() {
-        let auth = Authenticator::new(None, None, None, true).expect("nothing to load");
+        let auth = Authenticator::new(None, None, None, true, CertificateIdentity::default())
+            .expect("nothing to load");
         assert!(!auth.required());
         assert_eq!(
             auth.check(None, "x").await,

@@ -33,7 +33,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::addresses::{AddressLimits, Addresses};
-use crate::auth::{parse_revoked, Authenticator, PasswordFile, PasswordFileError};
+use crate::auth::{
+    parse_revoked, Authenticator, CertificateIdentity, PasswordFile, PasswordFileError,
+};
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
 use crate::metrics::EdgeMetrics;
@@ -90,6 +92,9 @@ pub struct BrokerSettings {
     pub client_id_is_user: bool,
     /// How often the password file is checked for changes, in ms.
     pub password_file_check_ms: u64,
+    /// Which part of a client certificate is the device's identity:
+    /// `common_name` (the subject's CN) or `dns_name` (its first DNS SAN).
+    pub certificate_identity: CertificateIdentity,
     /// Serial numbers (hex, one per line) of client certificates that are
     /// refused; reloaded like the password file.
     pub revoked_certificates: Option<PathBuf>,
@@ -114,6 +119,7 @@ impl Default for BrokerSettings {
             password_file: None,
             client_id_is_user: true,
             password_file_check_ms: 2000,
+            certificate_identity: CertificateIdentity::default(),
             revoked_certificates: None,
             addresses: AddressLimits::default(),
             policy: PolicySettings::default(),
@@ -535,6 +541,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
         settings.password_file.clone(),
         settings.revoked_certificates.clone(),
         settings.client_id_is_user,
+        settings.certificate_identity,
     )?;
     let router = Router::new(0, settings.router_config());
     let publisher = hooks.publisher;

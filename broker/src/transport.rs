@@ -202,8 +202,10 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
 /// What a verified client certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
-    /// The subject's common name: the device's identity.
+    /// The subject's common name (the device's identity by default).
     pub common_name: Option<String>,
+    /// The first DNS name of its subject alternative names.
+    pub dns_name: Option<String>,
     /// The serial number in lower-case hex without leading zeros (what a
     /// revocation list names).
     pub serial: String,
@@ -211,16 +213,31 @@ pub struct PeerCert {
 
 impl PeerCert {
     fn of(connection: &tokio_rustls::rustls::ServerConnection) -> Option<PeerCert> {
-        let der = connection.peer_certificates()?.first()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        PeerCert::from_der(connection.peer_certificates()?.first()?.as_ref())
+    }
+
+    /// What a certificate (DER) says; `None` if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<PeerCert> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let common_name = cert
             .subject()
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned);
+        let dns_name = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                    _ => None,
+                })
+            });
         Some(PeerCert {
             common_name,
+            dns_name,
             serial: format!("{:x}", cert.serial),
         })
     }
