@@ -610,11 +610,15 @@ mod tests {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "Acme lamp");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationalUnitName, "lamps");
         let key = rcgen::KeyPair::generate().expect("key");
         let der = params.self_signed(&key).expect("cert").der().to_vec();
         let cert = PeerCert::from_der(&der).expect("parses");
         assert_eq!(cert.common_name.as_deref(), Some("Acme lamp"));
         assert_eq!(cert.dns_name.as_deref(), Some("lamp-7"));
+        assert_eq!(cert.units, ["lamps"]);
         let by = |identity| {
             Authenticator::new(None, None, None, true, identity).expect("nothing to load")
         };

@@ -349,7 +349,8 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         Verdict::Allowed { identity } => identity.clone(),
         _ => None,
     };
-    let role = broker.policy.role_of(identity.as_deref());
+    let units = cert.as_ref().map_or(&[][..], |cert| &cert.units[..]);
+    let role = broker.policy.role_of(identity.as_deref(), units);
     let will_topic = will
         .as_ref()
         .map(|w| String::from_utf8_lossy(&w.topic).into_owned());

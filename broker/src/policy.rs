@@ -44,6 +44,9 @@ pub struct PolicySettings {
     pub anonymous_role: String,
     /// Roles by identity (password-file user or certificate common name).
     pub identities: HashMap<String, String>,
+    /// Roles by a client certificate's subject organizational unit (OU),
+    /// for identities without a role of their own.
+    pub units: HashMap<String, String>,
     /// Roles by name, besides (or replacing) the built-in ones.
     pub roles: HashMap<String, RoleSettings>,
 }
@@ -54,6 +57,7 @@ impl Default for PolicySettings {
             device_role: "device".into(),
             anonymous_role: "open".into(),
             identities: HashMap::new(),
+            units: HashMap::new(),
             roles: HashMap::new(),
         }
     }
@@ -201,6 +205,7 @@ fn covers(rule: &[String], filter: &str, subject: Subject<'_>) -> bool {
 pub struct Policy {
     roles: HashMap<String, Arc<Role>>,
     identities: HashMap<String, Arc<Role>>,
+    units: HashMap<String, Arc<Role>>,
     device: Arc<Role>,
     anonymous: Arc<Role>,
 }
@@ -219,26 +224,36 @@ impl Policy {
                 .cloned()
                 .ok_or_else(|| PolicyError::UnknownRole(name.clone()))
         };
-        let identities = settings
-            .identities
-            .iter()
-            .map(|(identity, name)| Ok((identity.clone(), role(name)?)))
-            .collect::<Result<HashMap<_, _>, PolicyError>>()?;
+        let by = |map: &HashMap<String, String>| {
+            map.iter()
+                .map(|(key, name)| Ok((key.clone(), role(name)?)))
+                .collect::<Result<HashMap<_, _>, PolicyError>>()
+        };
+        let identities = by(&settings.identities)?;
+        let units = by(&settings.units)?;
         Ok(Policy {
             device: role(&settings.device_role)?,
             anonymous: role(&settings.anonymous_role)?,
             roles,
             identities,
+            units,
         })
     }
 
     /// The role of a client with `identity` (`None`: anonymous, or the
-    /// shared credential).
-    pub fn role_of(&self, identity: Option<&str>) -> Arc<Role> {
-        match identity {
-            None => Arc::clone(&self.anonymous),
-            Some(identity) => Arc::clone(self.identities.get(identity).unwrap_or(&self.device)),
-        }
+    /// shared credential) whose certificate, if any, names `units`: the
+    /// identity's own role, else its first unit's that has one, else the
+    /// device role.
+    pub fn role_of(&self, identity: Option<&str>, units: &[String]) -> Arc<Role> {
+        let Some(identity) = identity else {
+            return Arc::clone(&self.anonymous);
+        };
+        let role = self
+            .identities
+            .get(identity)
+            .or_else(|| units.iter().find_map(|unit| self.units.get(unit)))
+            .unwrap_or(&self.device);
+        Arc::clone(role)
     }
 
     /// A role by name (tests and tools).
@@ -286,6 +301,7 @@ mod tests {
         let settings: PolicySettings = toml::from_str(
             r##"
             identities = { console = "service", "gw-1" = "gateway" }
+            units = { gateways = "gateway" }
             [roles.gateway]
             publish = ["things/+/telemetry", "gateways/${client_id}/#"]
             subscribe = ["things/+/cmd"]
@@ -293,10 +309,16 @@ mod tests {
         )
         .expect("parses");
         let policy = Policy::new(&settings).expect("valid");
-        assert_eq!(policy.role_of(None).name, "open");
-        assert_eq!(policy.role_of(Some("lamp-1")).name, "device");
-        assert!(policy.role_of(Some("console")).all_things);
-        let gateway = policy.role_of(Some("gw-1"));
+        assert_eq!(policy.role_of(None, &[]).name, "open");
+        assert_eq!(policy.role_of(Some("lamp-1"), &[]).name, "device");
+        assert!(policy.role_of(Some("console"), &[]).all_things);
+        let ou = ["field".to_string(), "gateways".to_string()];
+        assert_eq!(policy.role_of(Some("gw-9"), &ou).name, "gateway", "by OU");
+        assert!(
+            policy.role_of(Some("console"), &ou).all_things,
+            "identity first"
+        );
+        let gateway = policy.role_of(Some("gw-1"), &[]);
         let gw = Subject {
             thing: "gw-1",
             client_id: "gw-1",
@@ -306,7 +328,7 @@ mod tests {
         assert!(!gateway.may_publish("gateways/gw-2/status", gw));
         assert!(gateway.may_subscribe("things/+/cmd", gw));
         assert!(!gateway.may_subscribe("things/#", gw));
-        assert!(policy.role_of(None).may_subscribe("#", gw), "open");
+        assert!(policy.role_of(None, &[]).may_subscribe("#", gw), "open");
     }
 
     #[test]

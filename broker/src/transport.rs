@@ -206,6 +206,8 @@ pub struct PeerCert {
     pub common_name: Option<String>,
     /// The first DNS name of its subject alternative names.
     pub dns_name: Option<String>,
+    /// The subject's organizational units (a role may be assigned by one).
+    pub units: Vec<String>,
     /// The serial number in lower-case hex without leading zeros (what a
     /// revocation list names).
     pub serial: String,
@@ -235,9 +237,15 @@ impl PeerCert {
                     _ => None,
                 })
             });
+        let units = cert
+            .subject()
+            .iter_organizational_unit()
+            .filter_map(|ou| ou.as_str().ok().map(str::to_owned))
+            .collect();
         Some(PeerCert {
             common_name,
             dns_name,
+            units,
             serial: format!("{:x}", cert.serial),
         })
     }
