@@ -3,6 +3,9 @@
 //! refusal is delayed (longer with each failure); after too many failures
 //! within a window the address is refused outright for a while, before its
 //! credentials are looked at (so a password cannot be guessed quickly).
+//! A successful login does not forgive the failures (one valid account
+//! must not reset the count for guesses at others); they expire with the
+//! window.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -164,14 +167,6 @@ impl Addresses {
         }
         (Duration::from_millis(self.limits.failed_login_delay_ms) * failures.count).min(MAX_DELAY)
     }
-
-    /// A login from `ip` succeeded: its failures are forgotten.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let mut state = self.lock();
-        if !state.failures.is_empty() {
-            state.failures.remove(&ip);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -217,8 +212,6 @@ mod tests {
         tokio::time::advance(Duration::from_secs(301)).await;
         assert!(!addresses.blocked(REMOTE), "the block ends");
         // The window passed: counting starts again.
-        assert_eq!(addresses.failed(REMOTE), Duration::from_millis(200));
-        addresses.succeeded(REMOTE);
         assert_eq!(addresses.failed(REMOTE), Duration::from_millis(200));
     }
 }

@@ -337,13 +337,9 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             broker.auth.check(login, &connect.client_id).await
         }
     };
-    match verdict {
-        Verdict::BadCredentials => {
-            // Slower with each failure from the address (then refused).
-            tokio::time::sleep(addresses.failed(peer.ip())).await;
-        }
-        Verdict::Allowed { .. } if broker.auth.required() => addresses.succeeded(peer.ip()),
-        _ => {}
+    if verdict == Verdict::BadCredentials {
+        // Slower with each failure from the address (then refused).
+        tokio::time::sleep(addresses.failed(peer.ip())).await;
     }
     let identity = match &verdict {
         Verdict::Allowed { identity } => identity.clone(),
