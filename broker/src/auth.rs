@@ -19,6 +19,7 @@ use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Argon2, Params};
 use ring::hmac;
+use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
@@ -99,11 +100,7 @@ impl PasswordFile {
     }
 
     pub fn read(path: &Path) -> Result<PasswordFile, PasswordFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        PasswordFile::parse(&text)
+        PasswordFile::parse(&read_text(path)?)
     }
 
     /// Reads `path`, or starts an empty file if there is none.
@@ -333,14 +330,7 @@ impl Authenticator {
             None => PasswordFile::default(),
         };
         let revoked = match &self.revoked_path {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
-                        path: path.clone(),
-                        source,
-                    })?;
-                parse_revoked(&text)?
-            }
+            Some(path) => read_revoked(path)?,
             None => HashSet::new(),
         };
         let users = file.entries.len();
@@ -416,8 +406,9 @@ impl Authenticator {
         }
         match &self.shared {
             Some(shared)
-                if constant_time_eq(user.as_bytes(), shared.username.as_bytes())
-                    & constant_time_eq(password.as_bytes(), shared.password.as_bytes()) =>
+                if (user.as_bytes().ct_eq(shared.username.as_bytes())
+                    & password.as_bytes().ct_eq(shared.password.as_bytes()))
+                .into() =>
             {
                 Verdict::Allowed { identity: None }
             }
@@ -460,17 +451,22 @@ impl Authenticator {
     }
 }
 
+fn read_text(path: &Path) -> Result<String, PasswordFileError> {
+    std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a revocation list (see [`parse_revoked`]).
+pub fn read_revoked(path: &Path) -> Result<HashSet<String>, PasswordFileError> {
+    parse_revoked(&read_text(path)?)
+}
+
 /// When and how big the file was last written (`None`: unreadable).
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Cheap argon2id parameters for tests (the file records them per hash).

@@ -347,15 +347,12 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     };
     let units = cert.as_ref().map_or(&[][..], |cert| &cert.units[..]);
     let role = broker.policy.role_of(identity.as_deref(), units);
-    let will_topic = will
-        .as_ref()
-        .map(|w| String::from_utf8_lossy(&w.topic).into_owned());
-    let will_refused = will_topic.as_deref().is_some_and(|topic| {
+    let will_refused = will.as_ref().is_some_and(|will| {
         let subject = Subject {
             thing: identity.as_deref().unwrap_or(&connect.client_id),
             client_id: &connect.client_id,
         };
-        !role.may_publish(topic, subject)
+        !role.may_publish(&String::from_utf8_lossy(&will.topic), subject)
     });
     let refusal = if blocked {
         Some((

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::addresses::{AddressLimits, Addresses};
 use crate::auth::{
-    parse_revoked, Authenticator, CertificateIdentity, PasswordFile, PasswordFileError,
+    read_revoked, Authenticator, CertificateIdentity, PasswordFile, PasswordFileError,
 };
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
@@ -430,11 +430,7 @@ impl BrokerSettings {
             PasswordFile::read(path)?;
         }
         if let Some(path) = &self.revoked_certificates {
-            let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            parse_revoked(&text)?;
+            read_revoked(path)?;
         }
         for (listener, settings) in self.listeners() {
             let certificates = settings
