@@ -94,7 +94,7 @@ async fn tls_connack(options: MqttOptions) -> Result<(), String> {
 /// Mutual TLS with certificates from `umbra certs`' code: a device proves
 /// its identity with its certificate (subject CN = thing name) and can use
 /// no other client id; no certificate, no handshake; a revoked certificate
-/// is refused once the revocation list is reloaded.
+/// is refused once the revocation list (serials, then a CRL) is reloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_authenticate_with_their_certificates() {
     use umbra_broker::certs;
@@ -164,6 +164,21 @@ async fn devices_authenticate_with_their_certificates() {
         tls_connack(with_cert("lamp-1")).await.err().as_deref(),
         Some("NotAuthorized")
     );
+
+    // The list may be a CRL signed by the client CA instead: one that
+    // revokes nothing lets lamp-1 in again, one that revokes it does not.
+    let crl = certs::make_crl(&pki, &[], 30).expect("crl");
+    std::fs::copy(&crl, &revoked).expect("copied");
+    let back = async { while tls_connack(with_cert("lamp-1")).await.is_err() {} };
+    tokio::time::timeout(umbra_tests::WAIT, back)
+        .await
+        .expect("let in once the empty CRL is loaded");
+    let crl = certs::make_crl(&pki, std::slice::from_ref(&serial), 30).expect("crl");
+    std::fs::copy(&crl, &revoked).expect("copied");
+    let refused = async { while tls_connack(with_cert("lamp-1")).await.is_ok() {} };
+    tokio::time::timeout(umbra_tests::WAIT, refused)
+        .await
+        .expect("refused once the CRL revoking it is loaded");
     server.shutdown().await;
 }
 

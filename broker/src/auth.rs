@@ -29,7 +29,7 @@ use crate::transport::PeerCert;
 /// A password file that cannot be used, with the line at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
-    #[error("cannot read password file {path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -45,6 +45,8 @@ pub enum PasswordFileError {
     Name(String),
     #[error("cannot hash the password: {0}")]
     Hash(String),
+    #[error("revocation list {path}: {reason}")]
+    Revocations { path: PathBuf, reason: String },
 }
 
 /// The users of a password file and their password hashes, by name (a
@@ -222,9 +224,72 @@ struct Loaded {
     stamps: [Option<(SystemTime, u64)>; 2],
 }
 
-/// Parses a revocation list: one certificate serial number in hex per line
-/// (`:` separators and leading zeros allowed), `#` comments.
-pub fn parse_revoked(text: &str) -> Result<HashSet<String>, PasswordFileError> {
+/// A revocation list file, and the CAs whose CRLs it may hold.
+///
+/// The file is either text, one certificate serial number in hex per line
+/// (`:` separators and leading zeros allowed, `#` comments), or one or more
+/// CRLs (PEM `X509 CRL` blocks, or one DER CRL), each of which must be signed
+/// by one of `issuers` (the TLS listeners' client CAs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationList {
+    pub path: PathBuf,
+    /// The client CAs' certificates, DER.
+    pub issuers: Vec<Vec<u8>>,
+}
+
+impl RevocationList {
+    /// The revoked serial numbers, lower-case hex without leading zeros
+    /// (as [`PeerCert::serial`]).
+    pub fn read(&self) -> Result<HashSet<String>, PasswordFileError> {
+        let bytes = std::fs::read(&self.path).map_err(|source| PasswordFileError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let failed = |reason: String| PasswordFileError::Revocations {
+            path: self.path.clone(),
+            reason,
+        };
+        if bytes.first() == Some(&0x30) {
+            return self.crl_serials(&bytes).map_err(failed);
+        }
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| failed("neither text nor a DER CRL".into()))?;
+        if !text.contains("-----BEGIN X509 CRL-----") {
+            return parse_serials(text).map_err(failed);
+        }
+        let mut serials = HashSet::new();
+        for pem in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
+            let pem = pem.map_err(|e| failed(format!("PEM: {e}")))?;
+            if pem.label == "X509 CRL" {
+                serials.extend(self.crl_serials(&pem.contents).map_err(failed)?);
+            }
+        }
+        Ok(serials)
+    }
+
+    /// The serials a DER CRL revokes, once its signature is one of the
+    /// issuers'.
+    fn crl_serials(&self, der: &[u8]) -> Result<HashSet<String>, String> {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| format!("CRL: {e}"))?;
+        let signed = self.issuers.iter().any(|issuer| {
+            x509_parser::parse_x509_certificate(issuer)
+                .is_ok_and(|(_, ca)| crl.verify_signature(ca.public_key()).is_ok())
+        });
+        if !signed {
+            return Err(format!(
+                "the CRL of {} is signed by none of the listeners' client CAs",
+                crl.issuer()
+            ));
+        }
+        Ok(crl
+            .iter_revoked_certificates()
+            .map(|revoked| format!("{:x}", revoked.serial()))
+            .collect())
+    }
+}
+
+/// Parses a text revocation list: one serial number in hex per line.
+fn parse_serials(text: &str) -> Result<HashSet<String>, String> {
     let mut serials = HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -233,10 +298,7 @@ pub fn parse_revoked(text: &str) -> Result<HashSet<String>, PasswordFileError> {
         }
         let hex: String = line.chars().filter(|c| *c != ':').collect();
         if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(PasswordFileError::Line {
-                line: n + 1,
-                reason: format!("not a hex serial number: {line:?}"),
-            });
+            return Err(format!("line {}: not a hex serial number: {line:?}", n + 1));
         }
         let serial = hex.to_ascii_lowercase();
         let serial = serial.trim_start_matches('0');
@@ -253,7 +315,7 @@ pub fn parse_revoked(text: &str) -> Result<HashSet<String>, PasswordFileError> {
 pub struct Authenticator {
     shared: Option<Credentials>,
     path: Option<PathBuf>,
-    revoked_path: Option<PathBuf>,
+    revocations: Option<RevocationList>,
     client_id_is_user: bool,
     certificate_identity: CertificateIdentity,
     loaded: RwLock<Arc<Loaded>>,
@@ -277,7 +339,7 @@ impl Authenticator {
     pub fn new(
         shared: Option<Credentials>,
         path: Option<PathBuf>,
-        revoked_path: Option<PathBuf>,
+        revocations: Option<RevocationList>,
         client_id_is_user: bool,
         certificate_identity: CertificateIdentity,
     ) -> Result<Authenticator, PasswordFileError> {
@@ -288,7 +350,7 @@ impl Authenticator {
         let auth = Authenticator {
             shared,
             path,
-            revoked_path,
+            revocations,
             client_id_is_user,
             certificate_identity,
             loaded: RwLock::new(Arc::default()),
@@ -307,13 +369,13 @@ impl Authenticator {
 
     /// Whether there are files to reload (password file, revocation list).
     pub fn has_files(&self) -> bool {
-        self.path.is_some() || self.revoked_path.is_some()
+        self.path.is_some() || self.revocations.is_some()
     }
 
     fn stamps(&self) -> [Option<(SystemTime, u64)>; 2] {
         [
             self.path.as_deref().and_then(file_stamp),
-            self.revoked_path.as_deref().and_then(file_stamp),
+            self.revocations.as_ref().and_then(|r| file_stamp(&r.path)),
         ]
     }
 
@@ -329,8 +391,8 @@ impl Authenticator {
             Some(path) => PasswordFile::read(path)?,
             None => PasswordFile::default(),
         };
-        let revoked = match &self.revoked_path {
-            Some(path) => read_revoked(path)?,
+        let revoked = match &self.revocations {
+            Some(list) => list.read()?,
             None => HashSet::new(),
         };
         let users = file.entries.len();
@@ -456,11 +518,6 @@ fn read_text(path: &Path) -> Result<String, PasswordFileError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Reads a revocation list (see [`parse_revoked`]).
-pub fn read_revoked(path: &Path) -> Result<HashSet<String>, PasswordFileError> {
-    parse_revoked(&read_text(path)?)
 }
 
 /// When and how big the file was last written (`None`: unreadable).
@@ -638,6 +695,60 @@ mod tests {
         assert_eq!(
             auth.check(None, "x").await,
             Verdict::Allowed { identity: None }
+        );
+    }
+
+    #[test]
+    fn a_revocation_list_is_serials_or_crls_signed_by_a_client_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pki, other) = (dir.path().join("pki"), dir.path().join("other"));
+        let ca = crate::certs::make_ca(&pki).expect("ca");
+        crate::certs::make_ca(&other).expect("another ca");
+        let (_, serial) = crate::certs::make_device(&pki, "lamp-1").expect("device");
+        let der = |path: &Path| {
+            let pem = std::fs::read(path).expect("ca pem");
+            rustls_pemfile::certs(&mut pem.as_slice())
+                .map(|c| c.expect("cert").to_vec())
+                .collect::<Vec<_>>()
+        };
+        let list = |path: PathBuf| RevocationList {
+            path,
+            issuers: der(&ca),
+        };
+
+        let text = dir.path().join("revoked.txt");
+        std::fs::write(&text, format!("# one\n00:{}\n", serial.to_uppercase())).expect("written");
+        assert_eq!(
+            list(text.clone()).read().expect("reads"),
+            HashSet::from([serial.clone()])
+        );
+        std::fs::write(&text, "lamp-1\n").expect("written");
+        let err = list(text).read().expect_err("not hex").to_string();
+        assert!(err.contains("line 1: not a hex serial"), "{err}");
+
+        let crl = crate::certs::make_crl(&pki, std::slice::from_ref(&serial), 1).expect("crl");
+        assert_eq!(
+            list(crl.clone()).read().expect("reads"),
+            HashSet::from([serial.clone()])
+        );
+        // The same CRL as DER.
+        let pem = std::fs::read(&crl).expect("crl pem");
+        let (_, block) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+        let der_path = dir.path().join("crl.der");
+        std::fs::write(&der_path, &block.contents).expect("written");
+        assert_eq!(
+            list(der_path).read().expect("reads"),
+            HashSet::from([serial.clone()])
+        );
+
+        let forged = crate::certs::make_crl(&other, std::slice::from_ref(&serial), 1).expect("crl");
+        let err = list(forged)
+            .read()
+            .expect_err("signed by another CA")
+            .to_string();
+        assert!(
+            err.contains("signed by none of the listeners' client CAs"),
+            "{err}"
         );
     }
 }

@@ -9,9 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SerialNumber,
 };
+use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -26,6 +28,8 @@ pub enum CertError {
     Exists(PathBuf),
     #[error("invalid name {0:?}")]
     Name(String),
+    #[error("invalid serial number {0:?} (hex, as `umbra certs device` prints it)")]
+    Serial(String),
 }
 
 /// The development CA's subject; device and server certificates name it as
@@ -77,16 +81,20 @@ pub fn make_ca(dir: &Path) -> Result<PathBuf, CertError> {
     Ok(cert_path)
 }
 
-/// Signs a certificate for `params` with the CA in `dir`, writing
-/// `{file}.pem` and `{file}.key`.
-fn sign(dir: &Path, file: &str, params: CertificateParams) -> Result<PathBuf, CertError> {
+/// The CA in `dir`, to sign with. The issuer is named by its subject and
+/// identified by its key: a CA certificate made again from the same
+/// parameters and key signs for the one in ca.pem.
+fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair), CertError> {
     let ca_key_path = dir.join("ca.key");
     let ca_key = std::fs::read_to_string(&ca_key_path).map_err(io_error(&ca_key_path))?;
     let ca_key = KeyPair::from_pem(&ca_key)?;
-    // The issuer is named by its subject and identified by its key: a CA
-    // certificate made again from the same parameters and key signs for
-    // the one in ca.pem.
-    let ca = ca_params()?.self_signed(&ca_key)?;
+    Ok((ca_params()?.self_signed(&ca_key)?, ca_key))
+}
+
+/// Signs a certificate for `params` with the CA in `dir`, writing
+/// `{file}.pem` and `{file}.key`.
+fn sign(dir: &Path, file: &str, params: CertificateParams) -> Result<PathBuf, CertError> {
+    let (ca, ca_key) = load_ca(dir)?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca, &ca_key)?;
     let (cert_path, key_path) = (
@@ -137,4 +145,46 @@ pub fn make_device(dir: &Path, name: &str) -> Result<(PathBuf, String), CertErro
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let hex = serial.iter().map(|b| format!("{b:02x}")).collect();
     Ok((sign(dir, name, params)?, hex))
+}
+
+/// A CRL signed by the CA in `dir` that revokes `serials` (hex), valid for
+/// `days`: `crl.pem`, for `[mqtt] revoked_certificates`. It replaces the
+/// previous one, so it lists every revoked certificate.
+pub fn make_crl(dir: &Path, serials: &[String], days: u32) -> Result<PathBuf, CertError> {
+    let (ca, ca_key) = load_ca(dir)?;
+    let now = OffsetDateTime::now_utc();
+    let revoked_certs = serials
+        .iter()
+        .map(|hex| {
+            let digits: String = hex.chars().filter(|c| *c != ':').collect();
+            let bytes = (digits.len() % 2 == 0 && !digits.is_empty())
+                .then(|| {
+                    (0..digits.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+                .ok_or_else(|| CertError::Serial(hex.clone()))?;
+            Ok(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: now,
+                reason_code: Some(RevocationReason::Unspecified),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, CertError>>()?;
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(days.max(1).into()),
+        // Later lists have higher numbers.
+        crl_number: SerialNumber::from(now.unix_timestamp().unsigned_abs()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca, &ca_key)?;
+    let path = dir.join("crl.pem");
+    write(&path, &crl.pem()?, false)?;
+    Ok(path)
 }

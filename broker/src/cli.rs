@@ -105,6 +105,16 @@ pub enum CertsCommand {
         dir: std::path::PathBuf,
         name: String,
     },
+    /// Make DIR/crl.pem: a revocation list signed by the CA that revokes
+    /// every SERIAL (hex, as `certs device` prints it), for
+    /// `[mqtt] revoked_certificates`. List every revoked serial each time.
+    Crl {
+        dir: std::path::PathBuf,
+        serials: Vec<String>,
+        /// Days until the list's next update is due.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
 }
 
 /// Why a command failed.
@@ -381,6 +391,15 @@ pub fn run_certs(command: &CertsCommand, out: &mut impl Write) -> Result<(), Cli
                 out,
                 "wrote {} and its key (serial {serial})",
                 path.display()
+            )?;
+        }
+        CertsCommand::Crl { dir, serials, days } => {
+            let path = certs::make_crl(dir, serials, *days)?;
+            writeln!(
+                out,
+                "wrote {}, revoking {} certificate(s)",
+                path.display(),
+                serials.len()
             )?;
         }
     }

@@ -1227,12 +1227,27 @@ impl Connection {
             match notification {
                 Notification::Forward(forward) => {
                     let mut publish = forward.publish;
-                    if publish.qos != QoS::AtMostOnce {
-                        let wire = self.alloc_pkid();
-                        self.router_side().inflight.insert(wire, publish.pkid);
-                        publish.pkid = wire;
+                    let topic = String::from_utf8_lossy(&publish.topic);
+                    if !self.role.may_receive(&topic, self.subject()) {
+                        // Not for this client: withheld, and acknowledged to
+                        // the router on its behalf (router deliveries are
+                        // at most QoS 1).
+                        bump(&self.broker.metrics.withheld);
+                        if publish.qos != QoS::AtMostOnce {
+                            let ack = PubAck {
+                                pkid: publish.pkid,
+                                reason: PubAckReason::Success,
+                            };
+                            self.forward(Packet::PubAck(ack, None));
+                        }
+                    } else {
+                        if publish.qos != QoS::AtMostOnce {
+                            let wire = self.alloc_pkid();
+                            self.router_side().inflight.insert(wire, publish.pkid);
+                            publish.pkid = wire;
+                        }
+                        self.send(Packet::Publish(publish, forward.properties.map(|p| *p)))?;
                     }
-                    self.send(Packet::Publish(publish, forward.properties.map(|p| *p)))?;
                 }
                 Notification::DeviceAck(ack) => self.router_ack(ack.into())?,
                 Notification::Unschedule => unscheduled = true,

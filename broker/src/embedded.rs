@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::addresses::{AddressLimits, Addresses};
 use crate::auth::{
-    read_revoked, Authenticator, CertificateIdentity, PasswordFile, PasswordFileError,
+    Authenticator, CertificateIdentity, PasswordFile, PasswordFileError, RevocationList,
 };
 use crate::connection::{Broker, PresenceEvent};
 use crate::fanout::Publisher;
@@ -429,9 +429,6 @@ impl BrokerSettings {
         if let Some(path) = &self.password_file {
             PasswordFile::read(path)?;
         }
-        if let Some(path) = &self.revoked_certificates {
-            read_revoked(path)?;
-        }
         for (listener, settings) in self.listeners() {
             let certificates = settings
                 .tls
@@ -462,7 +459,29 @@ impl BrokerSettings {
                 }
             }
         }
+        if let Some(list) = self.revocation_list() {
+            list.read()?;
+        }
         Ok(())
+    }
+
+    /// The revocation list, with the listeners' client CAs as the issuers
+    /// of the CRLs it may hold (a CA file that cannot be read adds none;
+    /// the listener reports it).
+    fn revocation_list(&self) -> Option<RevocationList> {
+        let path = self.revoked_certificates.clone()?;
+        let issuers = self
+            .listeners()
+            .filter_map(|(_, listener)| listener.tls.as_ref()?.client_ca.as_ref())
+            .filter_map(|ca| std::fs::File::open(ca).ok())
+            .flat_map(|file| {
+                rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+                    .filter_map(Result::ok)
+                    .map(|der| der.to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Some(RevocationList { path, issuers })
     }
 
     fn router_config(&self) -> RouterConfig {
@@ -535,7 +554,7 @@ pub fn start(settings: BrokerSettings, hooks: EdgeHooks) -> Result<RunningBroker
     let auth = Authenticator::new(
         settings.auth.clone(),
         settings.password_file.clone(),
-        settings.revoked_certificates.clone(),
+        settings.revocation_list(),
         settings.client_id_is_user,
         settings.certificate_identity,
     )?;

@@ -114,6 +114,9 @@ pub struct EdgeMetrics {
     pub protocol_errors: AtomicU64,
     /// Subscriptions answered with a failure code.
     pub refused_subscriptions: AtomicU64,
+    /// Messages a subscription let in that the client's role may not
+    /// receive, withheld.
+    pub withheld: AtomicU64,
     /// Shadow requests handed to the shadow service.
     pub shadow_requests: AtomicU64,
     /// Times a connection stopped reading because too many of its shadow
@@ -174,7 +177,7 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 22] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 23] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -223,6 +226,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 22] = [
     (
         "umbra_mqtt_refused_subscriptions_total",
         "Subscriptions answered with a failure code.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_withheld_total",
+        "Messages withheld from a subscriber whose role may not receive them.",
         MetricType::COUNTER,
     ),
     (
@@ -323,6 +331,7 @@ impl EdgeCollector {
             "umbra_mqtt_forbidden_total" => one(&m.forbidden),
             "umbra_mqtt_protocol_errors_total" => one(&m.protocol_errors),
             "umbra_mqtt_refused_subscriptions_total" => one(&m.refused_subscriptions),
+            "umbra_mqtt_withheld_total" => one(&m.withheld),
             "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
             "umbra_mqtt_request_stalls_total" => one(&m.request_stalls),
             "umbra_mqtt_rate_pauses_total" => one(&m.rate_pauses),

@@ -6,7 +6,9 @@
 //! `privileged_clients`) every thing's. Outside `$aws/` a publish (retained
 //! messages and last wills included) must match one of the role's
 //! `publish` filters, and a subscription must lie inside one of its
-//! `subscribe` filters. In a rule, `${thing}` stands for the client's
+//! `subscribe` filters; a role with `receive` filters is delivered only
+//! messages whose topic matches one of them (without, whatever its
+//! subscriptions let in). In a rule, `${thing}` stands for the client's
 //! identity (its thing name: the password-file user, or the certificate's
 //! common name; without one, its client id) and `${client_id}` for its
 //! client id; an identity with `/`, `+` or `#` in it matches no rule.
@@ -30,6 +32,9 @@ pub struct RoleSettings {
     pub publish: Vec<String>,
     /// Filters a subscription must lie inside.
     pub subscribe: Vec<String>,
+    /// Filters a delivered message's topic must match (`None`: whatever
+    /// the subscriptions let in).
+    pub receive: Option<Vec<String>>,
     /// Every thing's `$aws` topics, not only the client's own.
     pub all_things: bool,
 }
@@ -79,6 +84,7 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
             RoleSettings {
                 publish: vec!["things/${thing}/#".into()],
                 subscribe: vec!["things/${thing}/#".into()],
+                receive: None,
                 all_things: false,
             },
         ),
@@ -87,6 +93,7 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
             RoleSettings {
                 publish: all(),
                 subscribe: all(),
+                receive: None,
                 all_things: false,
             },
         ),
@@ -95,6 +102,7 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
             RoleSettings {
                 publish: all(),
                 subscribe: all(),
+                receive: None,
                 all_things: true,
             },
         ),
@@ -107,6 +115,7 @@ pub struct Role {
     pub name: String,
     publish: Vec<Vec<String>>,
     subscribe: Vec<Vec<String>>,
+    receive: Option<Vec<Vec<String>>>,
     pub all_things: bool,
 }
 
@@ -151,6 +160,7 @@ impl Role {
             name: name.to_owned(),
             publish: split(&settings.publish)?,
             subscribe: split(&settings.subscribe)?,
+            receive: settings.receive.as_deref().map(split).transpose()?,
             all_things: settings.all_things,
         })
     }
@@ -158,6 +168,14 @@ impl Role {
     /// Whether `subject` may publish to `topic` (outside `$aws/`).
     pub fn may_publish(&self, topic: &str, subject: Subject<'_>) -> bool {
         self.publish.iter().any(|rule| covers(rule, topic, subject))
+    }
+
+    /// Whether a message on `topic` (outside `$aws/`) may be delivered to
+    /// `subject`.
+    pub fn may_receive(&self, topic: &str, subject: Subject<'_>) -> bool {
+        self.receive
+            .as_ref()
+            .is_none_or(|rules| rules.iter().any(|rule| covers(rule, topic, subject)))
     }
 
     /// Whether `subject` may subscribe to `filter` (outside `$aws/`; a
@@ -304,7 +322,8 @@ mod tests {
             units = { gateways = "gateway" }
             [roles.gateway]
             publish = ["things/+/telemetry", "gateways/${client_id}/#"]
-            subscribe = ["things/+/cmd"]
+            subscribe = ["things/+/cmd", "fleet/#"]
+            receive = ["things/+/cmd", "fleet/public/#"]
             "##,
         )
         .expect("parses");
@@ -328,6 +347,15 @@ mod tests {
         assert!(!gateway.may_publish("gateways/gw-2/status", gw));
         assert!(gateway.may_subscribe("things/+/cmd", gw));
         assert!(!gateway.may_subscribe("things/#", gw));
+        assert!(gateway.may_subscribe("fleet/#", gw));
+        assert!(gateway.may_receive("fleet/public/news", gw));
+        assert!(
+            !gateway.may_receive("fleet/secret/keys", gw),
+            "subscribed, not received"
+        );
+        assert!(policy
+            .role_of(Some("lamp-1"), &[])
+            .may_receive("anything", gw));
         assert!(policy.role_of(None, &[]).may_subscribe("#", gw), "open");
     }
 
