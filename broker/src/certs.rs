@@ -157,7 +157,7 @@ pub fn make_crl(dir: &Path, serials: &[String], days: u32) -> Result<PathBuf, Ce
         .iter()
         .map(|hex| {
             let digits: String = hex.chars().filter(|c| *c != ':').collect();
-            let bytes = (digits.len() % 2 == 0 && !digits.is_empty())
+            let bytes = (digits.len().is_multiple_of(2) && !digits.is_empty())
                 .then(|| {
                     (0..digits.len())
                         .step_by(2)
