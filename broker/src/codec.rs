@@ -74,12 +74,35 @@ impl Codec {
         }
     }
 
-    /// Encodes `packet` at the end of `buffer`.
+    /// Encodes `packet` at the end of `buffer`. MQTT 3.1.1 has no
+    /// properties: a packet's MQTT 5 properties (a v5 publisher's, passed on
+    /// by the router) are left out for it.
     pub fn write(self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, protocol::Error> {
         match self {
-            Codec::V4 => V4.write(packet, buffer),
+            Codec::V4 => V4.write(without_properties(packet), buffer),
             Codec::V5 => V5.write(packet, buffer),
         }
+    }
+}
+
+/// `packet` without its MQTT 5 properties (CONNACK's are ignored by the
+/// MQTT 3.1.1 encoder already).
+fn without_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Connect(connect, _, will, _, login) => {
+            Packet::Connect(connect, None, will, None, login)
+        }
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::Subscribe(p, _) => Packet::Subscribe(p, None),
+        Packet::SubAck(p, _) => Packet::SubAck(p, None),
+        Packet::Unsubscribe(p, _) => Packet::Unsubscribe(p, None),
+        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
+        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
+        other => other,
     }
 }
 

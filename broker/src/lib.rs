@@ -46,6 +46,7 @@ pub mod config;
 pub mod connection;
 pub mod embedded;
 pub mod fanout;
+pub mod fuzzing;
 pub mod metrics;
 pub mod policy;
 pub mod requests;

@@ -531,6 +531,24 @@ async fn mqtt_3_1_1_and_5_clients_share_one_port() {
         .await
         .expect("queued");
     assert_eq!(v4.next_publish().await.payload.as_ref(), b"from v5");
+    // MQTT 5 properties are left out for an MQTT 3.1.1 subscriber (its
+    // protocol has no place for them), and the message still arrives.
+    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![("origin".into(), "v5".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "fleet/news",
+            QoS5::AtLeastOnce,
+            false,
+            "with properties",
+            properties,
+        )
+        .await
+        .expect("queued");
+    assert_eq!(v4.next_publish().await.payload.as_ref(), b"with properties");
     h.broker.shutdown(WAIT).await;
 }
 
@@ -673,6 +691,63 @@ async fn a_second_connect_closes_the_connection() {
     assert_eq!(
         h.broker.metrics().protocol_errors.load(Ordering::Relaxed),
         1
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// Packets only a server sends, from an MQTT 5 client, close its
+/// connection as a protocol error, and the connection ends as every
+/// connection does (rumqttd's MQTT 5 reader once panicked on a CONNACK or
+/// UNSUBACK with a body, which skipped the end: found by the fuzzer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_only_a_server_sends_closes_the_connection() {
+    use rumqttc::v5::mqttbytes::v5::{
+        DisconnectReasonCode as DisconnectReasonCode5, Packet as Packet5,
+    };
+    let mut h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let server_only = [
+        WirePacket::ConnAck(
+            wire::ConnAck {
+                session_present: false,
+                code: wire::ConnectReturnCode::Success,
+            },
+            None,
+        ),
+        WirePacket::UnsubAck(
+            wire::UnsubAck {
+                pkid: 1,
+                reasons: vec![wire::UnsubAckReason::Success],
+            },
+            None,
+        ),
+    ];
+    for (n, packet) in server_only.into_iter().enumerate() {
+        let client_id = format!("impostor-{n}");
+        let mut raw = Raw::connect_v5(port, &client_id).await;
+        assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(..))));
+        let Some(PresenceEvent::Connected { session, .. }) =
+            timeout(WAIT, h.presence.recv()).await.expect("in time")
+        else {
+            panic!("connected first");
+        };
+        raw.send(packet).await;
+        let mut last = None;
+        while let Some(packet) = raw.next_v5().await {
+            last = Some(packet);
+        }
+        assert!(
+            matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == DisconnectReasonCode5::ProtocolError),
+            "{last:?}"
+        );
+        assert_eq!(
+            timeout(WAIT, h.presence.recv()).await.expect("in time"),
+            Some(PresenceEvent::Disconnected { client_id, session })
+        );
+    }
+    assert_eq!(
+        h.broker.metrics().protocol_errors.load(Ordering::Relaxed),
+        2
     );
     h.broker.shutdown(WAIT).await;
 }

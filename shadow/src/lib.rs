@@ -25,6 +25,7 @@ pub mod document;
 pub mod engine;
 pub mod error;
 pub mod fleet;
+pub mod fuzzing;
 pub mod http;
 pub mod json;
 pub mod limits;

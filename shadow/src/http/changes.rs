@@ -61,7 +61,7 @@ pub struct ChangeFilter {
 }
 
 impl ChangeFilter {
-    fn from_params(params: &StreamParams) -> Result<ChangeFilter, ApiError> {
+    pub(crate) fn from_params(params: &StreamParams) -> Result<ChangeFilter, ApiError> {
         let query = match params.q.as_deref() {
             Some(q) => Some(SearchQuery::parse(q)?),
             None => None,
@@ -83,7 +83,7 @@ impl ChangeFilter {
         })
     }
 
-    fn matches(&self, change: &Change) -> bool {
+    pub(crate) fn matches(&self, change: &Change) -> bool {
         if self.thing.as_ref().is_some_and(|t| *t != change.thing) {
             return false;
         }
@@ -94,7 +94,7 @@ impl ChangeFilter {
     }
 
     /// The event's data: the whole change, or the selected fields of it.
-    fn render(&self, change: &Change) -> String {
+    pub(crate) fn render(&self, change: &Change) -> String {
         match &self.fields {
             None => event_json(change),
             Some(pointers) => {
