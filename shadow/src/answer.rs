@@ -90,7 +90,7 @@ impl Answer {
                     push(
                         AnswerKind::Documents,
                         body([
-                            ("previous", snapshot(previous)),
+                            ("previous", previous.as_ref().map_or(Value::Null, snapshot)),
                             ("current", snapshot(current)),
                             ("timestamp", (*timestamp).into()),
                         ]),

@@ -81,7 +81,9 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Updated {
-        previous: Snapshot,
+        /// `None` when the update created the shadow (or recreated a
+        /// deleted one).
+        previous: Option<Snapshot>,
         current: Snapshot,
         timestamp: Timestamp,
     },
@@ -136,8 +138,8 @@ pub fn apply(
     }
     match command {
         Command::Update(request) => {
-            let before = live.map(|s| Arc::clone(&s.state)).unwrap_or_default();
-            let mut state = ShadowState::clone(&before);
+            let before = live.map(|s| Arc::clone(&s.state));
+            let mut state = before.as_deref().cloned().unwrap_or_default();
             if let Some(patch) = &request.desired {
                 ShadowState::apply(&mut state.desired, patch, now);
             }
@@ -157,10 +159,10 @@ pub fn apply(
                     updated_at: now,
                 }),
                 outcome: Outcome::Updated {
-                    previous: Snapshot {
-                        state: before,
+                    previous: before.map(|state| Snapshot {
+                        state,
                         version: current_version,
-                    },
+                    }),
                     current: Snapshot { state, version },
                     timestamp: now,
                 },

@@ -203,6 +203,16 @@ async fn delete_then_get_is_404_and_recreate_continues_the_version() {
         ))
         .await;
     assert_eq!(recreated.reply_json()["version"], 4);
+    let documents = recreated
+        .messages
+        .iter()
+        .find(|m| m.topic.ends_with("/update/documents"))
+        .expect("a documents message");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&documents.payload).expect("JSON")["previous"],
+        Value::Null,
+        "a recreated shadow has no previous document"
+    );
     let get = service
         .handle(req(&key, Operation::Get, json!({})))
         .await
@@ -267,8 +277,7 @@ async fn answer_shapes_match_aws() {
         })
     );
     let documents = json(&answer.messages[1]);
-    assert_eq!(documents["previous"]["version"], 0);
-    assert_eq!(documents["previous"]["state"], json!({}));
+    assert_eq!(documents["previous"], Value::Null, "a new shadow has none");
     assert_eq!(documents["current"]["version"], 1);
     assert_eq!(
         documents["current"]["state"]["reported"],
