@@ -107,3 +107,45 @@ async fn mosquitto_clients_update_and_receive_accepted_documents_and_delta() {
     assert!(!refused.success(), "a foreign shadow publish must fail");
     server.shutdown().await;
 }
+
+/// `mosquitto_rr` (MQTT 5 request/response) against a shadow: the reply
+/// comes to the response topic it names, one of its own topics outside
+/// `$aws` or its own `/accepted` topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto-clients (mosquitto_rr)"]
+async fn mosquitto_rr_gets_shadow_replies_over_mqtt_5() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let port = mqtt_addr(&server).port().to_string();
+    let rr = |request: &'static str, response: &'static str, payload: &'static str| {
+        let port = port.clone();
+        async move {
+            let out = Command::new("mosquitto_rr")
+                .args(["-V", "5", "-h", "127.0.0.1", "-p", &port, "-i", "lamp-rr"])
+                .args(["-t", request, "-e", response, "-m", payload, "-W", "20"])
+                .args(["-D", "PUBLISH", "correlation-data", "c-1"])
+                .output()
+                .await
+                .expect("mosquitto_rr runs");
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).expect("a JSON reply")
+        }
+    };
+    let accepted = rr(
+        "$aws/things/lamp-rr/shadow/update",
+        "things/lamp-rr/replies",
+        r#"{"state":{"reported":{"on":true}}}"#,
+    )
+    .await;
+    assert_eq!(accepted["version"], 1);
+    assert_eq!(accepted["state"]["reported"]["on"], true);
+    let document = rr(
+        "$aws/things/lamp-rr/shadow/get",
+        "$aws/things/lamp-rr/shadow/get/accepted",
+        "{}",
+    )
+    .await;
+    assert_eq!(document["version"], 1);
+    assert_eq!(document["state"]["reported"]["on"], true);
+    server.shutdown().await;
+}

@@ -586,3 +586,123 @@ async fn a_flooding_device_does_not_cost_the_others_answers() {
     );
     server.shutdown().await;
 }
+
+/// MQTT 5 request/response: a shadow request with a response topic gets its
+/// reply there as well, with the request's correlation data and user
+/// properties; a response topic the device may not publish to closes the
+/// connection with DISCONNECT 0x87, as any forbidden publish does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_request_gets_its_reply_on_its_response_topic() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let addr = mqtt_addr(&server);
+    let mut options = MqttOptions::new("lamp-5", addr.ip().to_string(), addr.port());
+    options.set_keep_alive(std::time::Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(packet)) => {
+                    if tx.send(Ok(packet)).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+    });
+    type Events = tokio::sync::mpsc::UnboundedReceiver<Result<Packet, String>>;
+    async fn next_of(rx: &mut Events) -> Result<Packet, String> {
+        tokio::time::timeout(umbra_tests::WAIT, rx.recv())
+            .await
+            .expect("in time")
+            .expect("an event")
+    }
+    for filter in ["things/lamp-5/replies", "$aws/things/lamp-5/replies"] {
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+    }
+    let mut subacks = 0;
+    while subacks < 2 {
+        if matches!(next_of(&mut rx).await, Ok(Packet::SubAck(_))) {
+            subacks += 1;
+        }
+    }
+    let request = |response_topic: &str, correlation: &'static [u8]| PublishProperties {
+        response_topic: Some(response_topic.into()),
+        correlation_data: Some(correlation.into()),
+        user_properties: vec![("trace".into(), "t-9".into())],
+        ..PublishProperties::default()
+    };
+
+    let cases = [
+        (
+            "$aws/things/lamp-5/shadow/update",
+            r#"{"state":{"reported":{"on":true}}}"#,
+            "things/lamp-5/replies",
+            &b"c-1"[..],
+        ),
+        (
+            "$aws/things/lamp-5/shadow/get",
+            "{}",
+            "$aws/things/lamp-5/replies",
+            &b"c-2"[..],
+        ),
+    ];
+    for (topic, payload, response_topic, correlation) in cases {
+        client
+            .publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                request(response_topic, correlation),
+            )
+            .await
+            .expect("queued");
+        let reply = loop {
+            if let Packet::Publish(p) = next_of(&mut rx).await.expect("connected") {
+                break p;
+            }
+        };
+        assert_eq!(reply.topic.as_ref(), response_topic.as_bytes());
+        let body: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        assert_eq!(body["state"]["reported"]["on"], true, "{body}");
+        let props = reply.properties.expect("properties");
+        assert_eq!(props.correlation_data.as_deref(), Some(correlation));
+        assert_eq!(
+            props.user_properties,
+            vec![("trace".to_string(), "t-9".to_string())]
+        );
+    }
+
+    client
+        .publish_with_properties(
+            "$aws/things/lamp-5/shadow/get",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+            request("$aws/things/lamp-6/replies", b"c-3"),
+        )
+        .await
+        .expect("queued");
+    // rumqttc reports the server's DISCONNECT as the end of its connection.
+    let ended = loop {
+        if let Err(e) = next_of(&mut rx).await {
+            break e;
+        }
+    };
+    assert!(ended.contains("NotAuthorized"), "{ended}");
+    server.shutdown().await;
+}

@@ -23,7 +23,8 @@ use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -498,6 +499,40 @@ enum Hold {
     Router,
 }
 
+/// Where the reply to an MQTT 5 shadow request also goes.
+struct ResponseTo {
+    topic: String,
+    properties: PublishProperties,
+}
+
+/// A reply, and the response topic it goes to.
+struct Response {
+    to: Box<ResponseTo>,
+    reply: umbra_shadow::Message,
+}
+
+/// A shadow request being handled: resolves, once it is answered, to what
+/// goes to its response topic, if it named one.
+struct Handling {
+    answered: Answered,
+    respond: Option<Box<ResponseTo>>,
+}
+
+impl Future for Handling {
+    type Output = Option<Response>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let reply = std::task::ready!(self.answered.as_mut().poll(cx));
+        std::task::Poll::Ready(match (reply, self.respond.take()) {
+            (Some(reply), Some(to)) => Some(Response { to, reply }),
+            _ => None,
+        })
+    }
+}
+
 /// An acknowledgement waiting for the router's part of it.
 enum PendingAck {
     SubAck(Vec<Option<SubscribeReasonCode>>),
@@ -550,7 +585,7 @@ struct Connection {
     qos2_received: HashSet<u16>,
     /// Shadow requests being handled (`None` while there are none, which
     /// keeps an idle connection from holding the set's allocation).
-    requests: Option<FuturesUnordered<Answered>>,
+    requests: Option<FuturesUnordered<Handling>>,
     /// Parsing stopped early (see [`Connection::hold`]); [`Connection::unstall`]
     /// goes on once nothing holds it.
     stalled: bool,
@@ -624,9 +659,13 @@ impl Connection {
                         false => End::TakenOver,
                     })
                 }
-                Some(()) = next_answered(&mut self.requests), if pending > 0 => {
+                Some(response) = next_answered(&mut self.requests), if pending > 0 => {
                     if self.requests.as_ref().is_some_and(FuturesUnordered::is_empty) {
                         self.requests = None;
+                    }
+                    if let Some(response) = response {
+                        self.respond(response);
+                        self.hand_to_router().await?;
                     }
                     self.unstall().await?;
                 }
@@ -793,7 +832,10 @@ impl Connection {
             publish.qos = delivery.qos;
             publish.pkid = pkid;
             publish.dup = true;
-            self.send(Packet::Publish(publish, None))?;
+            self.send(Packet::Publish(
+                publish,
+                delivery.properties.as_deref().cloned(),
+            ))?;
         }
         self.deliver()
     }
@@ -808,6 +850,7 @@ impl Connection {
             };
             let mut publish = Publish::new(delivery.topic.clone(), delivery.payload.clone(), false);
             publish.qos = delivery.qos;
+            let properties = delivery.properties.as_deref().cloned();
             if delivery.qos != QoS::AtMostOnce {
                 publish.pkid = self.alloc_pkid();
                 self.attached
@@ -815,9 +858,65 @@ impl Connection {
                     .inflight
                     .push_back((publish.pkid, delivery));
             }
-            self.send(Packet::Publish(publish, None))?;
+            self.send(Packet::Publish(publish, properties))?;
         }
         Ok(())
+    }
+
+    /// Where the reply to an MQTT 5 shadow request with a response topic
+    /// also goes, with the request's correlation data and user properties.
+    /// The client must be allowed to publish there: its own `$aws` topics
+    /// (answer topics included, not request topics) or a topic its role
+    /// allows.
+    fn response_to(&self, props: &PublishProperties) -> Result<ResponseTo, End> {
+        let topic = props.response_topic.as_deref().unwrap_or_default();
+        if !topics::valid_topic(topic) {
+            return Err(self.protocol_error(
+                "wildcard or empty response topic",
+                DisconnectReasonCode::TopicNameInvalid,
+            ));
+        }
+        let refused = match topics::route_publish(topic, self.thing(), self.privileged) {
+            PublishRoute::Aws | PublishRoute::Forbidden(Forbidden::AnswerTopic) => None,
+            PublishRoute::Router if self.role.may_publish(topic, self.subject()) => None,
+            PublishRoute::Router | PublishRoute::Drop => Some(Forbidden::Policy),
+            PublishRoute::ShadowRequest(_) => Some(Forbidden::ReservedAws),
+            PublishRoute::Forbidden(why) => Some(why),
+        };
+        if let Some(why) = refused {
+            return Err(self.forbidden("respond", topic, why));
+        }
+        Ok(ResponseTo {
+            topic: topic.to_owned(),
+            properties: PublishProperties {
+                correlation_data: props.correlation_data.clone(),
+                user_properties: props.user_properties.clone(),
+                ..PublishProperties::default()
+            },
+        })
+    }
+
+    /// Publishes a shadow request's reply to its response topic (unless the
+    /// reply went there already): `$aws` topics through Umbra's table at
+    /// QoS 1, others through the router at QoS 0 (as if the client had
+    /// published it; its acknowledgement would be the client's).
+    fn respond(&mut self, Response { to, reply }: Response) {
+        if to.topic == reply.topic {
+            return;
+        }
+        let properties = to.properties;
+        if to.topic.starts_with(topics::AWS_PREFIX) {
+            let publisher = &self.broker.publisher;
+            let _routed = publisher.publish_with(
+                &to.topic,
+                reply.payload,
+                QoS::AtLeastOnce,
+                Some(Arc::new(properties)),
+            );
+        } else {
+            let publish = Publish::new(Bytes::from(to.topic), reply.payload, false);
+            self.forward(Packet::Publish(publish, Some(properties)));
+        }
     }
 
     fn router_side(&mut self) -> &mut RouterSide {
@@ -1006,6 +1105,12 @@ impl Connection {
         }
         match topics::route_publish(topic, self.thing(), self.privileged) {
             PublishRoute::ShadowRequest(request) => {
+                let respond = match props.as_ref() {
+                    Some(props) if props.response_topic.is_some() => {
+                        Some(Box::new(self.response_to(props)?))
+                    }
+                    _ => None,
+                };
                 bump(&self.broker.metrics.shadow_requests);
                 let submitted = self.broker.shadow.submit(ShadowPublish {
                     client_id: self.client_id.clone(),
@@ -1014,7 +1119,10 @@ impl Connection {
                 });
                 self.requests
                     .get_or_insert_with(FuturesUnordered::new)
-                    .push(submitted.answered);
+                    .push(Handling {
+                        answered: submitted.answered,
+                        respond,
+                    });
                 // A device's requests are all its own thing's; a privileged
                 // client's are many things', and one thing's rate must not
                 // hold up the others.
@@ -1389,7 +1497,9 @@ async fn next_notification(
 }
 
 /// The next shadow request answered, if any are being handled.
-async fn next_answered(requests: &mut Option<FuturesUnordered<Answered>>) -> Option<()> {
+async fn next_answered(
+    requests: &mut Option<FuturesUnordered<Handling>>,
+) -> Option<Option<Response>> {
     match requests {
         Some(requests) => requests.next().await,
         None => std::future::pending().await,

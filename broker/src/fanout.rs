@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use rumqttd::protocol::QoS;
+use rumqttd::protocol::{PublishProperties, QoS};
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -28,6 +28,9 @@ pub struct Delivery {
     pub topic: Bytes,
     pub payload: Bytes,
     pub qos: QoS,
+    /// MQTT 5 properties (a reply to a response topic carries the request's
+    /// correlation data and user properties).
+    pub properties: Option<Arc<PublishProperties>>,
 }
 
 /// Messages waiting for one session's connection. Shared between the table
@@ -294,6 +297,18 @@ impl Publisher {
     /// [`publish`](Self::publish) at `qos` (a device's own publish to a
     /// `$aws` topic keeps its QoS).
     pub fn publish_at(&self, topic: &str, payload: Bytes, qos: QoS) -> Result<usize, PublishError> {
+        self.publish_with(topic, payload, qos, None)
+    }
+
+    /// [`publish_at`](Self::publish_at) with MQTT 5 properties, which MQTT
+    /// 3.1.1 subscribers do not get.
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        properties: Option<Arc<PublishProperties>>,
+    ) -> Result<usize, PublishError> {
         if !topic.starts_with("$aws/") {
             return Err(PublishError::NotAws(topic.to_owned()));
         }
@@ -310,6 +325,7 @@ impl Publisher {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: min_qos(qos, sub_qos),
+                properties: properties.clone(),
             };
             if mailbox.push(delivery) {
                 delivered += 1;

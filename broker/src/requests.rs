@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use umbra_shadow::topic::RequestTopic;
-use umbra_shadow::{Request, ShadowService};
+use umbra_shadow::{Message, Request, ShadowService};
 
 /// A device's publish to a shadow request topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +29,9 @@ pub struct ShadowPublish {
     pub payload: Bytes,
 }
 
-/// A request being handled; resolves when it has been answered.
-pub type Answered = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// A request being handled; resolves when it has been answered, to its
+/// reply (the `/accepted` or `/rejected` message) if the handler gives it.
+pub type Answered = Pin<Box<dyn Future<Output = Option<Message>> + Send + 'static>>;
 
 /// A submitted request.
 pub struct Submitted {
@@ -44,7 +45,7 @@ pub struct Submitted {
 
 impl Submitted {
     /// A request that is answered when `answered` resolves.
-    pub fn answered(answered: impl Future<Output = ()> + Send + 'static) -> Submitted {
+    pub fn answered(answered: impl Future<Output = Option<Message>> + Send + 'static) -> Submitted {
         Submitted {
             answered: Box::pin(answered),
             retry_after: None,
@@ -73,9 +74,7 @@ impl ShadowRequests for ShadowService {
         );
         let retry_after = pending.retry_after();
         Submitted {
-            answered: Box::pin(async move {
-                pending.answer().await;
-            }),
+            answered: Box::pin(async move { pending.answer().await.messages.into_iter().next() }),
             retry_after,
         }
     }

@@ -34,7 +34,7 @@ struct Recorder {
 impl ShadowRequests for Recorder {
     fn submit(&self, request: ShadowPublish) -> Submitted {
         let _ignored_when_the_test_ended = self.requests.send(request);
-        Submitted::answered(async {})
+        Submitted::answered(async { None })
     }
 }
 
