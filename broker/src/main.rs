@@ -10,6 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 use umbra_broker::cli::{self, ApiArgs, CertsCommand, ChangesArgs, PasswdArgs, ShadowCommand};
+use umbra_broker::embedded::ListenerSettings;
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
 /// jemalloc, not glibc's malloc: allocation was the largest single part of
@@ -151,19 +152,51 @@ fn run_command(api: &ApiArgs, command: Command) -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
+    let transport = |listener: &Option<ListenerSettings>| match listener
+        .as_ref()
+        .and_then(|l| l.tls.as_ref())
+    {
+        None => "plain",
+        Some(tls) if tls.requires_client_cert() => "TLS, client certificates required",
+        Some(tls) if tls.client_ca.is_some() => "TLS, client certificates accepted",
+        Some(_) => "TLS",
+    };
+    let kinds = [
+        transport(&config.mqtt.mqtt_v4),
+        transport(&config.mqtt.mqtt_v5),
+        transport(&config.mqtt.websocket),
+    ];
+    let anonymous = config.mqtt.auth.is_none() && config.mqtt.password_file.is_none();
     let server = Server::start(config).await?;
     let addrs = server.addrs();
-    for (what, addr) in [
-        ("http", Some(addrs.http)),
+    println!(
+        "umbra: http listening on {} (API document: http://{}/openapi.json)",
+        addrs.http, addrs.http
+    );
+    for ((what, addr), kind) in [
         ("mqtt", addrs.mqtt),
         ("mqtt-v5", addrs.mqtt_v5),
         ("websocket", addrs.websocket),
-    ] {
+    ]
+    .into_iter()
+    .zip(kinds)
+    {
         if let Some(addr) = addr {
-            println!("umbra: {what} listening on {addr}");
+            println!("umbra: {what} listening on {addr} (MQTT 3.1.1 and 5, {kind})");
         }
     }
     println!("umbra: data in {}", data_dir.display());
+    println!(
+        "umbra: try   curl -d '{{\"state\":{{\"desired\":{{\"on\":true}}}}}}' http://{}/things/lamp-1/shadow",
+        addrs.http
+    );
+    if let Some(mqtt) = addrs.mqtt.filter(|_| anonymous && kinds[0] == "plain") {
+        println!(
+            "umbra: watch mosquitto_sub -h {} -p {} -i lamp-1 -t '$aws/things/lamp-1/shadow/update/delta' -v",
+            mqtt.ip(),
+            mqtt.port()
+        );
+    }
     shutdown_signal().await?;
     println!("umbra: shutting down");
     server.shutdown().await;

@@ -60,12 +60,13 @@ pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
             .await
             .expect("umbra prints its addresses")
             .expect("umbra is running");
-        if let Some(addr) = line.strip_prefix("umbra: mqtt listening on ") {
-            mqtt = addr.parse().ok();
-        }
-        if let Some(addr) = line.strip_prefix("umbra: http listening on ") {
-            http = addr.parse().ok();
-        }
+        // "umbra: mqtt listening on ADDR (what it speaks)"
+        let addr = |prefix: &str| {
+            let rest = line.strip_prefix(prefix)?;
+            rest.split(' ').next()?.parse().ok()
+        };
+        mqtt = mqtt.or_else(|| addr("umbra: mqtt listening on "));
+        http = http.or_else(|| addr("umbra: http listening on "));
     }
     Umbra {
         child,
