@@ -855,3 +855,131 @@ async fn shutdown_ends_open_streams() {
     assert!(reader.next().await.is_none());
     service.close().await;
 }
+
+/// CORS is off by default (a preflight is refused, like any method a route
+/// does not take, and no answer carries an allow-origin header); with `cors_origins`, a
+/// listed origin's preflight and requests are allowed, and another's not.
+#[tokio::test]
+async fn cors_is_off_by_default_and_allows_only_configured_origins() {
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/things/lamp-1/shadow")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .expect("request")
+    };
+    let from = |origin: &str| {
+        let mut req = request(Method::GET, "/things/lamp-1/shadow", Some("read-token"), "");
+        req.headers_mut()
+            .insert(header::ORIGIN, origin.parse().expect("header"));
+        req
+    };
+    let allowed = |response: &axum::response::Response| {
+        response
+            .headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    };
+
+    let off = harness(tokens());
+    let response = off
+        .app
+        .clone()
+        .oneshot(preflight("https://dash.example"))
+        .await
+        .expect("infallible");
+    assert!(
+        response.status().is_client_error(),
+        "no preflight answer: {}",
+        response.status()
+    );
+    assert_eq!(allowed(&response), None);
+    let response = off
+        .app
+        .clone()
+        .oneshot(from("https://dash.example"))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND, "no shadow yet");
+    assert_eq!(allowed(&response), None);
+
+    let on = harness(ApiConfig {
+        cors_origins: vec!["https://dash.example".into()],
+        ..tokens()
+    });
+    let response = on
+        .app
+        .clone()
+        .oneshot(preflight("https://dash.example"))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "a preflight needs no token"
+    );
+    assert_eq!(allowed(&response).as_deref(), Some("https://dash.example"));
+    let methods = response.headers()[header::ACCESS_CONTROL_ALLOW_METHODS]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        methods.contains("POST") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let response = on
+        .app
+        .clone()
+        .oneshot(from("https://dash.example"))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND, "no shadow yet");
+    assert_eq!(allowed(&response).as_deref(), Some("https://dash.example"));
+    let response = on
+        .app
+        .clone()
+        .oneshot(from("https://evil.example"))
+        .await
+        .expect("infallible");
+    assert_eq!(allowed(&response), None, "another origin is not allowed");
+    let response = on
+        .app
+        .clone()
+        .oneshot(request(Method::GET, "/things/lamp-1/shadow", None, ""))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "CORS grants no access"
+    );
+}
+
+#[test]
+fn a_cors_origin_must_be_an_origin() {
+    use umbra_shadow::http::{check_listen_addr, ListenError};
+    let addr = "127.0.0.1:8080".parse().expect("addr");
+    for bad in ["dash.example", "https://dash.example/", "https://"] {
+        let config = ApiConfig {
+            cors_origins: vec![bad.into()],
+            ..ApiConfig::default()
+        };
+        assert_eq!(
+            check_listen_addr(&config, addr),
+            Err(ListenError::BadCorsOrigin(bad.into()))
+        );
+    }
+    for good in ["*", "http://localhost:3000", "https://dash.example"] {
+        let config = ApiConfig {
+            cors_origins: vec![good.into()],
+            ..ApiConfig::default()
+        };
+        assert_eq!(check_listen_addr(&config, addr), Ok(()));
+    }
+}

@@ -35,6 +35,12 @@ pub struct ApiConfig {
     pub default_page_size: usize,
     /// Largest page size a request may ask for.
     pub max_page_size: usize,
+    /// Origins whose web pages may call the API (CORS), e.g.
+    /// `["https://dash.example.com"]`; `["*"]` for any. Empty: none (a page
+    /// on another origin cannot read an answer).
+    pub cors_origins: Vec<String>,
+    /// How long a browser may cache a CORS preflight answer, in seconds.
+    pub cors_max_age_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -51,6 +57,8 @@ impl Default for ApiConfig {
             heartbeat_secs: 15,
             default_page_size: 25,
             max_page_size: 250,
+            cors_origins: Vec::new(),
+            cors_max_age_secs: 600,
         }
     }
 }
@@ -103,11 +111,16 @@ pub enum ListenError {
     EmptyToken { name: String },
     #[error("api token {name:?}: a hashed token is sha256: and 64 hex digits")]
     BadTokenHash { name: String },
+    #[error("cors_origins: {0:?} is not an origin (scheme://host[:port], or \"*\")")]
+    BadCorsOrigin(String),
 }
 
 /// Checks the config before the listener is bound: without tokens the API
 /// may only listen on loopback, unless `allow_anonymous_remote` is set.
 pub fn check_listen_addr(config: &ApiConfig, addr: SocketAddr) -> Result<(), ListenError> {
+    if let Some(origin) = config.cors_origins.iter().find(|o| !valid_origin(o)) {
+        return Err(ListenError::BadCorsOrigin(origin.clone()));
+    }
     if let Some(t) = config.tokens.iter().find(|t| t.token.is_empty()) {
         return Err(ListenError::EmptyToken {
             name: t.name.clone(),
@@ -190,4 +203,19 @@ mod tests {
         assert_eq!(check_listen_addr(&tokens, addr("10.0.0.1:80")), Ok(()));
         assert!(!format!("{tokens:?}").contains("s3cret"));
     }
+}
+
+/// `*`, or `scheme://host[:port]` without a path, as a browser sends it in
+/// `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', ' '])
+        && axum::http::HeaderValue::from_str(origin).is_ok()
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -38,6 +38,7 @@ use prometheus::Registry;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -153,8 +154,37 @@ pub fn router(state: ApiState) -> Router {
             Duration::from_millis(config.request_timeout_ms.max(1)),
         ))
         .layer(overload)
+        .layer(tower::util::option_layer(cors(&config)))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// CORS for the configured origins; none by default (no layer: a
+/// preflight gets 405 like any method a route does not take).
+fn cors(config: &ApiConfig) -> Option<CorsLayer> {
+    if config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins = match config.cors_origins.iter().any(|o| o == "*") {
+        true => AllowOrigin::any(),
+        // Checked at start (`check_listen_addr`).
+        false => AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        ),
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(Duration::from_secs(config.cors_max_age_secs));
+    Some(layer)
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then ends the
