@@ -141,6 +141,21 @@ pub fn check_listen_addr(config: &ApiConfig, addr: SocketAddr) -> Result<(), Lis
     Ok(())
 }
 
+/// `*`, or `scheme://host[:port]` without a path, as a browser sends it in
+/// `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', ' '])
+        && axum::http::HeaderValue::from_str(origin).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,19 +218,4 @@ mod tests {
         assert_eq!(check_listen_addr(&tokens, addr("10.0.0.1:80")), Ok(()));
         assert!(!format!("{tokens:?}").contains("s3cret"));
     }
-}
-
-/// `*`, or `scheme://host[:port]` without a path, as a browser sends it in
-/// `Origin`.
-fn valid_origin(origin: &str) -> bool {
-    if origin == "*" {
-        return true;
-    }
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return false;
-    };
-    !scheme.is_empty()
-        && !rest.is_empty()
-        && !rest.contains(['/', '?', '#', ' '])
-        && axum::http::HeaderValue::from_str(origin).is_ok()
 }
