@@ -74,6 +74,10 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Copy the database (of --data-dir or the config's data_dir) to FILE,
+    /// consistent as of one commit, while the server runs (see the README's
+    /// "Backup and restore").
+    Backup { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -86,8 +90,14 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let overrides = Overrides {
+        mqtt_addr: cli.mqtt_addr,
+        ws_addr: cli.ws_addr,
+        http_addr: cli.http_addr,
+        data_dir: cli.data_dir,
+    };
     if let Some(command) = cli.command {
-        return run_command(&cli.api, command);
+        return run_command(&cli.api, cli.config.as_deref(), &overrides, command);
     }
     tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -100,12 +110,6 @@ fn main() -> ExitCode {
         .with(CursorJumpLayer)
         .init();
 
-    let overrides = Overrides {
-        mqtt_addr: cli.mqtt_addr,
-        ws_addr: cli.ws_addr,
-        http_addr: cli.http_addr,
-        data_dir: cli.data_dir,
-    };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -132,14 +136,55 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs an operator command against a running server.
-fn run_command(api: &ApiArgs, command: Command) -> ExitCode {
+/// `umbra backup FILE`.
+fn backup(
+    config: Option<&std::path::Path>,
+    overrides: &Overrides,
+    file: &std::path::Path,
+) -> ExitCode {
+    let config = match Config::load(config, overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("umbra: invalid configuration: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let database = config.database_path();
+    if !database.exists() {
+        eprintln!("umbra: no database at {}", database.display());
+        return ExitCode::from(EX_USAGE);
+    }
+    match umbra_shadow::store::backup(&database, file) {
+        Ok(pages) => {
+            println!(
+                "umbra: backed up {} to {} ({pages} pages)",
+                database.display(),
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("umbra: backup failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command instead of the server: an operator command against a
+/// running server, or a local one.
+fn run_command(
+    api: &ApiArgs,
+    config: Option<&std::path::Path>,
+    overrides: &Overrides,
+    command: Command,
+) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let result = match command {
         Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
         Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
         Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),
+        Command::Backup { file } => return backup(config, overrides, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

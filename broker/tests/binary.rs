@@ -373,3 +373,114 @@ async fn devices_authenticate_with_their_own_passwords() {
     };
     tokio::time::timeout(WAIT, acked).await.expect("puback");
 }
+
+/// `umbra backup FILE` copies the database while the server serves
+/// updates; a server started on a copy of the backup has the fleet exactly
+/// as of one commit (the things updated one after another form an unbroken
+/// run, and the change log holds one change for each), and nothing
+/// acknowledged before the backup began is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_serving_restores_as_of_one_commit() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    const THINGS: u64 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (live, restored) = (dir.path().join("live"), dir.path().join("restored"));
+    let umbra = spawn(&live).await;
+    let api = format!("http://{}", umbra.http);
+    let acknowledged = std::sync::Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (api, acknowledged) = (api.clone(), acknowledged.clone());
+        // One update per thing, each acknowledged before the next is sent.
+        tokio::task::spawn_blocking(move || {
+            for n in 0..THINGS {
+                let body = json!({"state": {"desired": {"n": n}}}).to_string();
+                ureq::post(&format!("{api}/things/b-{n}/shadow"))
+                    .send_string(&body)
+                    .expect("update accepted");
+                acknowledged.store(n + 1, SeqCst);
+            }
+        })
+    };
+    while acknowledged.load(SeqCst) < 20 {
+        tokio::task::yield_now().await;
+    }
+    let before = acknowledged.load(SeqCst);
+    let file = dir.path().join("umbra-backup.db");
+    let (code, out, err) = run_to_exit(&[
+        "--data-dir",
+        live.to_str().expect("utf-8"),
+        "backup",
+        file.to_str().expect("utf-8"),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backed up"), "{out}");
+    let during = acknowledged.load(SeqCst);
+    writer.await.expect("every update acknowledged");
+
+    // Restore: the backup as the database of a fresh data directory.
+    std::fs::create_dir_all(&restored).expect("mkdir");
+    std::fs::copy(&file, restored.join("umbra.db")).expect("copied");
+    let copy = spawn(&restored).await;
+    let http = copy.http;
+    let present = move |n: u64| {
+        let url = format!("http://{http}/things/b-{n}/shadow");
+        match ureq::get(&url).call() {
+            Ok(reply) => {
+                let shadow: Value = reply.into_json().expect("JSON");
+                assert_eq!(shadow["state"]["desired"]["n"], n);
+                true
+            }
+            Err(ureq::Error::Status(404, _)) => false,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let kept = tokio::task::spawn_blocking(move || {
+        let kept = (0..THINGS).take_while(|n| present(*n)).count() as u64;
+        assert!(
+            (kept..THINGS).all(|n| !present(n)),
+            "the things kept are an unbroken run"
+        );
+        kept
+    })
+    .await
+    .expect("checked");
+    assert!(
+        kept >= before,
+        "{kept} < {before} acknowledged before the backup"
+    );
+    assert!(
+        kept <= during + 1,
+        "{kept} > {during} acknowledged by its end"
+    );
+    let (code, out, err) = run_to_exit(&[
+        "--api",
+        &format!("http://{}", copy.http),
+        "changes",
+        "--since",
+        "0",
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().count() as u64,
+        kept,
+        "one change per thing kept"
+    );
+    drop(umbra);
+}
+
+#[tokio::test]
+async fn a_backup_without_a_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, _, err) = run_to_exit(&[
+        "--data-dir",
+        dir.path().to_str().expect("utf-8"),
+        "backup",
+        dir.path().join("b.db").to_str().expect("utf-8"),
+    ])
+    .await;
+    assert_eq!(code, 64);
+    assert!(err.contains("no database"), "{err}");
+}

@@ -6,7 +6,7 @@
 
 mod sqlite;
 
-pub use sqlite::{SqliteStore, StoreConfig, Synchronous};
+pub use sqlite::{backup, SqliteStore, StoreConfig, Synchronous};
 
 use std::sync::Arc;
 
@@ -172,6 +172,8 @@ pub enum StoreError {
     Closed,
     #[error("store writer failed")]
     WriterFailed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A shadow store. The SQLite store is the one implementation today; the trait

@@ -2,7 +2,7 @@
 //! their own connections.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -115,6 +115,41 @@ impl std::fmt::Debug for SqliteStore {
             .field("path", &self.path)
             .finish()
     }
+}
+
+/// Copies the database at `from` to `to` while it is in use: SQLite's
+/// online backup in one step, under one read transaction, so the copy is
+/// the database as of one commit (in WAL mode the writer goes on
+/// meanwhile). The copy is written beside `to` and renamed over it once
+/// complete and synced, so `to` is never a partial copy. Returns the pages
+/// copied.
+pub fn backup(from: &Path, to: &Path) -> Result<i32, StoreError> {
+    let source = Connection::open_with_flags(
+        from,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    source.busy_timeout(Duration::from_secs(5))?;
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let _stale = std::fs::remove_file(&partial);
+    let pages = {
+        let mut copy = Connection::open(&partial)?;
+        let backup = rusqlite::backup::Backup::new(&source, &mut copy)?;
+        // -1: every page in one step (one read transaction). Busy only
+        // while another connection holds a lock the read must wait for.
+        while backup.step(-1)? != rusqlite::backup::StepResult::Done {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pages = backup.progress().pagecount;
+        drop(backup);
+        // A single file: the copy keeps no WAL of its own.
+        copy.pragma_update(None, "journal_mode", "DELETE")?;
+        pages
+    };
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, to)?;
+    Ok(pages)
 }
 
 impl SqliteStore {
