@@ -470,6 +470,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     let props = Some(ConnAckProperties {
         assigned_client_identifier: assigned,
         receive_max: Some(u16::try_from(limits.receive_maximum).unwrap_or(u16::MAX)),
+        topic_alias_max: Some(limits.topic_alias_maximum),
+        max_packet_size: Some(u32::try_from(limits.max_payload_size).unwrap_or(u32::MAX)),
+        // Not implemented: a client must not send any.
+        subscription_identifiers_available: Some(0),
         ..ConnAckProperties::default()
     });
     let ack = ConnAck {
@@ -1072,6 +1076,12 @@ impl Connection {
         props: Option<protocol::PublishProperties>,
     ) -> Result<(), End> {
         if let Some(alias) = props.as_ref().and_then(|p| p.topic_alias) {
+            if alias == 0 || alias > self.broker.limits.topic_alias_maximum {
+                return Err(self.protocol_error(
+                    "topic alias 0 or above the maximum",
+                    DisconnectReasonCode::TopicAliasInvalid,
+                ));
+            }
             if publish.topic.is_empty() {
                 match self.aliases.get(&alias) {
                     Some(topic) => publish.topic = topic.clone(),
@@ -1082,7 +1092,7 @@ impl Connection {
                         ))
                     }
                 }
-            } else if self.aliases.len() < 64 || self.aliases.contains_key(&alias) {
+            } else {
                 self.aliases.insert(alias, publish.topic.clone());
             }
         }

@@ -187,6 +187,9 @@ pub struct ConnectionLimits {
     /// a connection has that many, Umbra stops reading from it, so one
     /// client cannot fill the router's queues.
     pub receive_maximum: usize,
+    /// Topic aliases an MQTT 5 client may set (announced in its CONNACK);
+    /// an alias of 0 or above it closes the connection (0x94).
+    pub topic_alias_maximum: u16,
     /// Messages kept for one session while its client is slow or away.
     pub max_queued_messages: usize,
     /// How long a persistent session outlives its connection (and the most an
@@ -209,6 +212,7 @@ impl Default for ConnectionLimits {
             max_pending_requests_privileged: 4096,
             max_inflight_count: 100,
             receive_maximum: 32,
+            topic_alias_maximum: 10,
             max_queued_messages: 1000,
             session_expiry_secs: 3600,
             write_timeout_ms: 30_000,

@@ -1622,3 +1622,64 @@ async fn a_client_has_at_most_receive_maximum_messages_waiting_for_the_router() 
     assert_eq!(receive_max, Some(2));
     h.broker.shutdown(WAIT).await;
 }
+
+/// MQTT 5 topic aliases from a client: the CONNACK says how many it may
+/// set; a topic set with an alias is used for later publishes with the
+/// alias and an empty topic; an alias of 0 or above the maximum closes the
+/// connection with DISCONNECT 0x94 (topic alias invalid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_topic_aliases_within_the_announced_maximum() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode as Reason5, Packet as Packet5};
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut watcher = connect("watcher", port, Duration::from_secs(30));
+    watcher.connected().await;
+    watcher.subscribe("fleet/alias").await;
+
+    let aliased = |topic: &str, alias: u16, payload: &'static [u8]| {
+        let mut publish = wire::Publish::new(
+            Bytes::from(topic.to_owned()),
+            Bytes::from_static(payload),
+            false,
+        );
+        publish.qos = wire::QoS::AtMostOnce;
+        let props = wire::PublishProperties {
+            topic_alias: Some(alias),
+            ..wire::PublishProperties::default()
+        };
+        WirePacket::Publish(publish, Some(props))
+    };
+    let mut raw = Raw::connect_v5(port, "aliaser").await;
+    let Some(Packet5::ConnAck(ack)) = raw.next_v5().await else {
+        panic!("a CONNACK first");
+    };
+    let props = ack.properties.expect("CONNACK properties");
+    assert_eq!(props.topic_alias_max, Some(10));
+    assert_eq!(props.max_packet_size, Some(128 * 1024));
+    assert_eq!(props.subscription_identifiers_available, Some(0));
+
+    raw.send(aliased("fleet/alias", 10, b"set")).await;
+    raw.send(aliased("", 10, b"used")).await;
+    for expected in [&b"set"[..], b"used"] {
+        let got = watcher.next_publish().await;
+        assert_eq!(
+            (got.topic.as_str(), got.payload.as_ref()),
+            ("fleet/alias", expected)
+        );
+    }
+
+    for bad in [0, 11] {
+        let mut raw = Raw::connect_v5(port, &format!("bad-alias-{bad}")).await;
+        assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(..))));
+        raw.send(aliased("fleet/alias", bad, b"refused")).await;
+        let mut last = None;
+        while let Some(packet) = raw.next_v5().await {
+            last = Some(packet);
+        }
+        assert!(
+            matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::TopicAliasInvalid),
+            "alias {bad}: {last:?}"
+        );
+    }
+    h.broker.shutdown(WAIT).await;
+}
