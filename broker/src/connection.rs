@@ -962,8 +962,15 @@ impl Connection {
         if self.router.as_ref().is_some_and(|r| r.link.is_some()) {
             return Ok(());
         }
+        // The router keeps a session unless it is clean: this one's, when
+        // Umbra keeps it after the connection (MQTT 5: a session expiry)
+        // or it resumes a saved one (clean start 0). Umbra ends saved
+        // router sessions itself (`Sessions::end`), so an MQTT 5 session
+        // with clean start 1 and an expiry starts fresh and is kept, and
+        // one with clean start 0 and no expiry resumes and then ends.
+        let clean = self.clean && self.keep.is_none();
         let builder =
-            LinkBuilder::new(&self.client_id, self.broker.router.clone()).clean_session(self.clean);
+            LinkBuilder::new(&self.client_id, self.broker.router.clone()).clean_session(clean);
         let (tx, rx, _connack) = Box::pin(builder.build_async()).await?;
         bump(&self.broker.metrics.router_links);
         self.attached.session.router = true;

@@ -146,12 +146,12 @@ impl Sessions {
         );
         let previous = match previous {
             None => None,
-            Some(Slot::Parked { session, expires }) => {
-                (expires > Instant::now()).then_some(session).or_else(|| {
-                    debug!(client_id, "parked session expired");
-                    None
-                })
+            Some(Slot::Parked { session, expires }) if expires <= Instant::now() => {
+                debug!(client_id, "parked session expired");
+                self.end(client_id, session);
+                None
             }
+            Some(Slot::Parked { session, .. }) => Some(session),
             Some(Slot::Live {
                 kick: old, handoff, ..
             }) => {

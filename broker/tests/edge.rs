@@ -1683,3 +1683,100 @@ async fn mqtt5_topic_aliases_within_the_announced_maximum() {
     }
     h.broker.shutdown(WAIT).await;
 }
+
+/// MQTT 5 sessions follow the session expiry, not clean start alone, for
+/// router traffic too: clean start 1 with an expiry starts a session that
+/// outlives the connection; clean start 0 without one resumes it (with
+/// what was published meanwhile) and ends it at the disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_router_sessions_follow_the_session_expiry() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let connect = |clean_start: bool, expiry: Option<u32>| {
+        WirePacket::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: "offline5".into(),
+                clean_session: clean_start,
+            },
+            Some(wire::ConnectProperties {
+                session_expiry_interval: expiry,
+                receive_maximum: None,
+                max_packet_size: None,
+                topic_alias_max: None,
+                request_response_info: None,
+                request_problem_info: None,
+                user_properties: Vec::new(),
+                authentication_method: None,
+                authentication_data: None,
+            }),
+            None,
+            None,
+            None::<Login>,
+        )
+    };
+    let session_present = |packet: Option<Packet5>| match packet {
+        Some(Packet5::ConnAck(ack)) => ack.session_present,
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+
+    let mut first = Raw::open(port, connect(true, Some(600)), Codec::V5).await;
+    assert!(!session_present(first.next_v5().await));
+    first
+        .send(WirePacket::Subscribe(
+            wire::Subscribe {
+                pkid: 1,
+                filters: vec![wire::Filter {
+                    path: "fleet/offline".into(),
+                    qos: wire::QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            None,
+        ))
+        .await;
+    assert!(matches!(first.next_v5().await, Some(Packet5::SubAck(_))));
+    first
+        .send(WirePacket::Disconnect(
+            wire::Disconnect {
+                reason_code: wire::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ))
+        .await;
+    while first.next_v5().await.is_some() {}
+    parked(&h).await;
+
+    let mut publisher = self::connect("pub5", port, Duration::from_secs(30));
+    publisher.connected().await;
+    publisher.publish("fleet/offline", "while away").await;
+    publisher
+        .wait_for(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await;
+
+    let mut back = Raw::open(port, connect(false, None), Codec::V5).await;
+    assert!(session_present(back.next_v5().await), "kept by its expiry");
+    let got = loop {
+        if let Some(Packet5::Publish(p)) = back.next_v5().await {
+            break p;
+        }
+    };
+    assert_eq!(
+        (got.topic.as_ref(), got.payload.as_ref()),
+        (&b"fleet/offline"[..], &b"while away"[..])
+    );
+    drop(back);
+    // No expiry this time: the session ended with that connection.
+    let ended = async {
+        while h.broker.parked_sessions() > 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    timeout(WAIT, ended).await.expect("nothing parked");
+    let mut again = Raw::open(port, connect(false, None), Codec::V5).await;
+    assert!(!session_present(again.next_v5().await), "no session left");
+    h.broker.shutdown(WAIT).await;
+}
