@@ -420,6 +420,17 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     // MQTT 5: the session outlives the connection when the client asks for
     // an expiry (capped by the server's); MQTT 3.1.1: clean session 0.
     let max_expiry = limits.session_expiry_secs;
+    // QoS 1 messages sent and not yet acknowledged, at most: Umbra's
+    // window, and an MQTT 5 client's receive maximum if it is lower.
+    let send_window = match codec {
+        Codec::V4 => limits.max_inflight_count,
+        Codec::V5 => props
+            .as_ref()
+            .and_then(|p| p.receive_maximum)
+            .map_or(usize::MAX, usize::from)
+            .min(limits.max_inflight_count),
+    }
+    .max(1);
     let keep = match codec {
         Codec::V4 => (!connect.clean_session).then_some(max_expiry),
         Codec::V5 => props
@@ -456,6 +467,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         keep_alive,
         clean: connect.clean_session,
         keep,
+        send_window,
         will,
         router: None,
         next_pkid: 0,
@@ -580,6 +592,9 @@ struct Connection {
     clean: bool,
     /// How long the session is kept after this connection ends.
     keep: Option<Duration>,
+    /// QoS 1 messages this connection may have sent and not had
+    /// acknowledged (Umbra's and the router's together).
+    send_window: usize,
     will: Option<LastWill>,
     /// Router state, once the connection uses a topic outside `$aws/`
     /// (boxed: most devices never do).
@@ -654,7 +669,9 @@ impl Connection {
         loop {
             let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
             let can_read = !self.stalled && self.hold().is_none();
-            let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
+            // The router's messages wait while the client's window is full.
+            let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some())
+                && self.unacknowledged() < self.send_window;
             tokio::select! {
                 biased;
                 () = kick.cancelled() => {
@@ -847,8 +864,7 @@ impl Connection {
     /// Moves messages from the mailbox to the wire, within the window of
     /// unacknowledged QoS 1 messages.
     fn deliver(&mut self) -> Result<(), End> {
-        let window = self.broker.limits.max_inflight_count.max(1);
-        while self.attached.session.inflight.len() < window {
+        while self.unacknowledged() < self.send_window {
             let Some(delivery) = self.attached.session.mailbox.pop() else {
                 break;
             };
@@ -921,6 +937,11 @@ impl Connection {
             let publish = Publish::new(Bytes::from(to.topic), reply.payload, false);
             self.forward(Packet::Publish(publish, Some(properties)));
         }
+    }
+
+    /// QoS 1 messages sent to the client and not yet acknowledged.
+    fn unacknowledged(&self) -> usize {
+        self.attached.session.inflight.len() + self.router.as_ref().map_or(0, |r| r.inflight.len())
     }
 
     fn router_side(&mut self) -> &mut RouterSide {
@@ -1381,7 +1402,7 @@ impl Connection {
                 }
                 _ => {}
             }
-            if self.write.len() >= 16 * 1024 {
+            if self.write.len() >= 16 * 1024 || self.unacknowledged() >= self.send_window {
                 break;
             }
             next = self

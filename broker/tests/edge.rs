@@ -1780,3 +1780,84 @@ async fn mqtt5_router_sessions_follow_the_session_expiry() {
     assert!(!session_present(again.next_v5().await), "no session left");
     h.broker.shutdown(WAIT).await;
 }
+
+/// An MQTT 5 client's receive maximum bounds the QoS 1 messages Umbra has
+/// sent it and not had acknowledged: with 2, a third waits for a PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_clients_receive_maximum_bounds_what_is_unacknowledged() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let delta = "$aws/things/flow5/shadow/update/delta";
+    let connect = WirePacket::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "flow5".into(),
+            clean_session: true,
+        },
+        Some(wire::ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum: Some(2),
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }),
+        None,
+        None,
+        None::<Login>,
+    );
+    let mut raw = Raw::open(port, connect, Codec::V5).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    raw.send(WirePacket::Subscribe(
+        wire::Subscribe {
+            pkid: 1,
+            filters: vec![wire::Filter {
+                path: delta.into(),
+                qos: wire::QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
+    let publisher = h.broker.publisher();
+    for n in 1..=3 {
+        assert_eq!(
+            publisher.publish(delta, Bytes::from(format!("d{n}"))),
+            Ok(1)
+        );
+    }
+    // The messages were queued before the PINGREQ was sent, and a
+    // connection moves queued messages to the wire before it reads: what
+    // comes before the PINGRESP is all it would send now.
+    raw.send(WirePacket::PingReq(wire::PingReq)).await;
+    let mut sent = Vec::new();
+    loop {
+        match raw.next_v5().await {
+            Some(Packet5::PingResp(_)) => break,
+            Some(Packet5::Publish(p)) => sent.push(p),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(sent.len(), 2, "two unacknowledged at most: {sent:?}");
+    raw.send(WirePacket::PubAck(
+        wire::PubAck {
+            pkid: sent[0].pkid,
+            reason: wire::PubAckReason::Success,
+        },
+        None,
+    ))
+    .await;
+    match raw.next_v5().await {
+        Some(Packet5::Publish(p)) => assert_eq!(p.payload.as_ref(), b"d3"),
+        other => panic!("the third once one is acknowledged: {other:?}"),
+    }
+    h.broker.shutdown(WAIT).await;
+}
