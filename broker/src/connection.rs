@@ -431,6 +431,11 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             .min(limits.max_inflight_count),
     }
     .max(1);
+    // MQTT 5: the largest packet the client takes; larger ones are not sent.
+    let max_packet_out = props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .and_then(|size| usize::try_from(size).ok());
     let keep = match codec {
         Codec::V4 => (!connect.clean_session).then_some(max_expiry),
         Codec::V5 => props
@@ -444,7 +449,14 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         .sessions
         .attach(&client_id, conn, connect.clean_session)
         .await;
-    let keep_alive = match connect.keep_alive {
+    // MQTT 5: a keep-alive of 0 or above the server's maximum becomes the
+    // maximum, and the CONNACK says so (MQTT 3.1.1 has no way to tell).
+    let max_keep_alive = limits.max_keep_alive_secs;
+    let server_keep_alive = (codec == Codec::V5
+        && max_keep_alive > 0
+        && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive))
+        .then_some(max_keep_alive);
+    let keep_alive = match server_keep_alive.unwrap_or(connect.keep_alive) {
         0 => {
             bump(&broker.metrics.keep_alive_zero);
             None
@@ -468,6 +480,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         clean: connect.clean_session,
         keep,
         send_window,
+        max_packet_out,
         will,
         router: None,
         next_pkid: 0,
@@ -483,6 +496,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         assigned_client_identifier: assigned,
         receive_max: Some(u16::try_from(limits.receive_maximum).unwrap_or(u16::MAX)),
         topic_alias_max: Some(limits.topic_alias_maximum),
+        server_keep_alive,
         max_packet_size: Some(u32::try_from(limits.max_payload_size).unwrap_or(u32::MAX)),
         // Not implemented: a client must not send any.
         subscription_identifiers_available: Some(0),
@@ -595,6 +609,8 @@ struct Connection {
     /// QoS 1 messages this connection may have sent and not had
     /// acknowledged (Umbra's and the router's together).
     send_window: usize,
+    /// The largest packet the client takes (MQTT 5 maximum packet size).
+    max_packet_out: Option<usize>,
     will: Option<LastWill>,
     /// Router state, once the connection uses a topic outside `$aws/`
     /// (boxed: most devices never do).
@@ -871,6 +887,9 @@ impl Connection {
             let mut publish = Publish::new(delivery.topic.clone(), delivery.payload.clone(), false);
             publish.qos = delivery.qos;
             let properties = delivery.properties.as_deref().cloned();
+            if !self.fits(&publish, &properties) {
+                continue;
+            }
             if delivery.qos != QoS::AtMostOnce {
                 publish.pkid = self.alloc_pkid();
                 self.attached
@@ -937,6 +956,27 @@ impl Connection {
             let publish = Publish::new(Bytes::from(to.topic), reply.payload, false);
             self.forward(Packet::Publish(publish, Some(properties)));
         }
+    }
+
+    /// Whether a publish fits within the client's maximum packet size; one
+    /// that does not is dropped (MQTT 5 says so) and counted.
+    fn fits(&self, publish: &Publish, properties: &Option<PublishProperties>) -> bool {
+        let Some(max) = self.max_packet_out else {
+            return true;
+        };
+        let mut scratch = BytesMut::new();
+        let mut publish = publish.clone();
+        // The packet id is not allocated yet; any takes the same 2 bytes.
+        publish.pkid = 1;
+        let packet = Packet::Publish(publish, properties.clone());
+        let fits = self
+            .codec
+            .write(packet, &mut scratch)
+            .is_ok_and(|_| scratch.len() <= max);
+        if !fits {
+            bump(&self.broker.metrics.oversize_dropped);
+        }
+        fits
     }
 
     /// QoS 1 messages sent to the client and not yet acknowledged.
@@ -1374,11 +1414,15 @@ impl Connection {
                 Notification::Forward(forward) => {
                     let mut publish = forward.publish;
                     let topic = String::from_utf8_lossy(&publish.topic);
-                    if !self.role.may_receive(&topic, self.subject()) {
-                        // Not for this client: withheld, and acknowledged to
-                        // the router on its behalf (router deliveries are
-                        // at most QoS 1).
-                        bump(&self.broker.metrics.withheld);
+                    let properties = forward.properties.map(|p| *p);
+                    let receive = self.role.may_receive(&topic, self.subject());
+                    if !receive || !self.fits(&publish, &properties) {
+                        // Not for this client (its role, or larger than it
+                        // takes): withheld, and acknowledged to the router
+                        // on its behalf (router deliveries are at most QoS 1).
+                        if !receive {
+                            bump(&self.broker.metrics.withheld);
+                        }
                         if publish.qos != QoS::AtMostOnce {
                             let ack = PubAck {
                                 pkid: publish.pkid,
@@ -1392,7 +1436,7 @@ impl Connection {
                             self.router_side().inflight.insert(wire, publish.pkid);
                             publish.pkid = wire;
                         }
-                        self.send(Packet::Publish(publish, forward.properties.map(|p| *p)))?;
+                        self.send(Packet::Publish(publish, properties))?;
                     }
                 }
                 Notification::DeviceAck(ack) => self.router_ack(ack.into())?,

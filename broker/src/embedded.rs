@@ -190,6 +190,10 @@ pub struct ConnectionLimits {
     /// Topic aliases an MQTT 5 client may set (announced in its CONNACK);
     /// an alias of 0 or above it closes the connection (0x94).
     pub topic_alias_maximum: u16,
+    /// The longest keep-alive an MQTT 5 client gets, in seconds (AWS IoT's
+    /// limit): one that asks for more, or for none (0), is given this one
+    /// in its CONNACK. MQTT 3.1.1 clients keep theirs. 0: no maximum.
+    pub max_keep_alive_secs: u16,
     /// Messages kept for one session while its client is slow or away.
     pub max_queued_messages: usize,
     /// How long a persistent session outlives its connection (and the most an
@@ -213,6 +217,7 @@ impl Default for ConnectionLimits {
             max_inflight_count: 100,
             receive_maximum: 32,
             topic_alias_maximum: 10,
+            max_keep_alive_secs: 1200,
             max_queued_messages: 1000,
             session_expiry_secs: 3600,
             write_timeout_ms: 30_000,

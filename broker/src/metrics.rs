@@ -117,6 +117,9 @@ pub struct EdgeMetrics {
     /// Messages a subscription let in that the client's role may not
     /// receive, withheld.
     pub withheld: AtomicU64,
+    /// Messages larger than an MQTT 5 subscriber's maximum packet size,
+    /// not sent to it.
+    pub oversize_dropped: AtomicU64,
     /// Shadow requests handed to the shadow service.
     pub shadow_requests: AtomicU64,
     /// Times a connection stopped reading because too many of its shadow
@@ -177,7 +180,7 @@ pub struct EdgeCollector {
 }
 
 /// (name, help, kind) of every metric the collector exports.
-const EDGE_FAMILIES: [(&str, &str, MetricType); 23] = [
+const EDGE_FAMILIES: [(&str, &str, MetricType); 24] = [
     (
         "umbra_mqtt_connections",
         "MQTT connections currently open (past CONNACK).",
@@ -231,6 +234,11 @@ const EDGE_FAMILIES: [(&str, &str, MetricType); 23] = [
     (
         "umbra_mqtt_withheld_total",
         "Messages withheld from a subscriber whose role may not receive them.",
+        MetricType::COUNTER,
+    ),
+    (
+        "umbra_mqtt_oversize_dropped_total",
+        "Messages not sent to a subscriber because they exceed its maximum packet size.",
         MetricType::COUNTER,
     ),
     (
@@ -332,6 +340,7 @@ impl EdgeCollector {
             "umbra_mqtt_protocol_errors_total" => one(&m.protocol_errors),
             "umbra_mqtt_refused_subscriptions_total" => one(&m.refused_subscriptions),
             "umbra_mqtt_withheld_total" => one(&m.withheld),
+            "umbra_mqtt_oversize_dropped_total" => one(&m.oversize_dropped),
             "umbra_mqtt_shadow_requests_total" => one(&m.shadow_requests),
             "umbra_mqtt_request_stalls_total" => one(&m.request_stalls),
             "umbra_mqtt_rate_pauses_total" => one(&m.rate_pauses),

@@ -1861,3 +1861,116 @@ async fn an_mqtt5_clients_receive_maximum_bounds_what_is_unacknowledged() {
     }
     h.broker.shutdown(WAIT).await;
 }
+
+/// A CONNECT as an MQTT 5 client sends it, with the properties the tests
+/// below set.
+fn connect5(client_id: &str, keep_alive: u16, max_packet_size: Option<u32>) -> WirePacket {
+    WirePacket::Connect(
+        Connect {
+            keep_alive,
+            client_id: client_id.into(),
+            clean_session: true,
+        },
+        Some(wire::ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum: None,
+            max_packet_size,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }),
+        None,
+        None,
+        None::<Login>,
+    )
+}
+
+/// An MQTT 5 client's maximum packet size: what is larger is not sent to
+/// it (and counted), whether Umbra or the router delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_larger_than_an_mqtt5_clients_maximum_packet_size_is_sent() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let delta = "$aws/things/small5/shadow/update/delta";
+    let mut raw = Raw::open(port, connect5("small5", 30, Some(64)), Codec::V5).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    let subscribe = |pkid: u16, path: &str| {
+        WirePacket::Subscribe(
+            wire::Subscribe {
+                pkid,
+                filters: vec![wire::Filter {
+                    path: path.into(),
+                    qos: wire::QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            None,
+        )
+    };
+    raw.send(subscribe(1, delta)).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
+    raw.send(subscribe(2, "fleet/size")).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
+
+    let big = "x".repeat(100);
+    let publisher = h.broker.publisher();
+    assert_eq!(publisher.publish(delta, Bytes::from(big.clone())), Ok(1));
+    assert_eq!(publisher.publish(delta, Bytes::from("small")), Ok(1));
+    let mut other = connect("sender", port, Duration::from_secs(30));
+    other.connected().await;
+    other.publish("fleet/size", &big).await;
+    other.publish("fleet/size", "small too").await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let Some(Packet5::Publish(p)) = raw.next_v5().await {
+            raw.send(WirePacket::PubAck(
+                wire::PubAck {
+                    pkid: p.pkid,
+                    reason: wire::PubAckReason::Success,
+                },
+                None,
+            ))
+            .await;
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    // Umbra's and the router's deliveries are not ordered with each other.
+    got.sort();
+    assert_eq!(got, ["small", "small too"]);
+    assert_eq!(
+        h.broker.metrics().oversize_dropped.load(Ordering::Relaxed),
+        2
+    );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// MQTT 5: a keep-alive above `max_keep_alive_secs`, or none, is replaced
+/// by it, and the CONNACK says so; one within it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_keep_alive_above_the_maximum_is_lowered_in_the_connack() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let mut settings = settings();
+    settings.connection.max_keep_alive_secs = 60;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    for (asked, told) in [(120, Some(60)), (0, Some(60)), (30, None), (60, None)] {
+        let mut raw = Raw::open(
+            port,
+            connect5(&format!("ka-{asked}"), asked, None),
+            Codec::V5,
+        )
+        .await;
+        let Some(Packet5::ConnAck(ack)) = raw.next_v5().await else {
+            panic!("a CONNACK");
+        };
+        let props = ack.properties.expect("properties");
+        assert_eq!(props.server_keep_alive, told, "asked for {asked}");
+    }
+    h.broker.shutdown(WAIT).await;
+}
