@@ -1177,9 +1177,25 @@ impl Connection {
         }
         let pkid = publish.pkid;
         let qos = publish.qos;
-        if qos == QoS::ExactlyOnce && !self.qos2_received.insert(pkid) {
+        if qos == QoS::ExactlyOnce && self.qos2_received.contains(&pkid) {
             // A retransmission of a QoS 2 message already taken.
             return self.send(pubrec(pkid));
+        }
+        // MQTT 5: the client was told the receive maximum, and a QoS 2
+        // message counts until its PUBCOMP (a client that never releases
+        // them is cut off here; Umbra stops reading meanwhile otherwise).
+        let unfinished = self.qos2_received.len() + self.router.as_ref().map_or(0, |r| r.unacked);
+        if qos != QoS::AtMostOnce
+            && self.codec == Codec::V5
+            && unfinished >= self.broker.limits.receive_maximum
+        {
+            return Err(self.protocol_error(
+                "more unacknowledged publishes than the receive maximum",
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+            ));
+        }
+        if qos == QoS::ExactlyOnce {
+            self.qos2_received.insert(pkid);
         }
         match topics::route_publish(topic, self.thing(), self.privileged) {
             PublishRoute::ShadowRequest(request) => {

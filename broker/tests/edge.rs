@@ -1974,3 +1974,29 @@ async fn an_mqtt5_keep_alive_above_the_maximum_is_lowered_in_the_connack() {
     }
     h.broker.shutdown(WAIT).await;
 }
+
+/// MQTT 5: a client that sends more QoS 2 messages than the receive
+/// maximum without releasing them (no PUBREL) is disconnected with 0x93.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode as Reason5, Packet as Packet5};
+    let mut settings = settings();
+    settings.connection.receive_maximum = 4;
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut raw = Raw::open(port, connect5("greedy5", 30, None), Codec::V5).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    let publishes = (1..=5)
+        .map(|pkid| raw_publish("fleet/greedy", wire::QoS::ExactlyOnce, pkid))
+        .collect();
+    raw.send_all(publishes).await;
+    let mut last = None;
+    while let Some(packet) = raw.next_v5().await {
+        last = Some(packet);
+    }
+    assert!(
+        matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::ReceiveMaximumExceeded),
+        "{last:?}"
+    );
+    h.broker.shutdown(WAIT).await;
+}
