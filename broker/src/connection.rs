@@ -431,6 +431,8 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             .min(limits.max_inflight_count),
     }
     .max(1);
+    // MQTT 5: how many topic aliases Umbra may set for the client.
+    let aliases_out_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
     // MQTT 5: the largest packet the client takes; larger ones are not sent.
     let max_packet_out = props
         .as_ref()
@@ -481,6 +483,8 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         keep,
         send_window,
         max_packet_out,
+        aliases_out_max,
+        aliases_out: None,
         will,
         router: None,
         next_pkid: 0,
@@ -611,6 +615,11 @@ struct Connection {
     send_window: usize,
     /// The largest packet the client takes (MQTT 5 maximum packet size).
     max_packet_out: Option<usize>,
+    /// How many topic aliases the client lets Umbra set (MQTT 5).
+    aliases_out_max: u16,
+    /// The aliases Umbra set for topics it sends (boxed: most clients
+    /// allow none).
+    aliases_out: Option<Box<HashMap<Bytes, u16>>>,
     will: Option<LastWill>,
     /// Router state, once the connection uses a topic outside `$aws/`
     /// (boxed: most devices never do).
@@ -805,8 +814,11 @@ impl Connection {
     }
 
     /// Encodes a packet for the next flush.
-    fn send(&mut self, packet: Packet) -> Result<(), End> {
+    fn send(&mut self, mut packet: Packet) -> Result<(), End> {
         self.broker.metrics.count_out(&packet);
+        if let Packet::Publish(publish, props) = &mut packet {
+            self.alias_out(publish, props);
+        }
         self.codec
             .write(packet, &mut self.write)
             .map(drop)
@@ -956,6 +968,32 @@ impl Connection {
             let publish = Publish::new(Bytes::from(to.topic), reply.payload, false);
             self.forward(Packet::Publish(publish, Some(properties)));
         }
+    }
+
+    /// Server-to-client topic aliases (MQTT 5): the first topics the client
+    /// is sent, up to the number it allows, are given an alias with their
+    /// first message; later messages carry the alias and an empty topic.
+    fn alias_out(&mut self, publish: &mut Publish, props: &mut Option<PublishProperties>) {
+        if self.aliases_out_max == 0 {
+            return;
+        }
+        let max = usize::from(self.aliases_out_max);
+        let aliases = self.aliases_out.get_or_insert_with(Box::default);
+        let alias = match aliases.get(&publish.topic) {
+            Some(&alias) => {
+                publish.topic = Bytes::new();
+                alias
+            }
+            None if aliases.len() < max => {
+                let alias = u16::try_from(aliases.len() + 1).unwrap_or(u16::MAX);
+                aliases.insert(publish.topic.clone(), alias);
+                alias
+            }
+            None => return,
+        };
+        props
+            .get_or_insert_with(PublishProperties::default)
+            .topic_alias = Some(alias);
     }
 
     /// Whether a publish fits within the client's maximum packet size; one

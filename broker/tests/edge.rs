@@ -2000,3 +2000,61 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected() {
     );
     h.broker.shutdown(WAIT).await;
 }
+
+/// MQTT 5 topic aliases from the server: a client that allows one gets its
+/// first topic with an alias, later messages on it with the alias alone, and
+/// other topics in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn umbra_sets_topic_aliases_a_client_allows() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut connect = connect5("alias-out", 30, None);
+    if let WirePacket::Connect(_, Some(props), ..) = &mut connect {
+        props.topic_alias_max = Some(1);
+    }
+    let mut raw = Raw::open(port, connect, Codec::V5).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    let [delta, documents] = [
+        "$aws/things/alias-out/shadow/update/delta",
+        "$aws/things/alias-out/shadow/update/documents",
+    ];
+    for (pkid, filter) in [(1, delta), (2, documents)] {
+        raw.send(WirePacket::Subscribe(
+            wire::Subscribe {
+                pkid,
+                filters: vec![wire::Filter {
+                    path: filter.into(),
+                    qos: wire::QoS::AtMostOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            None,
+        ))
+        .await;
+        assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
+    }
+    let publisher = h.broker.publisher();
+    for (topic, payload) in [(delta, "1"), (delta, "2"), (documents, "3"), (delta, "4")] {
+        assert_eq!(publisher.publish(topic, Bytes::from(payload)), Ok(1));
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        if let Some(Packet5::Publish(p)) = raw.next_v5().await {
+            let alias = p.properties.and_then(|props| props.topic_alias);
+            seen.push((String::from_utf8_lossy(&p.topic).into_owned(), alias));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (delta.to_owned(), Some(1)),
+            (String::new(), Some(1)),
+            (documents.to_owned(), None),
+            (String::new(), Some(1)),
+        ]
+    );
+    h.broker.shutdown(WAIT).await;
+}
