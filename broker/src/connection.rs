@@ -617,8 +617,9 @@ struct Connection {
     max_packet_out: Option<usize>,
     /// How many topic aliases the client lets Umbra set (MQTT 5).
     aliases_out_max: u16,
-    /// The aliases Umbra set for topics it sends (boxed: most clients
-    /// allow none).
+    /// The aliases Umbra set for topics it sends (boxed: 8 bytes on every
+    /// connection instead of a map's 48; most clients allow none).
+    #[allow(clippy::box_collection)]
     aliases_out: Option<Box<HashMap<Bytes, u16>>>,
     will: Option<LastWill>,
     /// Router state, once the connection uses a topic outside `$aws/`
