@@ -22,9 +22,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -321,7 +321,7 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         peer,
         cert,
     } = opened;
-    let Packet::Connect(connect, props, will, _will_props, login) = connect else {
+    let Packet::Connect(connect, props, will, will_props, login) = connect else {
         return None;
     };
     let limits = &broker.limits;
@@ -485,7 +485,12 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         max_packet_out,
         aliases_out_max,
         aliases_out: None,
-        will,
+        will: will.map(|will| {
+            Box::new(Will {
+                will,
+                properties: will_props.map(will_properties),
+            })
+        }),
         router: None,
         next_pkid: 0,
         qos2_received: HashSet::new(),
@@ -514,6 +519,26 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         return None;
     }
     Some(connection)
+}
+
+/// A client's last will, and its MQTT 5 properties as the publish's.
+struct Will {
+    will: LastWill,
+    properties: Option<PublishProperties>,
+}
+
+/// A will's MQTT 5 properties as its publish carries them (the will delay
+/// is Umbra's to apply, not the message's).
+fn will_properties(props: LastWillProperties) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: props.payload_format_indicator,
+        message_expiry_interval: props.message_expiry_interval,
+        content_type: props.content_type,
+        response_topic: props.response_topic,
+        correlation_data: props.correlation_data,
+        user_properties: props.user_properties,
+        ..PublishProperties::default()
+    }
 }
 
 /// A will is published through the router: `$` topics (Umbra's `$aws`
@@ -621,7 +646,9 @@ struct Connection {
     /// connection instead of a map's 48; most clients allow none).
     #[allow(clippy::box_collection)]
     aliases_out: Option<Box<HashMap<Bytes, u16>>>,
-    will: Option<LastWill>,
+    /// Published through the router when the connection ends other than
+    /// by a plain DISCONNECT (boxed: most connections have none).
+    will: Option<Box<Will>>,
     /// Router state, once the connection uses a topic outside `$aws/`
     /// (boxed: most devices never do).
     router: Option<Box<RouterSide>>,
@@ -1602,10 +1629,11 @@ impl Connection {
         }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
+                let Will { will, properties } = *will;
                 let mut publish = Publish::new(will.topic, will.message, will.retain);
                 publish.qos = min_qos(will.qos, QoS::AtLeastOnce);
                 publish.pkid = 1;
-                self.forward(Packet::Publish(publish, None));
+                self.forward(Packet::Publish(publish, properties));
                 if let Err(err) = self.hand_to_router().await {
                     warn!(client_id = self.client_id, cause = ?err, "will not published");
                 }

@@ -2058,3 +2058,67 @@ async fn umbra_sets_topic_aliases_a_client_allows() {
     );
     h.broker.shutdown(WAIT).await;
 }
+
+/// An MQTT 5 will carries its properties (user properties, content type)
+/// to its subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_will_carries_its_properties() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut watcher = Raw::open(port, connect5("will-watcher", 30, None), Codec::V5).await;
+    assert!(matches!(watcher.next_v5().await, Some(Packet5::ConnAck(_))));
+    watcher
+        .send(WirePacket::Subscribe(
+            wire::Subscribe {
+                pkid: 1,
+                filters: vec![wire::Filter {
+                    path: "fleet/wills".into(),
+                    qos: wire::QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            None,
+        ))
+        .await;
+    assert!(matches!(watcher.next_v5().await, Some(Packet5::SubAck(_))));
+
+    let mut connect = connect5("will-5", 30, None);
+    if let WirePacket::Connect(_, _, will, will_props, _) = &mut connect {
+        *will = Some(wire::LastWill {
+            topic: Bytes::from_static(b"fleet/wills"),
+            message: Bytes::from_static(b"gone"),
+            qos: wire::QoS::AtLeastOnce,
+            retain: false,
+        });
+        *will_props = Some(wire::LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: Some(1),
+            message_expiry_interval: None,
+            content_type: Some("text/plain".into()),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("reason".into(), "power".into())],
+        });
+    }
+    let mut dying = Raw::open(port, connect, Codec::V5).await;
+    assert!(matches!(dying.next_v5().await, Some(Packet5::ConnAck(_))));
+    drop(dying); // no DISCONNECT: the will is due
+
+    let will = loop {
+        if let Some(Packet5::Publish(p)) = watcher.next_v5().await {
+            break p;
+        }
+    };
+    assert_eq!(will.payload.as_ref(), b"gone");
+    let props = will.properties.expect("the will's properties");
+    assert_eq!(
+        props.user_properties,
+        [("reason".to_string(), "power".to_string())]
+    );
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(props.payload_format_indicator, Some(1));
+    h.broker.shutdown(WAIT).await;
+}
