@@ -691,10 +691,6 @@ impl Connection {
             };
             Box::pin(connection.close(end)).await;
             metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
-            broker.emit(PresenceEvent::Disconnected {
-                client_id: connection.client_id.clone(),
-                session: connection.conn,
-            });
             let Connection {
                 client_id,
                 conn,
@@ -703,6 +699,12 @@ impl Connection {
                 ..
             } = connection;
             broker.sessions.detach(&client_id, conn, attached, keep);
+            // Last: once a client is seen disconnected, its session is
+            // parked or ended.
+            broker.emit(PresenceEvent::Disconnected {
+                client_id,
+                session: conn,
+            });
         }
     }
 
@@ -1191,9 +1193,23 @@ impl Connection {
             Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props),
             Packet::Unsubscribe(unsubscribe, props) => self.unsubscribe(unsubscribe, props),
             Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)),
-            Packet::Disconnect(disconnect, _) => Err(End::Graceful {
-                will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-            }),
+            Packet::Disconnect(disconnect, props) => {
+                // MQTT 5: the DISCONNECT may change the session expiry,
+                // but not from none (0) to some.
+                if let Some(secs) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.keep.is_none() && secs > 0 {
+                        return Err(self.protocol_error(
+                            "session expiry set on DISCONNECT after 0 on CONNECT",
+                            DisconnectReasonCode::ProtocolError,
+                        ));
+                    }
+                    let max = self.broker.limits.session_expiry_secs;
+                    self.keep = (secs > 0).then(|| Duration::from_secs(u64::from(secs).min(max)));
+                }
+                Err(End::Graceful {
+                    will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                })
+            }
             Packet::Connect(..) => {
                 Err(self.protocol_error("second CONNECT", DisconnectReasonCode::ProtocolError))
             }

@@ -1691,7 +1691,7 @@ async fn mqtt5_topic_aliases_within_the_announced_maximum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_router_sessions_follow_the_session_expiry() {
     use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
-    let h = start_broker(settings());
+    let mut h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
     let connect = |clean_start: bool, expiry: Option<u32>| {
         WirePacket::Connect(
@@ -1769,13 +1769,17 @@ async fn mqtt5_router_sessions_follow_the_session_expiry() {
         (&b"fleet/offline"[..], &b"while away"[..])
     );
     drop(back);
-    // No expiry this time: the session ended with that connection.
-    let ended = async {
-        while h.broker.parked_sessions() > 0 {
-            tokio::task::yield_now().await;
+    // No expiry this time: the session ended with that connection, which
+    // is seen disconnected once its session is (its second disconnect).
+    let mut disconnects = 0;
+    while disconnects < 2 {
+        let event = timeout(WAIT, h.presence.recv()).await.expect("in time");
+        if matches!(event, Some(PresenceEvent::Disconnected { client_id, .. }) if client_id == "offline5")
+        {
+            disconnects += 1;
         }
-    };
-    timeout(WAIT, ended).await.expect("nothing parked");
+    }
+    assert_eq!(h.broker.parked_sessions(), 0);
     let mut again = Raw::open(port, connect(false, None), Codec::V5).await;
     assert!(!session_present(again.next_v5().await), "no session left");
     h.broker.shutdown(WAIT).await;
@@ -2120,5 +2124,71 @@ async fn an_mqtt5_will_carries_its_properties() {
     );
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
     assert_eq!(props.payload_format_indicator, Some(1));
+    h.broker.shutdown(WAIT).await;
+}
+
+/// MQTT 5: a DISCONNECT may change the session expiry (to 0: the session
+/// ends now), but not from 0 to some (a protocol error, 0x82).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_disconnect_may_change_the_session_expiry() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode as Reason5, Packet as Packet5};
+    let mut h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let connect = |clean_start: bool, expiry: u32| {
+        let mut connect = connect5("expiring5", 30, None);
+        if let WirePacket::Connect(c, Some(props), ..) = &mut connect {
+            c.clean_session = clean_start;
+            props.session_expiry_interval = Some(expiry);
+        }
+        connect
+    };
+    let disconnect = |expiry: u32| {
+        WirePacket::Disconnect(
+            wire::Disconnect {
+                reason_code: wire::DisconnectReasonCode::NormalDisconnection,
+            },
+            Some(wire::DisconnectProperties {
+                session_expiry_interval: Some(expiry),
+                reason_string: None,
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
+        )
+    };
+    let present = |packet: Option<Packet5>| match packet {
+        Some(Packet5::ConnAck(ack)) => ack.session_present,
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+
+    // Kept for 600 s by its CONNECT; ended by its DISCONNECT.
+    let mut raw = Raw::open(port, connect(true, 600), Codec::V5).await;
+    assert!(!present(raw.next_v5().await));
+    raw.send(disconnect(0)).await;
+    while raw.next_v5().await.is_some() {}
+    // Its session is parked or ended by the time it is seen disconnected.
+    loop {
+        let event = timeout(WAIT, h.presence.recv()).await.expect("in time");
+        if matches!(event, Some(PresenceEvent::Disconnected { .. })) {
+            break;
+        }
+    }
+    let mut raw = Raw::open(port, connect(false, 600), Codec::V5).await;
+    assert!(!present(raw.next_v5().await), "ended by the DISCONNECT");
+    raw.send(disconnect(600)).await;
+    while raw.next_v5().await.is_some() {}
+    parked(&h).await;
+    let mut raw = Raw::open(port, connect(false, 0), Codec::V5).await;
+    assert!(present(raw.next_v5().await), "kept");
+
+    // 0 on CONNECT, then an expiry on DISCONNECT: refused.
+    raw.send(disconnect(60)).await;
+    let mut last = None;
+    while let Some(packet) = raw.next_v5().await {
+        last = Some(packet);
+    }
+    assert!(
+        matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::ProtocolError),
+        "{last:?}"
+    );
     h.broker.shutdown(WAIT).await;
 }
