@@ -614,6 +614,9 @@ struct RouterSide {
     unacked: usize,
     /// Packets for the router, handed over after each batch of reads.
     routed: Vec<Packet>,
+    /// Router messages waiting for the client's window (its receive
+    /// maximum) to open.
+    deferred: VecDeque<(Publish, Option<PublishProperties>)>,
 }
 
 struct Connection {
@@ -724,9 +727,7 @@ impl Connection {
         loop {
             let pending = self.requests.as_ref().map_or(0, FuturesUnordered::len);
             let can_read = !self.stalled && self.hold().is_none();
-            // The router's messages wait while the client's window is full.
-            let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some())
-                && self.unacknowledged() < self.send_window;
+            let linked = self.router.as_ref().is_some_and(|r| r.rx.is_some());
             tokio::select! {
                 biased;
                 () = kick.cancelled() => {
@@ -1158,7 +1159,8 @@ impl Connection {
                     if inflight.is_empty() {
                         *inflight = VecDeque::new();
                     }
-                    return self.deliver();
+                    self.deliver()?;
+                    return self.deliver_deferred();
                 }
                 let router = self
                     .router
@@ -1168,7 +1170,8 @@ impl Connection {
                     let ack = PubAck { pkid, ..ack };
                     self.forward(Packet::PubAck(ack, props));
                 }
-                Ok(())
+                self.deliver()?;
+                self.deliver_deferred()
             }
             Packet::PubRec(rec, props) => {
                 // Kept until PUBCOMP: the router answers with PUBREL.
@@ -1510,31 +1513,15 @@ impl Connection {
         while let Some(notification) = next {
             match notification {
                 Notification::Forward(forward) => {
-                    let mut publish = forward.publish;
-                    let topic = String::from_utf8_lossy(&publish.topic);
-                    let properties = forward.properties.map(|p| *p);
-                    let receive = self.role.may_receive(&topic, self.subject());
-                    if !receive || !self.fits(&publish, &properties) {
-                        // Not for this client (its role, or larger than it
-                        // takes): withheld, and acknowledged to the router
-                        // on its behalf (router deliveries are at most QoS 1).
-                        if !receive {
-                            bump(&self.broker.metrics.withheld);
-                        }
-                        if publish.qos != QoS::AtMostOnce {
-                            let ack = PubAck {
-                                pkid: publish.pkid,
-                                reason: PubAckReason::Success,
-                            };
-                            self.forward(Packet::PubAck(ack, None));
-                        }
+                    let message = (forward.publish, forward.properties.map(|p| *p));
+                    let waiting = !self.router_side().deferred.is_empty();
+                    if waiting || self.unacknowledged() >= self.send_window {
+                        // The client's window is full: kept, in order,
+                        // until it acknowledges (the router sends at most
+                        // its own in-flight window ahead).
+                        self.router_side().deferred.push_back(message);
                     } else {
-                        if publish.qos != QoS::AtMostOnce {
-                            let wire = self.alloc_pkid();
-                            self.router_side().inflight.insert(wire, publish.pkid);
-                            publish.pkid = wire;
-                        }
-                        self.send(Packet::Publish(publish, properties))?;
+                        self.deliver_routed(message)?;
                     }
                 }
                 Notification::DeviceAck(ack) => self.router_ack(ack.into())?,
@@ -1544,7 +1531,7 @@ impl Connection {
                 }
                 _ => {}
             }
-            if self.write.len() >= 16 * 1024 || self.unacknowledged() >= self.send_window {
+            if self.write.len() >= 16 * 1024 {
                 break;
             }
             next = self
@@ -1554,6 +1541,48 @@ impl Connection {
                 .and_then(LinkRx::try_next);
         }
         Ok(unscheduled)
+    }
+
+    /// Sends a router message to the client, unless its role may not
+    /// receive it or it is larger than the client takes: then it is
+    /// withheld and acknowledged to the router on the client's behalf
+    /// (router deliveries are at most QoS 1).
+    fn deliver_routed(
+        &mut self,
+        (mut publish, properties): (Publish, Option<PublishProperties>),
+    ) -> Result<(), End> {
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let receive = self.role.may_receive(&topic, self.subject());
+        if !receive || !self.fits(&publish, &properties) {
+            if !receive {
+                bump(&self.broker.metrics.withheld);
+            }
+            if publish.qos != QoS::AtMostOnce {
+                let ack = PubAck {
+                    pkid: publish.pkid,
+                    reason: PubAckReason::Success,
+                };
+                self.forward(Packet::PubAck(ack, None));
+            }
+            return Ok(());
+        }
+        if publish.qos != QoS::AtMostOnce {
+            let wire = self.alloc_pkid();
+            self.router_side().inflight.insert(wire, publish.pkid);
+            publish.pkid = wire;
+        }
+        self.send(Packet::Publish(publish, properties))
+    }
+
+    /// Sends what waited for the client's window, as far as it goes now.
+    fn deliver_deferred(&mut self) -> Result<(), End> {
+        while self.unacknowledged() < self.send_window {
+            let Some(message) = self.router.as_mut().and_then(|r| r.deferred.pop_front()) else {
+                break;
+            };
+            self.deliver_routed(message)?;
+        }
+        Ok(())
     }
 
     fn router_ack(&mut self, packet: Packet) -> Result<(), End> {

@@ -2192,3 +2192,64 @@ async fn an_mqtt5_disconnect_may_change_the_session_expiry() {
     );
     h.broker.shutdown(WAIT).await;
 }
+
+/// The receive maximum holds for router messages too, without holding up
+/// the router's acknowledgements of the client's own publishes: a client
+/// with a window of 2 that publishes 3 QoS 1 messages to a topic it
+/// subscribes to gets its 3 PUBACKs and 2 of the messages, and the third
+/// once it acknowledges one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receive_maximum_holds_router_messages_but_not_acknowledgements() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut connect = connect5("window5", 30, None);
+    if let WirePacket::Connect(_, Some(props), ..) = &mut connect {
+        props.receive_maximum = Some(2);
+    }
+    let mut raw = Raw::open(port, connect, Codec::V5).await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    raw.send(WirePacket::Subscribe(
+        wire::Subscribe {
+            pkid: 1,
+            filters: vec![wire::Filter {
+                path: "fleet/window".into(),
+                qos: wire::QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        None,
+    ))
+    .await;
+    assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
+    let publishes = (10..13)
+        .map(|pkid| raw_publish("fleet/window", wire::QoS::AtLeastOnce, pkid))
+        .collect();
+    raw.send_all(publishes).await;
+    let (mut acks, mut received) = (0, Vec::new());
+    while acks < 3 || received.len() < 2 {
+        match raw.next_v5().await {
+            Some(Packet5::PubAck(_)) => acks += 1,
+            Some(Packet5::Publish(p)) => {
+                received.push(p.pkid);
+                assert!(received.len() <= 2, "a third before any acknowledgement");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    raw.send(WirePacket::PubAck(
+        wire::PubAck {
+            pkid: received[0],
+            reason: wire::PubAckReason::Success,
+        },
+        None,
+    ))
+    .await;
+    assert!(
+        matches!(raw.next_v5().await, Some(Packet5::Publish(_))),
+        "the third once one is acknowledged"
+    );
+    h.broker.shutdown(WAIT).await;
+}
