@@ -22,7 +22,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    LastWill, LastWillProperties, Packet, PingResp, PubRel, PubRelReason, PubAck, PubAckReason, PubComp, PubCompReason,
     PubRec, PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, UnsubAckReason, Unsubscribe,
 };
@@ -1322,11 +1322,12 @@ impl Connection {
                 return Err(self.forbidden("publish", topic, Forbidden::Policy));
             }
             PublishRoute::Router => {
-                // The router gets QoS 1 at most (the connection runs QoS 2's
-                // exchange itself) and its PUBACK becomes the client's PUBACK
-                // (or PUBREC): a publisher goes no faster than the router
-                // takes its messages.
-                publish.qos = min_qos(qos, QoS::AtLeastOnce);
+                // The router's PUBACK becomes the client's PUBACK, and its
+                // PUBREC the client's PUBREC: a publisher goes no faster
+                // than the router takes its messages. The connection runs
+                // QoS 2's exchange with the client itself (duplicates are
+                // dropped above) and releases a QoS 2 message to the router
+                // at once, so that it keeps its QoS for subscribers.
                 publish.dup = false;
                 // The router keeps what it is given: copies of their own, so
                 // that a kept message does not pin this connection's whole
@@ -1341,6 +1342,13 @@ impl Connection {
                     p
                 });
                 self.forward(Packet::Publish(publish, props));
+                if qos == QoS::ExactlyOnce {
+                    let release = PubRel {
+                        pkid,
+                        reason: PubRelReason::Success,
+                    };
+                    self.forward(Packet::PubRel(release, None));
+                }
                 return Ok(());
             }
             PublishRoute::Forbidden(why) => {
@@ -1545,8 +1553,7 @@ impl Connection {
 
     /// Sends a router message to the client, unless its role may not
     /// receive it or it is larger than the client takes: then it is
-    /// withheld and acknowledged to the router on the client's behalf
-    /// (router deliveries are at most QoS 1).
+    /// withheld and acknowledged to the router on the client's behalf.
     fn deliver_routed(
         &mut self,
         (mut publish, properties): (Publish, Option<PublishProperties>),
@@ -1557,12 +1564,23 @@ impl Connection {
             if !receive {
                 bump(&self.broker.metrics.withheld);
             }
-            if publish.qos != QoS::AtMostOnce {
-                let ack = PubAck {
-                    pkid: publish.pkid,
-                    reason: PubAckReason::Success,
-                };
-                self.forward(Packet::PubAck(ack, None));
+            match publish.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    let ack = PubAck {
+                        pkid: publish.pkid,
+                        reason: PubAckReason::Success,
+                    };
+                    self.forward(Packet::PubAck(ack, None));
+                }
+                // The router answers with PUBREL, completed in `router_ack`.
+                QoS::ExactlyOnce => {
+                    let received = PubRec {
+                        pkid: publish.pkid,
+                        reason: PubRecReason::Success,
+                    };
+                    self.forward(Packet::PubRec(received, None));
+                }
             }
             return Ok(());
         }
@@ -1614,19 +1632,32 @@ impl Connection {
                     Some(pkid) => {
                         self.send(Packet::PubRel(protocol::PubRel { pkid, ..rel }, props))
                     }
-                    None => Ok(()),
+                    // A QoS 2 message withheld from the client
+                    // (`deliver_routed`): completed on its behalf.
+                    None => {
+                        let complete = PubComp {
+                            pkid: rel.pkid,
+                            reason: PubCompReason::Success,
+                        };
+                        self.forward(Packet::PubComp(complete, None));
+                        Ok(())
+                    }
                 }
             }
-            // The router took a publish of the client's.
+            // The router took a publish of the client's: QoS 1, or QoS 2
+            // (its PUBCOMP for the release that followed is not passed on:
+            // the client's PUBREL is answered by the connection).
             Packet::PubAck(ack, _) => {
                 if let Some(router) = self.router.as_mut() {
                     router.unacked = router.unacked.saturating_sub(1);
                 }
-                if self.qos2_received.contains(&ack.pkid) {
-                    self.send(pubrec(ack.pkid))
-                } else {
-                    self.send(Packet::PubAck(ack, None))
+                self.send(Packet::PubAck(ack, None))
+            }
+            Packet::PubRec(rec, _) => {
+                if let Some(router) = self.router.as_mut() {
+                    router.unacked = router.unacked.saturating_sub(1);
                 }
+                self.send(pubrec(rec.pkid))
             }
             // Acknowledgements of what this connection already acknowledged.
             _ => Ok(()),

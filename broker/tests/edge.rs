@@ -925,20 +925,31 @@ async fn router_messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
     let mut sub = connect("sub", port, Duration::from_secs(30));
     sub.connected().await;
     sub.subscribe("fleet/q").await;
+    let mut sub2 = connect("sub2", port, Duration::from_secs(30));
+    sub2.connected().await;
+    sub2.subscribe_at("fleet/q", QoS::ExactlyOnce).await;
     let publisher = connect("pub", port, Duration::from_secs(30));
-    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-        publisher
-            .client
-            .publish("fleet/q", qos, false, format!("{qos:?}"))
-            .await
-            .expect("queued");
-        let got = sub.next_publish().await;
-        assert_eq!(got.payload, format!("{qos:?}").into_bytes());
-        let expected = match qos {
-            QoS::AtMostOnce => QoS::AtMostOnce,
-            _ => QoS::AtLeastOnce,
-        };
-        assert_eq!(got.qos, expected, "published at {qos:?}");
+    // Twice: the second round shows each QoS 2 exchange completed (the
+    // router and rumqttc keep a packet id until its PUBCOMP).
+    for round in 0..2 {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let payload = format!("{qos:?} {round}");
+            publisher
+                .client
+                .publish("fleet/q", qos, false, payload.clone())
+                .await
+                .expect("queued");
+            let got = sub.next_publish().await;
+            assert_eq!(got.payload, payload.clone().into_bytes());
+            let expected = match qos {
+                QoS::AtMostOnce => QoS::AtMostOnce,
+                _ => QoS::AtLeastOnce,
+            };
+            assert_eq!(got.qos, expected, "published at {qos:?}, subscribed at 1");
+            let got = sub2.next_publish().await;
+            assert_eq!(got.payload, payload.into_bytes());
+            assert_eq!(got.qos, qos, "published at {qos:?}, subscribed at 2");
+        }
     }
     h.broker.shutdown(WAIT).await;
 }
