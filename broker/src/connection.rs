@@ -22,9 +22,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubRel, PubRelReason, PubAck, PubAckReason, PubComp, PubCompReason,
-    PubRec, PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason, Unsubscribe,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

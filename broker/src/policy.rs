@@ -6,7 +6,9 @@
 //! `privileged_clients`) every thing's. Outside `$aws/` a publish (retained
 //! messages and last wills included) must match one of the role's
 //! `publish` filters, and a subscription must lie inside one of its
-//! `subscribe` filters; a role with `receive` filters is delivered only
+//! `subscribe` filters, and outside its `deny_publish` and `deny_subscribe`
+//! filters (an explicit deny wins, as in AWS IoT policies); a role with
+//! `receive` filters is delivered only
 //! messages whose topic matches one of them (without, whatever its
 //! subscriptions let in). In a rule, `${thing}` stands for the client's
 //! identity (its thing name: the password-file user, or the certificate's
@@ -35,6 +37,11 @@ pub struct RoleSettings {
     /// Filters a delivered message's topic must match (`None`: whatever
     /// the subscriptions let in).
     pub receive: Option<Vec<String>>,
+    /// Topics refused even where `publish` allows them (matching filters).
+    pub deny_publish: Vec<String>,
+    /// Subscriptions refused even where `subscribe` allows them: filters
+    /// that lie inside one of these.
+    pub deny_subscribe: Vec<String>,
     /// Every thing's `$aws` topics, not only the client's own.
     pub all_things: bool,
 }
@@ -85,6 +92,8 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
                 publish: vec!["things/${thing}/#".into()],
                 subscribe: vec!["things/${thing}/#".into()],
                 receive: None,
+                deny_publish: Vec::new(),
+                deny_subscribe: Vec::new(),
                 all_things: false,
             },
         ),
@@ -94,6 +103,8 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
                 publish: all(),
                 subscribe: all(),
                 receive: None,
+                deny_publish: Vec::new(),
+                deny_subscribe: Vec::new(),
                 all_things: false,
             },
         ),
@@ -103,6 +114,8 @@ fn builtin_roles() -> HashMap<String, RoleSettings> {
                 publish: all(),
                 subscribe: all(),
                 receive: None,
+                deny_publish: Vec::new(),
+                deny_subscribe: Vec::new(),
                 all_things: true,
             },
         ),
@@ -116,6 +129,8 @@ pub struct Role {
     publish: Vec<Vec<String>>,
     subscribe: Vec<Vec<String>>,
     receive: Option<Vec<Vec<String>>>,
+    deny_publish: Vec<Vec<String>>,
+    deny_subscribe: Vec<Vec<String>>,
     pub all_things: bool,
 }
 
@@ -161,6 +176,8 @@ impl Role {
             publish: split(&settings.publish)?,
             subscribe: split(&settings.subscribe)?,
             receive: settings.receive.as_deref().map(split).transpose()?,
+            deny_publish: split(&settings.deny_publish)?,
+            deny_subscribe: split(&settings.deny_subscribe)?,
             all_things: settings.all_things,
         })
     }
@@ -168,6 +185,10 @@ impl Role {
     /// Whether `subject` may publish to `topic` (outside `$aws/`).
     pub fn may_publish(&self, topic: &str, subject: Subject<'_>) -> bool {
         self.publish.iter().any(|rule| covers(rule, topic, subject))
+            && !self
+                .deny_publish
+                .iter()
+                .any(|rule| covers(rule, topic, subject))
     }
 
     /// Whether a message on `topic` (outside `$aws/`) may be delivered to
@@ -188,6 +209,10 @@ impl Role {
         self.subscribe
             .iter()
             .any(|rule| covers(rule, filter, subject))
+            && !self
+                .deny_subscribe
+                .iter()
+                .any(|rule| covers(rule, filter, subject))
     }
 }
 
@@ -357,6 +382,32 @@ mod tests {
             .role_of(Some("lamp-1"), &[])
             .may_receive("anything", gw));
         assert!(policy.role_of(None, &[]).may_subscribe("#", gw), "open");
+    }
+
+    #[test]
+    fn an_explicit_deny_wins() {
+        let settings: PolicySettings = toml::from_str(
+            r##"
+            anonymous_role = "guarded"
+            [roles.guarded]
+            publish = ["#"]
+            subscribe = ["#"]
+            deny_publish = ["cmd/#"]
+            deny_subscribe = ["test/nosubscribe", "secret/#"]
+            "##,
+        )
+        .expect("parses");
+        let role = Policy::new(&settings).expect("valid").role_of(None, &[]);
+        let anyone = Subject {
+            thing: "c",
+            client_id: "c",
+        };
+        assert!(role.may_subscribe("#", anyone), "# is not inside a deny");
+        assert!(role.may_subscribe("test/other", anyone));
+        assert!(!role.may_subscribe("test/nosubscribe", anyone));
+        assert!(!role.may_subscribe("secret/+/x", anyone));
+        assert!(role.may_publish("telemetry/1", anyone));
+        assert!(!role.may_publish("cmd/lamp-1/unlock", anyone));
     }
 
     #[test]

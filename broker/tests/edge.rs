@@ -2264,3 +2264,40 @@ async fn the_receive_maximum_holds_router_messages_but_not_acknowledgements() {
     );
     h.broker.shutdown(WAIT).await;
 }
+
+/// An explicit deny in a role wins over what it allows, end to end: a
+/// subscription inside `deny_subscribe` gets a failure code while `#` is
+/// granted; a publish inside `deny_publish` closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roles_explicit_deny_wins() {
+    let mut settings = settings();
+    settings.policy.anonymous_role = "guarded".into();
+    settings.policy.roles.insert(
+        "guarded".into(),
+        toml::from_str(
+            r##"
+            publish = ["#"]
+            subscribe = ["#"]
+            deny_publish = ["cmd/#"]
+            deny_subscribe = ["test/nosubscribe"]
+            "##,
+        )
+        .expect("role"),
+    );
+    let h = start_broker(settings);
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut client = connect("guarded-1", port, Duration::from_secs(30));
+    client.connected().await;
+    assert_eq!(
+        client.subscribe("test/nosubscribe").await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        client.subscribe("#").await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    client.publish("cmd/lamp-1/unlock", "open").await;
+    client.closed().await;
+    assert_eq!(h.broker.metrics().forbidden.load(Ordering::Relaxed), 1);
+    h.broker.shutdown(WAIT).await;
+}
