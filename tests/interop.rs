@@ -149,3 +149,33 @@ async fn mosquitto_rr_gets_shadow_replies_over_mqtt_5() {
     assert_eq!(document["state"]["reported"]["on"], true);
     server.shutdown().await;
 }
+
+/// Eclipse paho-mqtt for Python with MQTT 5 (`tests/python/paho_mqtt5.py`):
+/// a shadow update and get with a response topic, correlation data and a
+/// user property, the delta, and QoS 2 through the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs paho-mqtt (PyPI)"]
+async fn paho_mqtt_python_speaks_mqtt_5_with_umbra() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let addr = mqtt_addr(&server);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/paho_mqtt5.py");
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new("python3")
+            .arg(script)
+            .args([addr.ip().to_string(), addr.port().to_string()])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the script ends in time")
+    .expect("python3 runs");
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.shutdown().await;
+}
