@@ -179,3 +179,34 @@ async fn paho_mqtt_python_speaks_mqtt_5_with_umbra() {
     );
     server.shutdown().await;
 }
+
+/// MQTT.js (npm `mqtt`, Node) over Umbra's WebSocket listener, as MQTT
+/// 3.1.1 and as MQTT 5 (`tests/node/mqttjs_ws.js`): a shadow update, its
+/// accepted answer and delta, and an MQTT 5 get answered on its response
+/// topic with its correlation data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs node and tests/node's packages (npm ci --prefix tests/node)"]
+async fn mqtt_js_over_websocket_with_mqtt_3_1_1_and_5() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let ws = server.addrs().websocket.expect("websocket listener");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/node/mqttjs_ws.js");
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new("node")
+            .arg(script)
+            .arg(format!("ws://{ws}/mqtt"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the script ends in time")
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok v4") && stdout.contains("ok v5"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.shutdown().await;
+}
