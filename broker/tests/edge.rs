@@ -268,6 +268,16 @@ impl Raw {
         }
     }
 
+    /// Reads an MQTT 5 connection until the server closes it; the last
+    /// packet it sent (its DISCONNECT, if it sent one).
+    async fn last_v5(&mut self) -> Option<rumqttc::v5::mqttbytes::v5::Packet> {
+        let mut last = None;
+        while let Some(packet) = self.next_v5().await {
+            last = Some(packet);
+        }
+        last
+    }
+
     /// The next packet, or `None` once the server closed the connection.
     async fn next(&mut self) -> Option<WirePacket> {
         loop {
@@ -310,6 +320,23 @@ fn connect_packet(client_id: &str) -> WirePacket {
         None,
         None,
         None::<Login>,
+    )
+}
+
+/// A SUBSCRIBE of one filter.
+fn raw_subscribe(pkid: u16, filter: &str, qos: wire::QoS) -> WirePacket {
+    WirePacket::Subscribe(
+        wire::Subscribe {
+            pkid,
+            filters: vec![wire::Filter {
+                path: filter.to_owned(),
+                qos,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        None,
     )
 }
 
@@ -732,10 +759,7 @@ async fn a_packet_only_a_server_sends_closes_the_connection() {
             panic!("connected first");
         };
         raw.send(packet).await;
-        let mut last = None;
-        while let Some(packet) = raw.next_v5().await {
-            last = Some(packet);
-        }
+        let last = raw.last_v5().await;
         assert!(
             matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == DisconnectReasonCode5::ProtocolError),
             "{last:?}"
@@ -1683,10 +1707,7 @@ async fn mqtt5_topic_aliases_within_the_announced_maximum() {
         let mut raw = Raw::connect_v5(port, &format!("bad-alias-{bad}")).await;
         assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(..))));
         raw.send(aliased("fleet/alias", bad, b"refused")).await;
-        let mut last = None;
-        while let Some(packet) = raw.next_v5().await {
-            last = Some(packet);
-        }
+        let last = raw.last_v5().await;
         assert!(
             matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::TopicAliasInvalid),
             "alias {bad}: {last:?}"
@@ -1735,19 +1756,7 @@ async fn mqtt5_router_sessions_follow_the_session_expiry() {
     let mut first = Raw::open(port, connect(true, Some(600)), Codec::V5).await;
     assert!(!session_present(first.next_v5().await));
     first
-        .send(WirePacket::Subscribe(
-            wire::Subscribe {
-                pkid: 1,
-                filters: vec![wire::Filter {
-                    path: "fleet/offline".into(),
-                    qos: wire::QoS::AtLeastOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-                }],
-            },
-            None,
-        ))
+        .send(raw_subscribe(1, "fleet/offline", wire::QoS::AtLeastOnce))
         .await;
     assert!(matches!(first.next_v5().await, Some(Packet5::SubAck(_))));
     first
@@ -1827,20 +1836,8 @@ async fn an_mqtt5_clients_receive_maximum_bounds_what_is_unacknowledged() {
     );
     let mut raw = Raw::open(port, connect, Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
-    raw.send(WirePacket::Subscribe(
-        wire::Subscribe {
-            pkid: 1,
-            filters: vec![wire::Filter {
-                path: delta.into(),
-                qos: wire::QoS::AtLeastOnce,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-            }],
-        },
-        None,
-    ))
-    .await;
+    raw.send(raw_subscribe(1, delta, wire::QoS::AtLeastOnce))
+        .await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
     let publisher = h.broker.publisher();
     for n in 1..=3 {
@@ -1913,21 +1910,7 @@ async fn nothing_larger_than_an_mqtt5_clients_maximum_packet_size_is_sent() {
     let delta = "$aws/things/small5/shadow/update/delta";
     let mut raw = Raw::open(port, connect5("small5", 30, Some(64)), Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
-    let subscribe = |pkid: u16, path: &str| {
-        WirePacket::Subscribe(
-            wire::Subscribe {
-                pkid,
-                filters: vec![wire::Filter {
-                    path: path.into(),
-                    qos: wire::QoS::AtLeastOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-                }],
-            },
-            None,
-        )
-    };
+    let subscribe = |pkid: u16, path: &str| raw_subscribe(pkid, path, wire::QoS::AtLeastOnce);
     raw.send(subscribe(1, delta)).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
     raw.send(subscribe(2, "fleet/size")).await;
@@ -2005,10 +1988,7 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected() {
         .map(|pkid| raw_publish("fleet/greedy", wire::QoS::ExactlyOnce, pkid))
         .collect();
     raw.send_all(publishes).await;
-    let mut last = None;
-    while let Some(packet) = raw.next_v5().await {
-        last = Some(packet);
-    }
+    let last = raw.last_v5().await;
     assert!(
         matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::ReceiveMaximumExceeded),
         "{last:?}"
@@ -2035,20 +2015,8 @@ async fn umbra_sets_topic_aliases_a_client_allows() {
         "$aws/things/alias-out/shadow/update/documents",
     ];
     for (pkid, filter) in [(1, delta), (2, documents)] {
-        raw.send(WirePacket::Subscribe(
-            wire::Subscribe {
-                pkid,
-                filters: vec![wire::Filter {
-                    path: filter.into(),
-                    qos: wire::QoS::AtMostOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-                }],
-            },
-            None,
-        ))
-        .await;
+        raw.send(raw_subscribe(pkid, filter, wire::QoS::AtMostOnce))
+            .await;
         assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
     }
     let publisher = h.broker.publisher();
@@ -2084,19 +2052,7 @@ async fn an_mqtt5_will_carries_its_properties() {
     let mut watcher = Raw::open(port, connect5("will-watcher", 30, None), Codec::V5).await;
     assert!(matches!(watcher.next_v5().await, Some(Packet5::ConnAck(_))));
     watcher
-        .send(WirePacket::Subscribe(
-            wire::Subscribe {
-                pkid: 1,
-                filters: vec![wire::Filter {
-                    path: "fleet/wills".into(),
-                    qos: wire::QoS::AtLeastOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-                }],
-            },
-            None,
-        ))
+        .send(raw_subscribe(1, "fleet/wills", wire::QoS::AtLeastOnce))
         .await;
     assert!(matches!(watcher.next_v5().await, Some(Packet5::SubAck(_))));
 
@@ -2193,10 +2149,7 @@ async fn an_mqtt5_disconnect_may_change_the_session_expiry() {
 
     // 0 on CONNECT, then an expiry on DISCONNECT: refused.
     raw.send(disconnect(60)).await;
-    let mut last = None;
-    while let Some(packet) = raw.next_v5().await {
-        last = Some(packet);
-    }
+    let last = raw.last_v5().await;
     assert!(
         matches!(&last, Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::ProtocolError),
         "{last:?}"
@@ -2220,20 +2173,8 @@ async fn the_receive_maximum_holds_router_messages_but_not_acknowledgements() {
     }
     let mut raw = Raw::open(port, connect, Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
-    raw.send(WirePacket::Subscribe(
-        wire::Subscribe {
-            pkid: 1,
-            filters: vec![wire::Filter {
-                path: "fleet/window".into(),
-                qos: wire::QoS::AtLeastOnce,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-            }],
-        },
-        None,
-    ))
-    .await;
+    raw.send(raw_subscribe(1, "fleet/window", wire::QoS::AtLeastOnce))
+        .await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::SubAck(_))));
     let publishes = (10..13)
         .map(|pkid| raw_publish("fleet/window", wire::QoS::AtLeastOnce, pkid))
