@@ -50,8 +50,8 @@ impl OperatorPlan {
 pub enum TargetOrder {
     /// A uniformly random device each time.
     Random,
-    /// Every device in turn (device 0, 1, ..., N-1, 0, ...): with `--changes N` each device
-    /// gets exactly one change.
+    /// Every device in turn (device 0, 1, ..., N-1, 0, ...): with as many changes as devices
+    /// (`operator --changes`, `fleet --operator-changes`) each device gets exactly one.
     Sweep,
 }
 
@@ -632,12 +632,13 @@ pub async fn run(config: OperatorConfig, shutdown: CancellationToken) -> Result<
     progress.stop().await;
     let outcome = result?;
     let window = started.elapsed();
-    let mut summary = Summary::from_stats(
-        "operator",
-        &config.client.broker.to_string(),
-        &stats,
-        window,
-    );
+    // What the changes went to: the HTTP API in HTTP mode, else the broker.
+    let target = config
+        .plan
+        .http
+        .clone()
+        .unwrap_or_else(|| config.client.broker.to_string());
+    let mut summary = Summary::from_stats("operator", &target, &stats, window);
     summary
         .counts
         .insert("changes_sent".to_owned(), outcome.sent);

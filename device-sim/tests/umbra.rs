@@ -185,3 +185,41 @@ async fn shadow_bench_updates_are_all_answered() {
     assert_eq!(versions, count("accepted_total"), "{table}");
     server.shutdown().await;
 }
+
+/// The operator in HTTP mode sends its changes to the API and names the API
+/// (not an MQTT broker it never used) in its summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_operator_names_the_api_it_used() {
+    use device_sim::operator::{self, OperatorConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_umbra(dir.path()).await;
+    let api = format!("http://{}", server.addrs().http);
+    let config = OperatorConfig {
+        client: client_settings(&server),
+        devices: 3,
+        first: 0,
+        prefix: "http-op-".to_owned(),
+        plan: OperatorPlan {
+            http: Some(api.clone()),
+            order: TargetOrder::Sweep,
+            max_changes: Some(3),
+            ..OperatorPlan::new(Rate::PerSecond(100.0), OPERATOR)
+        },
+        // An upper bound only: the run ends after its 3 changes.
+        duration: Duration::from_secs(60),
+        quiet: true,
+    };
+    let summary = operator::run(config, CancellationToken::new())
+        .await
+        .expect("the operator runs");
+    assert_eq!(summary.broker, api);
+    assert!(summary.table().contains(&format!("against {api}")));
+    assert_eq!(summary.counts["changes_sent"], 3);
+    let store = server.service().store();
+    for n in 0..3 {
+        let key = ShadowKey::classic(thing_name("http-op-", n));
+        let stored = store.load(&key).expect("store readable");
+        assert!(stored.is_some_and(|s| s.version >= 1), "{key:?} changed");
+    }
+    server.shutdown().await;
+}
