@@ -160,23 +160,12 @@ async fn paho_mqtt_python_speaks_mqtt_5_with_umbra() {
     let server = start(test_config(dir.path())).await;
     let addr = mqtt_addr(&server);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/paho_mqtt5.py");
-    let out = tokio::time::timeout(
-        WAIT,
-        Command::new("python3")
-            .arg(script)
-            .args([addr.ip().to_string(), addr.port().to_string()])
-            .kill_on_drop(true)
-            .output(),
+    let (ok, stdout, stderr) = run_script(
+        "python3",
+        &[script, &addr.ip().to_string(), &addr.port().to_string()],
     )
-    .await
-    .expect("the script ends in time")
-    .expect("python3 runs");
-    assert!(
-        out.status.success() && out.stdout.starts_with(b"ok"),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
+    assert!(ok && stdout.starts_with("ok"), "{stdout}\n{stderr}");
     server.shutdown().await;
 }
 
@@ -191,22 +180,27 @@ async fn mqtt_js_over_websocket_with_mqtt_3_1_1_and_5() {
     let server = start(test_config(dir.path())).await;
     let ws = server.addrs().websocket.expect("websocket listener");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/node/mqttjs_ws.js");
+    let (ok, stdout, stderr) = run_script("node", &[script, &format!("ws://{ws}/mqtt")]).await;
+    assert!(
+        ok && stdout.contains("ok v4") && stdout.contains("ok v5"),
+        "{stdout}\n{stderr}"
+    );
+    server.shutdown().await;
+}
+
+/// Runs a client script to its end (within [`WAIT`]): whether it succeeded,
+/// and what it printed.
+async fn run_script(program: &str, args: &[&str]) -> (bool, String, String) {
     let out = tokio::time::timeout(
         WAIT,
-        Command::new("node")
-            .arg(script)
-            .arg(format!("ws://{ws}/mqtt"))
-            .kill_on_drop(true)
-            .output(),
+        Command::new(program).args(args).kill_on_drop(true).output(),
     )
     .await
     .expect("the script ends in time")
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ok v4") && stdout.contains("ok v5"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    server.shutdown().await;
+    .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -1726,27 +1726,10 @@ async fn mqtt5_router_sessions_follow_the_session_expiry() {
     let mut h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
     let connect = |clean_start: bool, expiry: Option<u32>| {
-        WirePacket::Connect(
-            Connect {
-                keep_alive: 30,
-                client_id: "offline5".into(),
-                clean_session: clean_start,
-            },
-            Some(wire::ConnectProperties {
-                session_expiry_interval: expiry,
-                receive_maximum: None,
-                max_packet_size: None,
-                topic_alias_max: None,
-                request_response_info: None,
-                request_problem_info: None,
-                user_properties: Vec::new(),
-                authentication_method: None,
-                authentication_data: None,
-            }),
-            None,
-            None,
-            None::<Login>,
-        )
+        connect5_with("offline5", |connect, props| {
+            connect.clean_session = clean_start;
+            props.session_expiry_interval = expiry;
+        })
     };
     let session_present = |packet: Option<Packet5>| match packet {
         Some(Packet5::ConnAck(ack)) => ack.session_present,
@@ -1813,27 +1796,7 @@ async fn an_mqtt5_clients_receive_maximum_bounds_what_is_unacknowledged() {
     let h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
     let delta = "$aws/things/flow5/shadow/update/delta";
-    let connect = WirePacket::Connect(
-        Connect {
-            keep_alive: 30,
-            client_id: "flow5".into(),
-            clean_session: true,
-        },
-        Some(wire::ConnectProperties {
-            session_expiry_interval: None,
-            receive_maximum: Some(2),
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        }),
-        None,
-        None,
-        None::<Login>,
-    );
+    let connect = connect5_with("flow5", |_, props| props.receive_maximum = Some(2));
     let mut raw = Raw::open(port, connect, Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
     raw.send(raw_subscribe(1, delta, wire::QoS::AtLeastOnce))
@@ -1874,30 +1837,38 @@ async fn an_mqtt5_clients_receive_maximum_bounds_what_is_unacknowledged() {
     h.broker.shutdown(WAIT).await;
 }
 
-/// A CONNECT as an MQTT 5 client sends it, with the properties the tests
-/// below set.
+/// A CONNECT as an MQTT 5 client sends it (clean start, keep-alive 30 s,
+/// no properties set), changed by `edit`.
+fn connect5_with(
+    client_id: &str,
+    edit: impl FnOnce(&mut Connect, &mut wire::ConnectProperties),
+) -> WirePacket {
+    let mut connect = Connect {
+        keep_alive: 30,
+        client_id: client_id.into(),
+        clean_session: true,
+    };
+    let mut props = wire::ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    };
+    edit(&mut connect, &mut props);
+    WirePacket::Connect(connect, Some(props), None, None, None::<Login>)
+}
+
+/// [`connect5_with`] a keep-alive and a maximum packet size.
 fn connect5(client_id: &str, keep_alive: u16, max_packet_size: Option<u32>) -> WirePacket {
-    WirePacket::Connect(
-        Connect {
-            keep_alive,
-            client_id: client_id.into(),
-            clean_session: true,
-        },
-        Some(wire::ConnectProperties {
-            session_expiry_interval: None,
-            receive_maximum: None,
-            max_packet_size,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        }),
-        None,
-        None,
-        None::<Login>,
-    )
+    connect5_with(client_id, |connect, props| {
+        connect.keep_alive = keep_alive;
+        props.max_packet_size = max_packet_size;
+    })
 }
 
 /// An MQTT 5 client's maximum packet size: what is larger is not sent to
@@ -2004,10 +1975,7 @@ async fn umbra_sets_topic_aliases_a_client_allows() {
     use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
     let h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
-    let mut connect = connect5("alias-out", 30, None);
-    if let WirePacket::Connect(_, Some(props), ..) = &mut connect {
-        props.topic_alias_max = Some(1);
-    }
+    let connect = connect5_with("alias-out", |_, props| props.topic_alias_max = Some(1));
     let mut raw = Raw::open(port, connect, Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
     let [delta, documents] = [
@@ -2102,12 +2070,10 @@ async fn an_mqtt5_disconnect_may_change_the_session_expiry() {
     let mut h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
     let connect = |clean_start: bool, expiry: u32| {
-        let mut connect = connect5("expiring5", 30, None);
-        if let WirePacket::Connect(c, Some(props), ..) = &mut connect {
-            c.clean_session = clean_start;
+        connect5_with("expiring5", |connect, props| {
+            connect.clean_session = clean_start;
             props.session_expiry_interval = Some(expiry);
-        }
-        connect
+        })
     };
     let disconnect = |expiry: u32| {
         WirePacket::Disconnect(
@@ -2167,10 +2133,7 @@ async fn the_receive_maximum_holds_router_messages_but_not_acknowledgements() {
     use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
     let h = start_broker(settings());
     let port = port(&h.broker, ListenerKind::MqttV4);
-    let mut connect = connect5("window5", 30, None);
-    if let WirePacket::Connect(_, Some(props), ..) = &mut connect {
-        props.receive_maximum = Some(2);
-    }
+    let connect = connect5_with("window5", |_, props| props.receive_maximum = Some(2));
     let mut raw = Raw::open(port, connect, Codec::V5).await;
     assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
     raw.send(raw_subscribe(1, "fleet/window", wire::QoS::AtLeastOnce))

@@ -97,8 +97,13 @@ fn request(method: Method, uri: &str, token: Option<&str>, body: &str) -> Reques
     builder.body(Body::from(body.to_string())).expect("request")
 }
 
+/// The router's response to `req`.
+async fn respond(app: &Router, req: Request<Body>) -> axum::response::Response {
+    app.clone().oneshot(req).await.expect("infallible")
+}
+
 async fn call_raw(app: &Router, req: Request<Body>) -> (StatusCode, Vec<u8>) {
-    let response = app.clone().oneshot(req).await.expect("infallible");
+    let response = respond(app, req).await;
     let status = response.status();
     let body = response
         .into_body()
@@ -499,7 +504,7 @@ async fn open_stream(app: &Router, uri: &str, last_event_id: Option<u64>) -> (St
         req.headers_mut()
             .insert("last-event-id", id.to_string().parse().expect("header"));
     }
-    let response = app.clone().oneshot(req).await.expect("infallible");
+    let response = respond(app, req).await;
     (response.status(), response.into_body())
 }
 
@@ -888,24 +893,14 @@ async fn cors_is_off_by_default_and_allows_only_configured_origins() {
     };
 
     let off = harness(tokens());
-    let response = off
-        .app
-        .clone()
-        .oneshot(preflight("https://dash.example"))
-        .await
-        .expect("infallible");
+    let response = respond(&off.app, preflight("https://dash.example")).await;
     assert!(
         response.status().is_client_error(),
         "no preflight answer: {}",
         response.status()
     );
     assert_eq!(allowed(&response), None);
-    let response = off
-        .app
-        .clone()
-        .oneshot(from("https://dash.example"))
-        .await
-        .expect("infallible");
+    let response = respond(&off.app, from("https://dash.example")).await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND, "no shadow yet");
     assert_eq!(allowed(&response), None);
 
@@ -913,12 +908,7 @@ async fn cors_is_off_by_default_and_allows_only_configured_origins() {
         cors_origins: vec!["https://dash.example".into()],
         ..tokens()
     });
-    let response = on
-        .app
-        .clone()
-        .oneshot(preflight("https://dash.example"))
-        .await
-        .expect("infallible");
+    let response = respond(&on.app, preflight("https://dash.example")).await;
     assert_eq!(
         response.status(),
         StatusCode::OK,
@@ -933,27 +923,16 @@ async fn cors_is_off_by_default_and_allows_only_configured_origins() {
         methods.contains("POST") && methods.contains("DELETE"),
         "{methods}"
     );
-    let response = on
-        .app
-        .clone()
-        .oneshot(from("https://dash.example"))
-        .await
-        .expect("infallible");
+    let response = respond(&on.app, from("https://dash.example")).await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND, "no shadow yet");
     assert_eq!(allowed(&response).as_deref(), Some("https://dash.example"));
-    let response = on
-        .app
-        .clone()
-        .oneshot(from("https://evil.example"))
-        .await
-        .expect("infallible");
+    let response = respond(&on.app, from("https://evil.example")).await;
     assert_eq!(allowed(&response), None, "another origin is not allowed");
-    let response = on
-        .app
-        .clone()
-        .oneshot(request(Method::GET, "/things/lamp-1/shadow", None, ""))
-        .await
-        .expect("infallible");
+    let response = respond(
+        &on.app,
+        request(Method::GET, "/things/lamp-1/shadow", None, ""),
+    )
+    .await;
     assert_eq!(
         response.status(),
         StatusCode::UNAUTHORIZED,
