@@ -365,6 +365,11 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             ConnectReturnCode::ClientIdentifierNotValid,
             "client id too long",
         ))
+    } else if connect.client_id.contains('\0') {
+        Some((
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id with a NUL character",
+        ))
     } else if connect.client_id.is_empty() && !connect.clean_session && codec == Codec::V4 {
         Some((
             ConnectReturnCode::ClientIdentifierNotValid,
@@ -487,6 +492,12 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         aliases_out: None,
         will: will.map(|will| {
             Box::new(Will {
+                delay: Duration::from_secs(
+                    will_props
+                        .as_ref()
+                        .and_then(|p| p.delay_interval)
+                        .map_or(0, u64::from),
+                ),
                 will,
                 properties: will_props.map(will_properties),
             })
@@ -525,6 +536,52 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
 struct Will {
     will: LastWill,
     properties: Option<PublishProperties>,
+    /// MQTT 5 will delay interval (0 for MQTT 3.1.1).
+    delay: Duration,
+}
+
+impl Will {
+    /// The will as the publish the router takes (at QoS 1 at most, as
+    /// Umbra's connections answer QoS 2 themselves).
+    fn into_packet(self) -> Packet {
+        let Will {
+            will, properties, ..
+        } = self;
+        let mut publish = Publish::new(will.topic, will.message, will.retain);
+        publish.qos = min_qos(will.qos, QoS::AtLeastOnce);
+        publish.pkid = 1;
+        Packet::Publish(publish, properties)
+    }
+}
+
+/// Publishes a delayed will after `delay` unless `cancel` is cancelled
+/// first (a new connection of the client, or the broker stopping), through
+/// a router link of its own: the client's ended with its connection.
+async fn publish_will_later(
+    router: RouterTx,
+    client_id: String,
+    will: Packet,
+    delay: Duration,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = cancel.cancelled() => return,
+    }
+    // NUL keeps the link's id apart from every client's: MQTT strings
+    // cannot carry it, and `accept` refuses a client id that does.
+    let link_id = format!("{client_id}\u{0}will");
+    let publish = async {
+        let (tx, _rx, _connack) = LinkBuilder::new(&link_id, router)
+            .clean_session(true)
+            .build_async(vec![will])
+            .await?;
+        tx.disconnect().await
+    };
+    match Box::pin(publish).await {
+        Ok(()) => debug!(client_id, "delayed will published"),
+        Err(err) => warn!(client_id, cause = ?err, "will not published"),
+    }
 }
 
 /// A will's MQTT 5 properties as its publish carries them (the will delay
@@ -713,7 +770,7 @@ impl Connection {
 
     async fn run(&mut self) -> Result<(), End> {
         if !self.clean && self.attached.session.router {
-            Box::pin(self.link()).await?;
+            Box::pin(self.link(Vec::new())).await?;
         }
         self.resume()?;
         self.parse()?;
@@ -1067,28 +1124,44 @@ impl Connection {
     /// Boxed: a send on the router's channel holds a whole router event
     /// (about 1 KiB), which an idle connection's future must not carry.
     async fn hand_to_router(&mut self) -> Result<(), End> {
-        if self.router.as_ref().is_none_or(|r| r.routed.is_empty()) {
+        let Some(router) = self.router.as_ref().filter(|r| !r.routed.is_empty()) else {
             return Ok(());
+        };
+        // Connections that became readable at the same moment run last
+        // woken first (the runtime's LIFO slot). A publish yields once, so
+        // that a subscription that came in before it on another connection
+        // is in place first (a client that subscribes on one connection and
+        // then publishes on another gets its message, as with Mosquitto).
+        if router
+            .routed
+            .iter()
+            .any(|packet| matches!(packet, Packet::Publish(..)))
+        {
+            tokio::task::yield_now().await;
         }
         Box::pin(self.send_routed()).await
     }
 
     /// Hands the router what [`forward`](Self::forward) queued, with one
-    /// notification, creating the router link if this is the first time.
+    /// notification, or with the connect event of the router link if this
+    /// is the first time.
     async fn send_routed(&mut self) -> Result<(), End> {
-        self.link().await?;
         let router = self.router_side();
         let packets = std::mem::take(&mut router.routed);
-        let Some(link) = router.link.as_mut() else {
-            return Err(LinkError::NotConnectionAck.into());
-        };
-        link.buffer().extend(packets);
-        link.notify().await?;
-        Ok(())
+        match router.link.as_mut() {
+            Some(link) => {
+                link.buffer().extend(packets);
+                link.notify().await?;
+                Ok(())
+            }
+            None => self.link(packets).await,
+        }
     }
 
-    /// Creates the router link unless there is one.
-    async fn link(&mut self) -> Result<(), End> {
+    /// Creates the router link unless there is one; the router takes
+    /// `first` with the link's connect event (a first SUBSCRIBE is then
+    /// in place before any publish another link sends after it arrived).
+    async fn link(&mut self, first: Vec<Packet>) -> Result<(), End> {
         if self.router.as_ref().is_some_and(|r| r.link.is_some()) {
             return Ok(());
         }
@@ -1101,7 +1174,7 @@ impl Connection {
         let clean = self.clean && self.keep.is_none();
         let builder =
             LinkBuilder::new(&self.client_id, self.broker.router.clone()).clean_session(clean);
-        let (tx, rx, _connack) = Box::pin(builder.build_async()).await?;
+        let (tx, rx, _connack) = Box::pin(builder.build_async(first)).await?;
         bump(&self.broker.metrics.router_links);
         self.attached.session.router = true;
         let router = self.router_side();
@@ -1705,13 +1778,24 @@ impl Connection {
         }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
-                let Will { will, properties } = *will;
-                let mut publish = Publish::new(will.topic, will.message, will.retain);
-                publish.qos = min_qos(will.qos, QoS::AtLeastOnce);
-                publish.pkid = 1;
-                self.forward(Packet::Publish(publish, properties));
-                if let Err(err) = self.hand_to_router().await {
-                    warn!(client_id = self.client_id, cause = ?err, "will not published");
+                // MQTT 5: after the will delay, or when the session ends
+                // if that is sooner.
+                let delay = will.delay.min(self.keep.unwrap_or_default());
+                if delay.is_zero() {
+                    self.forward(will.into_packet());
+                    if let Err(err) = self.hand_to_router().await {
+                        warn!(client_id = self.client_id, cause = ?err, "will not published");
+                    }
+                } else {
+                    let cancel = self.broker.stop.child_token();
+                    self.attached.pending_will = Some(cancel.clone());
+                    tokio::spawn(publish_will_later(
+                        self.broker.router.clone(),
+                        self.client_id.clone(),
+                        will.into_packet(),
+                        delay,
+                        cancel,
+                    ));
                 }
             }
         }

@@ -61,6 +61,9 @@ enum Slot {
     Parked {
         session: Session,
         expires: Instant,
+        /// Cancels the will the session's last connection left waiting
+        /// for its delay (MQTT 5): a new connection of the client does.
+        will: Option<CancellationToken>,
     },
 }
 
@@ -74,6 +77,8 @@ pub struct Attached {
     /// when the broker stops (a child of its stop token: a connection waits
     /// on one token, not two).
     pub kick: CancellationToken,
+    /// Cancels the will waiting for its delay, if the connection left one.
+    pub pending_will: Option<CancellationToken>,
     handoff: oneshot::Sender<Session>,
 }
 
@@ -144,9 +149,17 @@ impl Sessions {
                 handoff: Some(receiver),
             },
         );
+        if let Some(Slot::Parked {
+            will: Some(will), ..
+        }) = &previous
+        {
+            will.cancel();
+        }
         let previous = match previous {
             None => None,
-            Some(Slot::Parked { session, expires }) if expires <= Instant::now() => {
+            Some(Slot::Parked {
+                session, expires, ..
+            }) if expires <= Instant::now() => {
                 debug!(client_id, "parked session expired");
                 self.end(client_id, session);
                 None
@@ -179,6 +192,7 @@ impl Sessions {
             session,
             present,
             kick,
+            pending_will: None,
             handoff,
         }
     }
@@ -188,13 +202,20 @@ impl Sessions {
     /// clears it.
     pub fn detach(&self, client_id: &str, conn: u64, attached: Attached, keep: Option<Duration>) {
         let Attached {
-            session, handoff, ..
+            session,
+            handoff,
+            pending_will,
+            ..
         } = attached;
         session.mailbox.set_online(false);
         let mut slots = self.lock();
         let ours = matches!(slots.get(client_id), Some(Slot::Live { conn: c, .. }) if *c == conn);
         if !ours {
             drop(slots);
+            // A new connection came before the will's delay ended.
+            if let Some(will) = pending_will {
+                will.cancel();
+            }
             // Taken over: the new connection decides what to keep.
             if let Err(session) = handoff.send(session) {
                 self.end(client_id, session);
@@ -208,6 +229,7 @@ impl Sessions {
                     Slot::Parked {
                         session,
                         expires: Instant::now() + keep,
+                        will: pending_will,
                     },
                 );
             }

@@ -325,16 +325,24 @@ fn connect_packet(client_id: &str) -> WirePacket {
 
 /// A SUBSCRIBE of one filter.
 fn raw_subscribe(pkid: u16, filter: &str, qos: wire::QoS) -> WirePacket {
+    subscribe_with(pkid, filter, |f| f.qos = qos)
+}
+
+/// A SUBSCRIBE of one filter at QoS 1 with the default options (retained
+/// messages on every subscribe), changed by `edit`.
+fn subscribe_with(pkid: u16, filter: &str, edit: impl FnOnce(&mut wire::Filter)) -> WirePacket {
+    let mut filter = wire::Filter {
+        path: filter.to_owned(),
+        qos: wire::QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
+    };
+    edit(&mut filter);
     WirePacket::Subscribe(
         wire::Subscribe {
             pkid,
-            filters: vec![wire::Filter {
-                path: filter.to_owned(),
-                qos,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: wire::RetainForwardRule::OnEverySubscribe,
-            }],
+            filters: vec![filter],
         },
         None,
     )
@@ -2203,5 +2211,212 @@ async fn a_roles_explicit_deny_wins() {
     client.publish("cmd/lamp-1/unlock", "open").await;
     client.closed().await;
     assert_eq!(h.broker.metrics().forbidden.load(Ordering::Relaxed), 1);
+    h.broker.shutdown(WAIT).await;
+}
+
+/// An MQTT 5 client's next PUBLISH (acknowledgements skipped); `None` once
+/// the server closed the connection.
+async fn next_publish_v5(raw: &mut Raw) -> Option<rumqttc::v5::mqttbytes::v5::Publish> {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    loop {
+        match raw.next_v5().await? {
+            Packet5::Publish(publish) => return Some(publish),
+            _ => continue,
+        }
+    }
+}
+
+/// Publishes `payload` at QoS 1.
+async fn send_publish(raw: &mut Raw, pkid: u16, topic: &str, payload: &'static str, retain: bool) {
+    let mut publish = wire::Publish::new(
+        Bytes::from(topic.to_owned()),
+        Bytes::from_static(payload.as_bytes()),
+        retain,
+    );
+    publish.qos = wire::QoS::AtLeastOnce;
+    publish.pkid = pkid;
+    raw.send(WirePacket::Publish(publish, None)).await;
+}
+
+/// [`send_publish`], then waits for the PUBACK (the router has taken it);
+/// for a client that subscribes to nothing (it skips what else comes).
+async fn publish_v5(raw: &mut Raw, pkid: u16, topic: &str, payload: &'static str, retain: bool) {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    send_publish(raw, pkid, topic, payload, retain).await;
+    while !matches!(raw.next_v5().await, Some(Packet5::PubAck(ack)) if ack.pkid == pkid) {}
+}
+
+/// Subscribes and waits for the SUBACK.
+async fn subscribe_v5(raw: &mut Raw, packet: WirePacket) {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    raw.send(packet).await;
+    while !matches!(raw.next_v5().await, Some(Packet5::SubAck(_))) {}
+}
+
+/// MQTT 5 no-local: a client's subscription with it does not get what the
+/// client itself publishes, and others' subscriptions still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_no_local_subscription_skips_the_clients_own_messages() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let nolocal = |f: &mut wire::Filter| f.nolocal = true;
+    let mut a = Raw::open(port, connect5("nolocal-a", 30, None), Codec::V5).await;
+    let mut b = Raw::open(port, connect5("nolocal-b", 30, None), Codec::V5).await;
+    subscribe_v5(&mut a, subscribe_with(1, "chat/room", nolocal)).await;
+    subscribe_v5(&mut b, subscribe_with(1, "chat/room", nolocal)).await;
+
+    // Each gets the other's and not its own, which would come first.
+    send_publish(&mut a, 2, "chat/room", "from a", false).await;
+    let got = next_publish_v5(&mut b).await.expect("a message");
+    assert_eq!(got.payload.as_ref(), b"from a");
+    send_publish(&mut b, 2, "chat/room", "from b", false).await;
+    let got = next_publish_v5(&mut a).await.expect("a message");
+    assert_eq!(got.payload.as_ref(), b"from b");
+    h.broker.shutdown(WAIT).await;
+}
+
+/// MQTT 5 retain-as-published keeps the retain flag of messages forwarded
+/// as they are published (others get 0), and retain handling decides when
+/// a subscribe sends the retained messages: on every subscribe (also MQTT
+/// 3.1.1's rule), only for a new subscription, or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_retain_as_published_and_retain_handling() {
+    use wire::RetainForwardRule as Rule;
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut publisher = Raw::open(port, connect5("retain-pub", 30, None), Codec::V5).await;
+    publish_v5(&mut publisher, 1, "lamps/l1", "on", true).await;
+
+    let mut keeps = Raw::open(port, connect5("retain-keeps", 30, None), Codec::V5).await;
+    let mut plain = Raw::open(port, connect5("retain-plain", 30, None), Codec::V5).await;
+    subscribe_v5(
+        &mut keeps,
+        subscribe_with(1, "lamps/+", |f| f.preserve_retain = true),
+    )
+    .await;
+    subscribe_v5(&mut plain, subscribe_with(1, "lamps/+", |_| {})).await;
+    for subscriber in [&mut keeps, &mut plain] {
+        let got = next_publish_v5(subscriber).await.expect("the retained one");
+        assert_eq!((got.payload.as_ref(), got.retain), (&b"on"[..], true));
+    }
+    publish_v5(&mut publisher, 2, "lamps/l1", "off", true).await;
+    let got = next_publish_v5(&mut keeps).await.expect("as published");
+    assert_eq!((got.payload.as_ref(), got.retain), (&b"off"[..], true));
+    let got = next_publish_v5(&mut plain).await.expect("as forwarded");
+    assert_eq!((got.payload.as_ref(), got.retain), (&b"off"[..], false));
+
+    // Subscribing again: retained messages only when the rule says so;
+    // a message published after the SUBACK shows what came before it.
+    let mut marker = 3;
+    let mut resubscribe = async |raw: &mut Raw, rule: Rule| {
+        subscribe_v5(
+            raw,
+            subscribe_with(marker, "lamps/+", |f| f.retain_forward_rule = rule),
+        )
+        .await;
+        publish_v5(&mut publisher, marker, "lamps/marker", "marker", false).await;
+        marker += 1;
+        let mut got = Vec::new();
+        loop {
+            let publish = next_publish_v5(raw).await.expect("a message");
+            got.push(String::from_utf8_lossy(&publish.payload).into_owned());
+            if publish.payload.as_ref() == b"marker" {
+                return got;
+            }
+        }
+    };
+    assert_eq!(
+        resubscribe(&mut plain, Rule::OnNewSubscribe).await,
+        ["marker"]
+    );
+    assert_eq!(resubscribe(&mut plain, Rule::Never).await, ["marker"]);
+    assert_eq!(
+        resubscribe(&mut plain, Rule::OnEverySubscribe).await,
+        ["off", "marker"]
+    );
+    let mut fresh = Raw::open(port, connect5("retain-fresh", 30, None), Codec::V5).await;
+    assert_eq!(resubscribe(&mut fresh, Rule::Never).await, ["marker"]);
+    h.broker.shutdown(WAIT).await;
+}
+
+/// MQTT 5 will delay: the will waits for its delay or the session's end,
+/// whichever is sooner, and a new connection of the client in the meantime
+/// cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let mut watcher = Raw::open(port, connect5("will-watcher", 30, None), Codec::V5).await;
+    subscribe_v5(
+        &mut watcher,
+        raw_subscribe(1, "fleet/wills", wire::QoS::AtLeastOnce),
+    )
+    .await;
+    let with_will = |client_id: &str, payload: &'static str, delay: u32, expiry: u32| {
+        let mut connect = connect5_with(client_id, |connect, props| {
+            connect.clean_session = false;
+            props.session_expiry_interval = Some(expiry);
+        });
+        if let WirePacket::Connect(_, _, will, will_props, _) = &mut connect {
+            *will = Some(wire::LastWill {
+                topic: Bytes::from_static(b"fleet/wills"),
+                message: Bytes::from_static(payload.as_bytes()),
+                qos: wire::QoS::AtLeastOnce,
+                retain: false,
+            });
+            *will_props = Some(wire::LastWillProperties {
+                delay_interval: Some(delay),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            });
+        }
+        connect
+    };
+    let connected = async |raw: &mut Raw| {
+        use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+        assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+    };
+
+    // The session ends after 1 s, before the 600 s delay: the will then.
+    let mut short = Raw::open(port, with_will("will-short", "short", 600, 1), Codec::V5).await;
+    connected(&mut short).await;
+    let dropped = tokio::time::Instant::now();
+    drop(short);
+    let got = next_publish_v5(&mut watcher).await.expect("the will");
+    assert_eq!(got.payload.as_ref(), b"short");
+    assert!(
+        dropped.elapsed() >= Duration::from_millis(900),
+        "not before the session ended"
+    );
+
+    // Due after 1 s, but the client is back before that: never sent. The
+    // control, due after 3 s, arrives first (so the cancelled one would
+    // have arrived before it).
+    let mut back = Raw::open(port, with_will("will-back", "back", 1, 600), Codec::V5).await;
+    connected(&mut back).await;
+    let mut control = Raw::open(
+        port,
+        with_will("will-control", "control", 3, 600),
+        Codec::V5,
+    )
+    .await;
+    connected(&mut control).await;
+    drop(back);
+    let dropped = tokio::time::Instant::now();
+    drop(control);
+    let mut again = Raw::open(port, with_will("will-back", "back", 1, 600), Codec::V5).await;
+    connected(&mut again).await;
+    let got = next_publish_v5(&mut watcher)
+        .await
+        .expect("the control's will");
+    assert_eq!(got.payload.as_ref(), b"control");
+    assert!(
+        dropped.elapsed() >= Duration::from_millis(2900),
+        "not before its delay"
+    );
     h.broker.shutdown(WAIT).await;
 }

@@ -111,9 +111,15 @@ impl<'a> LinkBuilder<'a> {
     }
 
     /// Umbra patch: [`LinkBuilder::build`] without blocking the async
-    /// runtime's thread while the router answers.
-    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    /// runtime's thread while the router answers. The router takes `first`
+    /// with the connect event, so that they are ordered with the packets of
+    /// other links as of the connect, not as of the CONNACK's arrival.
+    pub async fn build_async(
+        self,
+        first: Vec<Packet>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         let (event, outgoing_data_buffer, incoming_data_buffer, link_rx) = self.connect_event();
+        incoming_data_buffer.lock().extend(first);
         let router_tx = self.router_tx;
         router_tx.send_async((0, event)).await?;
         link_rx.recv_async().await?;
@@ -126,7 +132,10 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
         let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        // What the router answered to `first` may have come with the
+        // CONNACK, under the notice just taken.
+        mem::swap(&mut *rx.send_buffer.lock(), &mut rx.cache);
         Ok((tx, rx, notification))
     }
 

@@ -26,16 +26,29 @@ pub struct PublishData {
     // inline they took ~140 of a stored message's ~230 bytes.
     pub properties: Option<Box<PublishProperties>>,
     pub timestamp: Instant,
+    /// Umbra patch: the publishing client, as [`client_key`] of its client
+    /// id (MQTT 5 no-local subscriptions skip their own client's messages).
+    pub publisher: u64,
 }
 
-impl From<PubWithProp> for PublishData {
-    fn from((publish, properties): PubWithProp) -> Self {
+impl PublishData {
+    pub fn new((publish, properties): PubWithProp, publisher: u64) -> Self {
         PublishData {
             publish,
             properties: properties.map(Box::new),
             timestamp: Instant::now(),
+            publisher,
         }
     }
+}
+
+/// Umbra patch: a client id as stored with the messages it publishes
+/// (a hash: 8 bytes a message instead of the id).
+pub fn client_key(client_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    client_id.hash(&mut hasher);
+    hasher.finish()
 }
 
 // TODO: remove this from here
@@ -248,11 +261,14 @@ impl DataLog {
         self.filter_indexes.get(log_filter(filter))
     }
 
+    /// Umbra patch: without the messages `skip_publisher` published (a
+    /// no-local subscription's client).
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        skip_publisher: Option<u64>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -268,6 +284,9 @@ impl DataLog {
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
+            if skip_publisher == Some(pubdata.publisher) {
+                return false;
+            }
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;
@@ -338,7 +357,10 @@ impl DataLog {
         topic: Topic,
     ) {
         let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+        // Umbra patch: no publisher, as no-local does not apply to
+        // retained messages.
+        self.retained_publishes
+            .insert(topic, PublishData::new(pub_with_props, 0));
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {

@@ -204,6 +204,11 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// Umbra patch: MQTT 5 no-local (the client's own messages are not
+    /// forwarded to it) and retain-as-published (forwarded messages keep
+    /// their retain flag).
+    pub(crate) nolocal: bool,
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{client_key, AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -418,6 +418,17 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+
+        // Umbra patch: what the link queued with its connect event (see
+        // `LinkBuilder::build_async`) is taken in the order the router got
+        // the event, not after the link's round trip for the CONNACK.
+        let queued = self
+            .ibufs
+            .get(connection_id)
+            .is_some_and(|incoming| !incoming.buffer.lock().is_empty());
+        if queued {
+            self.handle_device_payload(connection_id);
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -1023,14 +1034,19 @@ impl Router {
                 .insert(filter_path.clone(), subscription_id);
         }
 
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
-
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
-        if connection.subscriptions.insert(filter_path.clone()) {
+        let new = connection.subscriptions.insert(filter_path.clone());
+        // Umbra patch: retained messages are sent as the subscription's
+        // retain handling says (rumqttd sent them for new subscriptions
+        // only), and never for shared subscriptions.
+        let forward_retained = group.is_none()
+            && match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new,
+                RetainForwardRule::Never => false,
+            };
+        if new {
             // Umbra patch: the new subscription holds its filter's log.
             self.datalog.hold(filter_idx);
             let request = DataRequest {
@@ -1040,22 +1056,54 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if let Some(mut request) = self.take_request(id, filter_idx, filter_path) {
+            // Umbra patch: subscribing again replaces the subscription's
+            // options (MQTT 3.1.1 and 5), and may send the retained
+            // messages again; the read position stays.
+            request.qos = filter.qos as u8;
+            request.nolocal = filter.nolocal;
+            request.preserve_retain = filter.preserve_retain;
+            request.forward_retained |= forward_retained;
+            self.scheduler.track(id, request);
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
         }
-
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// Umbra patch: takes connection `id`'s request for `filter` out of
+    /// wherever it waits: the connection's tracker, the filter's waiters,
+    /// or the notifications of new data not yet handed to the tracker.
+    fn take_request(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        filter: &str,
+    ) -> Option<DataRequest> {
+        let ours = |i: ConnectionId, request: &DataRequest| i == id && request.filter == filter;
+        let tracked = &mut self.scheduler.trackers.get_mut(id)?.data_requests;
+        if let Some(at) = tracked.iter().position(|request| ours(id, request)) {
+            return tracked.remove(at);
+        }
+        if let Some(data) = self.datalog.native.get_mut(filter_idx) {
+            let waiting = data.waiters.get_mut();
+            if let Some(at) = waiting.iter().position(|(i, request)| ours(*i, request)) {
+                return waiting.remove(at).map(|(_, request)| request);
+            }
+        }
+        let notified = &mut self.notifications;
+        let at = notified.iter().position(|(i, request)| ours(*i, request))?;
+        notified.remove(at).map(|(_, request)| request)
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1194,6 +1242,7 @@ impl Router {
         match append_will_message(
             publish,
             properties,
+            client_key(&client_id),
             &mut self.datalog,
             &mut self.notifications,
             #[cfg(feature = "validate-tenant-prefix")]
@@ -1283,6 +1332,7 @@ fn append_to_commitlog(
     };
 
     let topic = std::str::from_utf8(&publish.topic)?;
+    let publisher = client_key(&connection.client_id);
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]
@@ -1301,9 +1351,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // Umbra patch: the log keeps the retain flag; forwarding clears it
+    // unless the subscription retains as published (MQTT 5).
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1321,8 +1370,8 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let publish_data = PublishData::new((publish.clone(), properties.clone()), publisher);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1336,8 +1385,9 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
+    publisher: u64,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
@@ -1372,9 +1422,8 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // Umbra patch: the log keeps the retain flag; forwarding clears it
+    // unless the subscription retains as published (MQTT 5).
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1387,8 +1436,8 @@ fn append_will_message(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let publish_data = PublishData::new((publish.clone(), properties.clone()), publisher);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1544,7 +1593,12 @@ fn forward_device_data(
     }
 
     let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+        match datalog.native_readv(
+            request.filter_idx,
+            request.cursor,
+            inflight_slots,
+            request.nolocal.then(|| client_key(&connection.client_id)),
+        ) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
@@ -1600,6 +1654,7 @@ fn forward_device_data(
     );
 
     let qos = request.qos;
+    let preserve_retain = request.preserve_retain;
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
@@ -1633,6 +1688,12 @@ fn forward_device_data(
             // MQTT requires (rumqttd used the subscription's QoS alone).
             if (publish.qos as u8) > qos {
                 publish.qos = protocol::qos(qos).unwrap_or(publish.qos);
+            }
+            // Umbra patch: a message from the log (not a retained message
+            // sent on subscribe) is forwarded with retain 0 unless the
+            // subscription retains as published.
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
             }
 
             // if there is some topic alias to use, set it in publish properties
