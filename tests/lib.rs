@@ -186,3 +186,102 @@ impl Device {
         let _ = self.client.disconnect().await;
     }
 }
+
+/// An MQTT 5 client (rumqttc's v5 client) whose incoming packets are queued
+/// for the test, like [`Device`].
+pub struct Device5 {
+    pub client: rumqttc::v5::AsyncClient,
+    // Unbounded: test-only; every test drains what it asked for.
+    events: mpsc::UnboundedReceiver<Result<rumqttc::v5::mqttbytes::v5::Packet, String>>,
+}
+
+impl Device5 {
+    /// Connects with `id` as client id and waits for the CONNACK.
+    pub async fn connect(addr: SocketAddr, id: &str) -> Device5 {
+        use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => Ok(packet),
+                    Ok(Event::Outgoing(_)) => continue,
+                    Err(err) => Err(err.to_string()),
+                };
+                let ended = event.is_err();
+                if tx.send(event).is_err() || ended {
+                    break;
+                }
+            }
+        });
+        let mut device = Device5 { client, events };
+        device
+            .next(|p| matches!(p, Packet5::ConnAck(_)))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: no CONNACK: {e}"));
+        device
+    }
+
+    /// Waits for the next packet matching `want`, skipping others; `Err`
+    /// with the reason once the connection ended (or nothing came in time).
+    pub async fn next(
+        &mut self,
+        want: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
+    ) -> Result<rumqttc::v5::mqttbytes::v5::Packet, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Err("timed out".into()),
+                Ok(None) => return Err("event loop ended".into()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(p))) if want(&p) => return Ok(p),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// The next publish received (any topic).
+    pub async fn next_publish(&mut self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+        match self.next(|p| matches!(p, Packet5::Publish(_))).await {
+            Ok(Packet5::Publish(p)) => p,
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
+
+    /// Subscribes at QoS 1 and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+        use rumqttc::v5::mqttbytes::QoS;
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        self.next(|p| matches!(p, Packet5::SubAck(_)))
+            .await
+            .unwrap_or_else(|e| panic!("no SUBACK for {filter}: {e}"));
+    }
+
+    /// Publishes at QoS 1 with `properties`.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: &str,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+    ) {
+        use rumqttc::v5::mqttbytes::QoS;
+        self.client
+            .publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_owned(),
+                properties,
+            )
+            .await
+            .expect("publish queued");
+    }
+}

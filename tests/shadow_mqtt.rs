@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
-use umbra_tests::{mqtt_addr, start, test_config, vector_cases, Device};
+use umbra_tests::{mqtt_addr, start, test_config, vector_cases, Device, Device5};
 
 /// Reads messages until the `get/accepted` answer carrying `token`; since one
 /// shadow's answers leave in order and a device's single `shadow/#`
@@ -482,6 +482,7 @@ async fn a_persistent_session_gets_the_delta_published_while_offline() {
                 .to_string()
                 .into(),
             client: "operator".into(),
+            user_properties: None,
         })
         .await;
     assert_eq!(answer.result, Ok(1));
@@ -593,51 +594,13 @@ async fn a_flooding_device_does_not_cost_the_others_answers() {
 /// connection with DISCONNECT 0x87, as any forbidden publish does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt5_request_gets_its_reply_on_its_response_topic() {
-    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(test_config(dir.path())).await;
-    let addr = mqtt_addr(&server);
-    let mut options = MqttOptions::new("lamp-5", addr.ip().to_string(), addr.port());
-    options.set_keep_alive(std::time::Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(packet)) => {
-                    if tx.send(Ok(packet)).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    break;
-                }
-            }
-        }
-    });
-    type Events = tokio::sync::mpsc::UnboundedReceiver<Result<Packet, String>>;
-    async fn next_of(rx: &mut Events) -> Result<Packet, String> {
-        tokio::time::timeout(umbra_tests::WAIT, rx.recv())
-            .await
-            .expect("in time")
-            .expect("an event")
-    }
+    let mut device = Device5::connect(mqtt_addr(&server), "lamp-5").await;
     for filter in ["things/lamp-5/replies", "$aws/things/lamp-5/replies"] {
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("queued");
-    }
-    let mut subacks = 0;
-    while subacks < 2 {
-        if matches!(next_of(&mut rx).await, Ok(Packet::SubAck(_))) {
-            subacks += 1;
-        }
+        device.subscribe(filter).await;
     }
     let request = |response_topic: &str, correlation: &'static [u8]| PublishProperties {
         response_topic: Some(response_topic.into()),
@@ -661,21 +624,10 @@ async fn an_mqtt5_request_gets_its_reply_on_its_response_topic() {
         ),
     ];
     for (topic, payload, response_topic, correlation) in cases {
-        client
-            .publish_with_properties(
-                topic,
-                QoS::AtLeastOnce,
-                false,
-                payload,
-                request(response_topic, correlation),
-            )
-            .await
-            .expect("queued");
-        let reply = loop {
-            if let Packet::Publish(p) = next_of(&mut rx).await.expect("connected") {
-                break p;
-            }
-        };
+        device
+            .publish(topic, payload, request(response_topic, correlation))
+            .await;
+        let reply = device.next_publish().await;
         assert_eq!(reply.topic.as_ref(), response_topic.as_bytes());
         let body: Value = serde_json::from_slice(&reply.payload).expect("JSON");
         assert_eq!(body["state"]["reported"]["on"], true, "{body}");
@@ -687,22 +639,73 @@ async fn an_mqtt5_request_gets_its_reply_on_its_response_topic() {
         );
     }
 
-    client
-        .publish_with_properties(
+    device
+        .publish(
             "$aws/things/lamp-5/shadow/get",
-            QoS::AtLeastOnce,
-            false,
             "{}",
             request("$aws/things/lamp-6/replies", b"c-3"),
         )
-        .await
-        .expect("queued");
+        .await;
     // rumqttc reports the server's DISCONNECT as the end of its connection.
-    let ended = loop {
-        if let Err(e) = next_of(&mut rx).await {
-            break e;
-        }
-    };
+    let ended = device.next(|_| false).await.expect_err("disconnected");
     assert!(ended.contains("NotAuthorized"), "{ended}");
+    server.shutdown().await;
+}
+
+/// MQTT 5 user properties on a shadow request come back on its reply
+/// (`/accepted` or `/rejected`), and only there: `/documents` and `/delta`,
+/// which other subscribers get, carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_requests_user_properties_come_back_on_its_reply() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(test_config(dir.path())).await;
+    let mut device = Device5::connect(mqtt_addr(&server), "lamp-7").await;
+    let shadow = "$aws/things/lamp-7/shadow";
+    for answer in ["update/accepted", "update/rejected", "update/documents"] {
+        device.subscribe(&format!("{shadow}/{answer}")).await;
+    }
+    let traced = |trace: &str| PublishProperties {
+        user_properties: vec![("trace".into(), trace.into())],
+        ..PublishProperties::default()
+    };
+    let trace_of = |publish: &rumqttc::v5::mqttbytes::v5::Publish| {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let pairs = publish
+            .properties
+            .as_ref()
+            .map(|p| p.user_properties.clone())
+            .unwrap_or_default();
+        (topic, pairs)
+    };
+
+    let update = format!("{shadow}/update");
+    device
+        .publish(
+            &update,
+            r#"{"state":{"reported":{"on":true}}}"#,
+            traced("t-1"),
+        )
+        .await;
+    let mut got = vec![
+        trace_of(&device.next_publish().await),
+        trace_of(&device.next_publish().await),
+    ];
+    got.sort();
+    let pair = |trace: &str| vec![("trace".to_string(), trace.to_string())];
+    assert_eq!(
+        got,
+        [
+            (format!("{shadow}/update/accepted"), pair("t-1")),
+            (format!("{shadow}/update/documents"), vec![]),
+        ]
+    );
+
+    device.publish(&update, "not json", traced("t-2")).await;
+    assert_eq!(
+        trace_of(&device.next_publish().await),
+        (format!("{shadow}/update/rejected"), pair("t-2"))
+    );
     server.shutdown().await;
 }

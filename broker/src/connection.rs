@@ -1364,10 +1364,15 @@ impl Connection {
                     _ => None,
                 };
                 bump(&self.broker.metrics.shadow_requests);
+                let user_properties = props
+                    .as_ref()
+                    .filter(|p| !p.user_properties.is_empty())
+                    .map(|p| p.user_properties.as_slice().into());
                 let submitted = self.broker.shadow.submit(ShadowPublish {
                     client_id: self.client_id.clone(),
                     request,
                     payload: publish.payload,
+                    user_properties,
                 });
                 self.requests
                     .get_or_insert_with(FuturesUnordered::new)

@@ -404,7 +404,19 @@ impl Publisher {
 /// The shadow service hands its answers here, in commit order.
 impl umbra_shadow::MessageSink for Publisher {
     fn publish(&self, message: umbra_shadow::Message) {
-        if let Err(err) = self.publish_at(&message.topic, message.payload, QoS::AtLeastOnce) {
+        let properties = message.user_properties.map(|pairs| {
+            Arc::new(PublishProperties {
+                user_properties: pairs.to_vec(),
+                ..PublishProperties::default()
+            })
+        });
+        let published = self.publish_with(
+            &message.topic,
+            message.payload,
+            QoS::AtLeastOnce,
+            properties,
+        );
+        if let Err(err) = published {
             warn!(cause = %err, "answer not published");
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use umbra_shadow::topic::RequestTopic;
-use umbra_shadow::{Message, Request, ShadowService};
+use umbra_shadow::{Message, Request, ShadowService, UserProperties};
 
 /// A device's publish to a shadow request topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub struct ShadowPublish {
     /// The parsed topic.
     pub request: RequestTopic,
     pub payload: Bytes,
+    /// MQTT 5 user properties, repeated on the reply.
+    pub user_properties: Option<UserProperties>,
 }
 
 /// A request being handled; resolves when it has been answered, to its
@@ -70,6 +72,7 @@ impl ShadowRequests for ShadowService {
                 op: request.request.op,
                 payload: request.payload,
                 client: request.client_id,
+                user_properties: request.user_properties,
             },
         );
         let retry_after = pending.retry_after();

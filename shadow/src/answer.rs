@@ -1,5 +1,7 @@
 //! The messages a request is answered with: their topics and exact JSON payloads.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
@@ -8,11 +10,17 @@ use crate::engine::{Command, Outcome, Snapshot};
 use crate::error::Rejection;
 use crate::topic::{AnswerKind, Operation, ShadowKey};
 
+/// Name/value pairs a request carried (MQTT 5 user properties), repeated
+/// on its reply.
+pub type UserProperties = Arc<[(String, String)]>;
+
 /// One message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
+    /// Set on a reply to a request that carried some.
+    pub user_properties: Option<UserProperties>,
 }
 
 /// Everything a request produced: the reply (`/accepted` or `/rejected`) first,
@@ -28,6 +36,15 @@ impl Answer {
     pub fn reply(&self) -> &Message {
         // Both constructors below put the reply first, so this cannot be empty.
         &self.messages[0]
+    }
+
+    /// Puts `user_properties` on the reply (the messages other subscribers
+    /// get, `/documents` and `/delta`, stay as they are).
+    pub fn with_user_properties(mut self, user_properties: Option<UserProperties>) -> Answer {
+        if let Some(reply) = self.messages.first_mut() {
+            reply.user_properties = user_properties;
+        }
+        self
     }
 
     /// The reply's payload as JSON.
@@ -195,5 +212,6 @@ fn message(topic: String, mut body: Map<String, Value>, client_token: Option<&st
     Message {
         topic,
         payload: payload.into(),
+        user_properties: None,
     }
 }

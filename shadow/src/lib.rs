@@ -37,7 +37,7 @@ pub mod store;
 pub mod throttle;
 pub mod topic;
 
-pub use answer::{Answer, Message};
+pub use answer::{Answer, Message, UserProperties};
 pub use error::Rejection;
 pub use limits::Limits;
 pub use metrics::ShadowMetrics;

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use crate::answer::{Answer, Message};
+use crate::answer::{Answer, Message, UserProperties};
 use crate::document::Timestamp;
 use crate::engine::Command;
 use crate::error::Rejection;
@@ -32,6 +32,8 @@ pub struct Request {
     pub payload: Bytes,
     /// Who sent it (an MQTT client id or an API token's name), for logs.
     pub client: String,
+    /// Repeated on the reply (MQTT 5 user properties).
+    pub user_properties: Option<UserProperties>,
 }
 
 /// Where the service's messages go when they are not read from a channel:
@@ -259,7 +261,7 @@ impl ShadowService {
                 }
             }
         };
-        let mut pending = self.queue(key, op, command, permit);
+        let mut pending = self.queue(key, op, command, permit, request.user_properties);
         pending.retry_after = retry_after;
         pending
     }
@@ -272,6 +274,7 @@ impl ShadowService {
         op: Operation,
         command: Command,
         permit: Option<Permit>,
+        user_properties: Option<UserProperties>,
     ) -> Pending {
         let client_token = command.client_token().map(str::to_string);
         let own_refusal = match &command {
@@ -285,6 +288,7 @@ impl ShadowService {
             ticket: Some(Ticket {
                 reply,
                 slot: permit,
+                user_properties: user_properties.clone(),
             }),
         };
         let state = match self.store.submit(job) {
@@ -317,6 +321,7 @@ impl ShadowService {
             measure: self.measure(),
             state,
             retry_after: None,
+            user_properties,
         }
     }
 
@@ -334,6 +339,7 @@ impl ShadowService {
             }),
             measure: self.measure(),
             retry_after: None,
+            user_properties: request.user_properties,
         }
         .answer()
         .await
@@ -420,6 +426,8 @@ pub struct Pending {
     /// Set when the thing's request rate was used up: how long until it
     /// may send another request.
     retry_after: Option<Duration>,
+    /// Repeated on a refusal's reply (a queued request's travel with it).
+    user_properties: Option<UserProperties>,
 }
 
 #[derive(Debug)]
@@ -484,7 +492,8 @@ impl Pending {
             refused.rejection,
             refused.client_token.as_deref(),
             now_secs(),
-        );
+        )
+        .with_user_properties(self.user_properties);
         for message in &answer.messages {
             if !self.outbox.send(message.clone()).await {
                 debug!("outbox closed; rejection not published");
@@ -545,8 +554,13 @@ async fn publish_committed(
                 // The caller first: that frees the thing's in-flight slot
                 // before the device can see the answer and send its next request.
                 let messages = match ticket {
-                    Some(Ticket { reply, slot }) => {
+                    Some(Ticket {
+                        reply,
+                        slot,
+                        user_properties,
+                    }) => {
                         drop(slot);
+                        let answer = answer.with_user_properties(user_properties);
                         let messages = answer.messages.clone();
                         // The caller may have gone away; the answer is published anyway.
                         let _ = reply.send(answer);

@@ -134,6 +134,7 @@ async fn update(service: &ShadowService, key: &ShadowKey, body: Value) -> u64 {
             op: Operation::Update,
             payload: serde_json::to_vec(&body).unwrap_or_default().into(),
             client: "test".into(),
+            user_properties: None,
         })
         .await;
     answer.result.expect("update accepted")

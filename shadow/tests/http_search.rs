@@ -91,6 +91,7 @@ fn req(key: ShadowKey, op: Operation, body: Value) -> ShadowRequest {
         op,
         payload: serde_json::to_vec(&body).unwrap_or_default().into(),
         client: "gen".into(),
+        user_properties: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {
         op,
         payload: serde_json::to_vec(&payload).unwrap_or_default().into(),
         client: "test".into(),
+        user_properties: None,
     }
 }
 

@@ -174,6 +174,7 @@ fn request(key: &ShadowKey, op: Operation, payload: &Value) -> Request {
         op,
         payload: serde_json::to_vec(payload).unwrap_or_default().into(),
         client: "test".into(),
+        user_properties: None,
     }
 }
 

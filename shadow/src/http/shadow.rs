@@ -122,6 +122,7 @@ async fn handle(
         op,
         payload,
         client: format!("http:{}", caller.name),
+        user_properties: None,
     };
     let answer = state.service.handle(request).await;
     let status = match &answer.result {

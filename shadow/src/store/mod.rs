@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::answer::Answer;
+use crate::answer::{Answer, UserProperties};
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{Command, Outcome, StoredShadow};
 use crate::error::Rejection;
@@ -27,6 +27,8 @@ use crate::topic::ShadowKey;
 pub struct Ticket {
     pub reply: oneshot::Sender<Answer>,
     pub slot: Option<Permit>,
+    /// Repeated on the reply.
+    pub user_properties: Option<UserProperties>,
 }
 
 /// A unit of work for the store's writer.
