@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -518,8 +519,6 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         topic_alias_max: Some(limits.topic_alias_maximum),
         server_keep_alive,
         max_packet_size: Some(u32::try_from(limits.max_payload_size).unwrap_or(u32::MAX)),
-        // Not implemented: a client must not send any.
-        subscription_identifiers_available: Some(0),
         ..ConnAckProperties::default()
     });
     let ack = ConnAck {
@@ -1463,6 +1462,18 @@ impl Connection {
         subscribe: Subscribe,
         props: Option<protocol::SubscribeProperties>,
     ) -> Result<(), End> {
+        // MQTT 5: the identifier the messages of these subscriptions carry.
+        let id = match props.as_ref().and_then(|p| p.id) {
+            Some(0) => {
+                return Err(self.protocol_error(
+                    "subscription identifier 0",
+                    DisconnectReasonCode::ProtocolError,
+                ))
+            }
+            id => id
+                .and_then(|id| u32::try_from(id).ok())
+                .and_then(NonZeroU32::new),
+        };
         let max = self.broker.limits.max_subscriptions;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut routed = Vec::new();
@@ -1487,10 +1498,12 @@ impl Connection {
                 SubscribeRoute::Aws => {
                     let qos = min_qos(filter.qos, QoS::AtLeastOnce);
                     let session = &mut self.attached.session;
-                    let shared =
-                        self.broker
-                            .publisher
-                            .subscribe(&filter.path, qos, &session.mailbox);
+                    let shared = self.broker.publisher.subscribe_with_id(
+                        &filter.path,
+                        qos,
+                        id,
+                        &session.mailbox,
+                    );
                     match session
                         .filters
                         .iter_mut()

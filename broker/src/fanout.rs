@@ -11,6 +11,7 @@
 //! of its matching filters).
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -117,6 +118,8 @@ impl Mailbox {
 struct Route {
     mailbox: Arc<Mailbox>,
     qos: QoS,
+    /// The subscription's MQTT 5 subscription identifier, if it has one.
+    id: Option<NonZeroU32>,
 }
 
 /// The subscribers of one exact topic: almost always one (a device's own
@@ -188,6 +191,14 @@ fn remove_route<T>(routes: &mut Vec<T>, mailbox: &Arc<Mailbox>, route: impl Fn(&
     routes.retain(|r| !Arc::ptr_eq(&route(r).mailbox, mailbox));
 }
 
+/// A subscriber of a message: its mailbox, at the highest QoS of its
+/// matching filters, with their subscription identifiers.
+struct Target {
+    mailbox: Arc<Mailbox>,
+    qos: QoS,
+    ids: Vec<usize>,
+}
+
 /// The `$aws` subscription table, shared by every connection; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -228,9 +239,22 @@ impl Publisher {
     /// Adds (or, for a filter the mailbox already holds, updates) a route.
     /// Returns the filter as the table keeps it, for the session to share.
     pub fn subscribe(&self, filter: &str, qos: QoS, mailbox: &Arc<Mailbox>) -> Arc<str> {
+        self.subscribe_with_id(filter, qos, None, mailbox)
+    }
+
+    /// [`subscribe`](Self::subscribe) with an MQTT 5 subscription
+    /// identifier, which the messages the route delivers carry.
+    pub fn subscribe_with_id(
+        &self,
+        filter: &str,
+        qos: QoS,
+        id: Option<NonZeroU32>,
+        mailbox: &Arc<Mailbox>,
+    ) -> Arc<str> {
         let route = Route {
             mailbox: Arc::clone(mailbox),
             qos,
+            id,
         };
         let mut table = self.table();
         if !has_wildcard(filter) {
@@ -320,12 +344,25 @@ impl Publisher {
         }
         let topic = Bytes::copy_from_slice(topic.as_bytes());
         let mut delivered = 0;
-        for (mailbox, sub_qos) in targets {
+        for Target {
+            mailbox,
+            qos: sub_qos,
+            ids,
+        } in targets
+        {
+            let properties = match ids.is_empty() {
+                true => properties.clone(),
+                // Only this subscriber's copy carries its identifiers.
+                false => Some(Arc::new(PublishProperties {
+                    subscription_identifiers: ids,
+                    ..properties.as_deref().cloned().unwrap_or_default()
+                })),
+            };
             let delivery = Delivery {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: min_qos(qos, sub_qos),
-                properties: properties.clone(),
+                properties,
             };
             if mailbox.push(delivery) {
                 delivered += 1;
@@ -354,16 +391,27 @@ impl Publisher {
     }
 
     /// Every mailbox with a filter matching `topic`, once, at the highest
-    /// QoS of its matching filters.
-    fn matching(&self, topic: &str) -> Vec<(Arc<Mailbox>, QoS)> {
+    /// QoS of its matching filters and with their subscription identifiers.
+    fn matching(&self, topic: &str) -> Vec<Target> {
         let table = self.table();
-        let mut found: Vec<(Arc<Mailbox>, QoS)> = Vec::new();
-        let mut add = |route: &Route| match found
-            .iter_mut()
-            .find(|(m, _)| Arc::ptr_eq(m, &route.mailbox))
-        {
-            Some((_, qos)) => *qos = max_qos(*qos, route.qos),
-            None => found.push((Arc::clone(&route.mailbox), route.qos)),
+        let mut found: Vec<Target> = Vec::new();
+        let mut add = |route: &Route| {
+            let target = match found
+                .iter_mut()
+                .position(|t| Arc::ptr_eq(&t.mailbox, &route.mailbox))
+            {
+                Some(at) => &mut found[at],
+                None => {
+                    found.push(Target {
+                        mailbox: Arc::clone(&route.mailbox),
+                        qos: route.qos,
+                        ids: Vec::new(),
+                    });
+                    found.last_mut().expect("just pushed")
+                }
+            };
+            target.qos = max_qos(target.qos, route.qos);
+            target.ids.extend(route.id.map(|id| id.get() as usize));
         };
         if let Some(routes) = table.exact.get(topic) {
             routes.as_slice().iter().for_each(&mut add);

@@ -1699,7 +1699,8 @@ async fn mqtt5_topic_aliases_within_the_announced_maximum() {
     let props = ack.properties.expect("CONNACK properties");
     assert_eq!(props.topic_alias_max, Some(10));
     assert_eq!(props.max_packet_size, Some(128 * 1024));
-    assert_eq!(props.subscription_identifiers_available, Some(0));
+    // Absent: subscription identifiers are available.
+    assert_eq!(props.subscription_identifiers_available, None);
 
     raw.send(aliased("fleet/alias", 10, b"set")).await;
     raw.send(aliased("", 10, b"used")).await;
@@ -2418,5 +2419,74 @@ async fn an_mqtt5_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
         dropped.elapsed() >= Duration::from_millis(2900),
         "not before its delay"
     );
+    h.broker.shutdown(WAIT).await;
+}
+
+/// MQTT 5 subscription identifiers: a `$aws` message comes once with the
+/// identifiers of every matching subscription; a router message comes once
+/// per matching filter with that filter's; subscribing again without one
+/// drops it; 0 is a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_messages_carry_their_subscriptions_identifiers() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode as Reason5, Packet as Packet5};
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let with_id = |pkid: u16, filter: &str, id: Option<usize>| {
+        let WirePacket::Subscribe(subscribe, _) = subscribe_with(pkid, filter, |_| {}) else {
+            unreachable!("a SUBSCRIBE");
+        };
+        let props = wire::SubscribeProperties {
+            id,
+            user_properties: Vec::new(),
+        };
+        WirePacket::Subscribe(subscribe, Some(props))
+    };
+    let ids_of = |publish: &rumqttc::v5::mqttbytes::v5::Publish| {
+        let mut ids = publish
+            .properties
+            .as_ref()
+            .map(|p| p.subscription_identifiers.clone())
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    };
+    let mut raw = Raw::open(port, connect5("ids-1", 30, None), Codec::V5).await;
+    let delta = "$aws/things/ids-1/shadow/update/delta";
+    subscribe_v5(&mut raw, with_id(1, delta, Some(7))).await;
+    subscribe_v5(&mut raw, with_id(2, "$aws/things/ids-1/shadow/#", Some(9))).await;
+    subscribe_v5(&mut raw, with_id(3, "fleet/ids", Some(3))).await;
+    subscribe_v5(&mut raw, with_id(4, "fleet/+", Some(4))).await;
+
+    h.broker
+        .publisher()
+        .publish(delta, Bytes::from_static(b"{}"))
+        .expect("routed");
+    let got = next_publish_v5(&mut raw).await.expect("the delta");
+    assert_eq!(ids_of(&got), [7, 9], "once, with both");
+
+    let mut publisher = Raw::open(port, connect5("ids-pub", 30, None), Codec::V5).await;
+    publish_v5(&mut publisher, 1, "fleet/ids", "one", false).await;
+    let mut copies = vec![
+        ids_of(&next_publish_v5(&mut raw).await.expect("a copy")),
+        ids_of(&next_publish_v5(&mut raw).await.expect("another")),
+    ];
+    copies.sort();
+    assert_eq!(copies, [vec![3], vec![4]]);
+
+    // Again without identifiers: none any more.
+    subscribe_v5(&mut raw, with_id(5, delta, None)).await;
+    subscribe_v5(&mut raw, with_id(6, "$aws/things/ids-1/shadow/#", None)).await;
+    h.broker
+        .publisher()
+        .publish(delta, Bytes::from_static(b"{}"))
+        .expect("routed");
+    let got = next_publish_v5(&mut raw).await.expect("the delta");
+    assert_eq!(ids_of(&got), Vec::<usize>::new());
+
+    raw.send(with_id(7, "fleet/zero", Some(0))).await;
+    assert!(matches!(
+        raw.last_v5().await,
+        Some(Packet5::Disconnect(d)) if d.reason_code == Reason5::ProtocolError
+    ));
     h.broker.shutdown(WAIT).await;
 }

@@ -1028,10 +1028,17 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
+        // Umbra patch: subscribing again without an identifier drops the
+        // filter's old one (rumqttd kept it).
+        match subscription_id {
+            Some(subscription_id) => {
+                connection
+                    .subscription_ids
+                    .insert(filter_path.clone(), subscription_id);
+            }
+            None => {
+                connection.subscription_ids.remove(filter_path);
+            }
         }
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
