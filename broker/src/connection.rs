@@ -22,10 +22,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
-    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
+    QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Notification, RouterTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,7 +110,8 @@ enum End {
     /// The client broke the protocol (the reason is logged).
     Protocol(&'static str, DisconnectReasonCode),
     Malformed(protocol::Error),
-    Forbidden,
+    /// A publish or subscribe outside what the client may touch.
+    Forbidden(&'static str, Forbidden),
     /// The router link failed (boxed: rumqttd's error carries a whole event).
     Router(Box<LinkError>),
 }
@@ -127,10 +128,24 @@ impl End {
                 Some(DisconnectReasonCode::PacketTooLarge)
             }
             End::Malformed(_) => Some(DisconnectReasonCode::MalformedPacket),
-            End::Forbidden => Some(DisconnectReasonCode::NotAuthorized),
+            End::Forbidden(..) => Some(DisconnectReasonCode::NotAuthorized),
             End::Router(_) => Some(DisconnectReasonCode::UnspecifiedError),
             End::Graceful { .. } | End::Closed | End::Io(_) => None,
         }
+    }
+
+    /// What an MQTT 5 client is told with the reason code (its reason string).
+    fn reason_string(&self) -> Option<String> {
+        Some(match self {
+            End::KeepAlive => "keep-alive expired".to_owned(),
+            End::TakenOver => "another connection took the client id over".to_owned(),
+            End::Shutdown => "the server is shutting down".to_owned(),
+            End::Protocol(why, _) => (*why).to_owned(),
+            End::Malformed(err) => format!("malformed packet: {err}"),
+            End::Forbidden(what, why) => format!("{what} forbidden: {}", why.as_str()),
+            End::Router(_) => "internal error".to_owned(),
+            End::Graceful { .. } | End::Closed | End::Io(_) => return None,
+        })
     }
 
     /// Whether the client's will is published (any end but a plain
@@ -410,7 +425,15 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
             session_present: false,
             code,
         };
-        if codec.write(Packet::ConnAck(ack, None), &mut out).is_ok() {
+        // MQTT 5 (the 3.1.1 codec writes no properties): why, as text.
+        let props = ConnAckProperties {
+            reason_string: Some(why.to_owned()),
+            ..ConnAckProperties::default()
+        };
+        if codec
+            .write(Packet::ConnAck(ack, Some(props)), &mut out)
+            .is_ok()
+        {
             stream.write_all(&out).await.ok();
             stream.flush().await.ok();
         }
@@ -486,6 +509,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
         write: BytesMut::new(),
         keep_alive,
         clean: connect.clean_session,
+        problem_info: props
+            .as_ref()
+            .and_then(|p| p.request_problem_info)
+            .is_none_or(|info| info != 0),
         keep,
         send_window,
         max_packet_out,
@@ -530,6 +557,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     }
     Some(connection)
 }
+
+/// A DISCONNECT's bytes besides its reason string: fixed header (2),
+/// reason code (1), property length (1), property id and string length (3).
+const DISCONNECT_OVERHEAD: usize = 7;
 
 /// A client's last will, and its MQTT 5 properties as the publish's.
 struct Will {
@@ -692,6 +723,9 @@ struct Connection {
     /// 1.5 × the client's keep-alive; `None` for keep-alive 0.
     keep_alive: Option<Duration>,
     clean: bool,
+    /// MQTT 5 request problem information: reason strings on
+    /// acknowledgements (on by default).
+    problem_info: bool,
     /// How long the session is kept after this connection ends.
     keep: Option<Duration>,
     /// QoS 1 messages this connection may have sent and not had
@@ -1203,7 +1237,7 @@ impl Connection {
             reason = why.as_str(),
             "forbidden, closing the connection"
         );
-        End::Forbidden
+        End::Forbidden(what, why)
     }
 
     fn protocol_error(&self, why: &'static str, code: DisconnectReasonCode) -> End {
@@ -1542,7 +1576,7 @@ impl Connection {
             }
         }
         if routed.is_empty() {
-            return self.send(suback(subscribe.pkid, codes, None));
+            return self.send(suback(subscribe.pkid, codes, None, self.problem_info));
         }
         self.router_side()
             .pending_acks
@@ -1700,7 +1734,7 @@ impl Connection {
                 let pending = self.router_side().pending_acks.remove(&ack.pkid);
                 if let Some(PendingAck::SubAck(codes)) = pending {
                     let codes = with_routed(codes, ack.return_codes);
-                    return self.send(suback(ack.pkid, codes, props));
+                    return self.send(suback(ack.pkid, codes, props, self.problem_info));
                 }
                 Ok(())
             }
@@ -1764,7 +1798,7 @@ impl Connection {
             End::TakenOver => debug!("taken over by a new connection"),
             End::Shutdown => debug!("closed for shutdown"),
             End::KeepAlive => debug!("keep-alive expired"),
-            End::Forbidden => {}
+            End::Forbidden(..) => {}
             End::Protocol(why, _) => info!(
                 client_id = self.client_id,
                 why, "protocol violation, closing the connection"
@@ -1785,10 +1819,22 @@ impl Connection {
             }
         }
         if let (Codec::V5, Some(reason_code)) = (self.codec, end.reason()) {
+            // With the reason as text, unless that makes the packet larger
+            // than the client takes.
+            let reason_string = end.reason_string().filter(|text| {
+                self.max_packet_out
+                    .is_none_or(|max| text.len() + DISCONNECT_OVERHEAD <= max)
+            });
+            let properties = reason_string.map(|text| DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(text),
+                user_properties: Vec::new(),
+                server_reference: None,
+            });
             // After whatever is still unwritten (the CONNACK, when the first
             // packet after CONNECT is the one that ends the connection).
             if self
-                .send(Packet::Disconnect(Disconnect { reason_code }, None))
+                .send(Packet::Disconnect(Disconnect { reason_code }, properties))
                 .is_ok()
             {
                 let _best_effort = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
@@ -1876,15 +1922,38 @@ fn with_routed<T>(own: Vec<Option<T>>, routed: Vec<T>) -> Vec<Option<T>> {
         .collect()
 }
 
+/// A SUBACK with `codes` (a code not filled in is a failure) and, when
+/// the client takes them (`problem_info`), a reason string for refusals.
 fn suback(
     pkid: u16,
     codes: Vec<Option<SubscribeReasonCode>>,
     props: Option<protocol::SubAckProperties>,
+    problem_info: bool,
 ) -> Packet {
-    let return_codes = codes
+    let return_codes: Vec<SubscribeReasonCode> = codes
         .into_iter()
         .map(|c| c.unwrap_or(SubscribeReasonCode::Failure))
         .collect();
+    let mut reasons: Vec<&str> = Vec::new();
+    for code in &return_codes {
+        let reason = match code {
+            SubscribeReasonCode::QuotaExceeded => "too many subscriptions",
+            SubscribeReasonCode::NotAuthorized => "topic filter outside the client's policy",
+            SubscribeReasonCode::TopicFilterInvalid => "topic filter not supported",
+            SubscribeReasonCode::Success(_) => continue,
+            _ => "refused",
+        };
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
+        }
+    }
+    let props = match (props, problem_info && !reasons.is_empty()) {
+        (props, false) => props,
+        (props, true) => Some(protocol::SubAckProperties {
+            reason_string: Some(reasons.join("; ")),
+            user_properties: props.map(|p| p.user_properties).unwrap_or_default(),
+        }),
+    };
     Packet::SubAck(SubAck { pkid, return_codes }, props)
 }
 

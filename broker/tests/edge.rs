@@ -2490,3 +2490,61 @@ async fn mqtt5_messages_carry_their_subscriptions_identifiers() {
     ));
     h.broker.shutdown(WAIT).await;
 }
+
+/// MQTT 5 reason strings: a refused CONNECT, a refused subscription (unless
+/// the client asked for no problem information) and the server's
+/// DISCONNECT say why in words, besides the reason code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_refusals_say_why_in_a_reason_string() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode as Reason5, Packet as Packet5};
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+
+    let too_long = "x".repeat(1024);
+    let mut refused = Raw::open(port, connect5(&too_long, 30, None), Codec::V5).await;
+    let Some(Packet5::ConnAck(ack)) = refused.next_v5().await else {
+        panic!("a CONNACK");
+    };
+    let reason = ack.properties.and_then(|p| p.reason_string);
+    assert_eq!(reason.as_deref(), Some("client id too long"));
+
+    let suback_reason = async |raw: &mut Raw| match raw.next_v5().await {
+        Some(Packet5::SubAck(ack)) => ack.properties.and_then(|p| p.reason_string),
+        other => panic!("expected a SUBACK, got {other:?}"),
+    };
+    let mut quiet = Raw::open(
+        port,
+        connect5_with("why-quiet", |_, props| props.request_problem_info = Some(0)),
+        Codec::V5,
+    )
+    .await;
+    let mut device = Raw::open(port, connect5("why-5", 30, None), Codec::V5).await;
+    for raw in [&mut quiet, &mut device] {
+        assert!(matches!(raw.next_v5().await, Some(Packet5::ConnAck(_))));
+        raw.send(raw_subscribe(1, "$SYS/#", wire::QoS::AtLeastOnce))
+            .await;
+    }
+    assert_eq!(suback_reason(&mut quiet).await, None);
+    assert_eq!(
+        suback_reason(&mut device).await.as_deref(),
+        Some("topic filter not supported")
+    );
+
+    device
+        .send(raw_publish(
+            "$aws/things/other/shadow/update",
+            wire::QoS::AtLeastOnce,
+            2,
+        ))
+        .await;
+    let Some(Packet5::Disconnect(disconnect)) = device.last_v5().await else {
+        panic!("a DISCONNECT last");
+    };
+    assert_eq!(disconnect.reason_code, Reason5::NotAuthorized);
+    let reason = disconnect.properties.and_then(|p| p.reason_string);
+    assert_eq!(
+        reason.as_deref(),
+        Some("publish forbidden: topic of another thing")
+    );
+    h.broker.shutdown(WAIT).await;
+}
