@@ -558,6 +558,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
     Some(connection)
 }
 
+/// How long a connection the server told DISCONNECT is read from (and
+/// what comes discarded) before it is closed.
+const DISCONNECT_LINGER: Duration = Duration::from_secs(1);
+
 /// A DISCONNECT's bytes besides its reason string: fixed header (2),
 /// reason code (1), property length (1), property id and string length (3).
 const DISCONNECT_OVERHEAD: usize = 7;
@@ -1867,6 +1871,23 @@ impl Connection {
             if let Err(err) = link.disconnect().await {
                 debug!(cause = %err, "router gone before the link's end");
             }
+        }
+        // Closing with unread input resets the connection, and the client
+        // may then lose a DISCONNECT it has not read yet: after one, read
+        // what it still sends until it closes, for at most a second (not
+        // when shutting down, nor when a new connection waits for the
+        // session).
+        let told = self.codec == Codec::V5 && end.reason().is_some();
+        if told && !matches!(end, End::Shutdown | End::TakenOver) {
+            let drain = async {
+                loop {
+                    self.read.clear();
+                    if !matches!(self.stream.read_some(&mut self.read).await, Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            };
+            let _closed_or_not = tokio::time::timeout(DISCONNECT_LINGER, drain).await;
         }
         self.stream.shutdown().await.ok();
     }
