@@ -1844,6 +1844,11 @@ impl Connection {
                 let _best_effort = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
             }
         }
+        // What the client sent before the end still reaches the router (a
+        // QoS 0 publish and a DISCONNECT read together, for one).
+        if let Err(err) = self.hand_to_router().await {
+            debug!(cause = ?err, "router gone before the connection's last packets");
+        }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
                 // MQTT 5: after the will delay, or when the session ends

@@ -2548,3 +2548,52 @@ async fn mqtt5_refusals_say_why_in_a_reason_string() {
     );
     h.broker.shutdown(WAIT).await;
 }
+
+/// What a client sends before its DISCONNECT reaches the router even when
+/// both come in one read: here a QoS 0 retained publish, which a later
+/// subscriber gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_read_together_with_the_disconnect_is_not_lost() {
+    let h = start_broker(settings());
+    let port = port(&h.broker, ListenerKind::MqttV4);
+    let retained = |payload: &'static [u8]| {
+        let publish = wire::Publish::new(
+            Bytes::from_static(b"fleet/last"),
+            Bytes::from_static(payload),
+            true,
+        );
+        WirePacket::Publish(publish, None)
+    };
+    let disconnect = || {
+        WirePacket::Disconnect(
+            wire::Disconnect {
+                reason_code: wire::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        )
+    };
+    let mut publisher = Raw::connect(port, "last-words").await;
+    assert_eq!(publisher.connack().await.code, ConnectReturnCode::Success);
+    publisher
+        .send_all(vec![retained(b"kept"), disconnect()])
+        .await;
+    assert!(
+        publisher.next().await.is_none(),
+        "closed after the DISCONNECT"
+    );
+
+    let mut subscriber = Raw::connect(port, "last-reader").await;
+    assert_eq!(subscriber.connack().await.code, ConnectReturnCode::Success);
+    subscriber
+        .send(raw_subscribe(1, "fleet/last", wire::QoS::AtMostOnce))
+        .await;
+    let got = loop {
+        match subscriber.next().await {
+            Some(WirePacket::Publish(publish, _)) => break publish,
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    };
+    assert_eq!((got.payload.as_ref(), got.retain), (&b"kept"[..], true));
+    h.broker.shutdown(WAIT).await;
+}
