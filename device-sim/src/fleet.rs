@@ -11,6 +11,10 @@ use crate::Error;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
+
+/// A first `get`'s 404 in the summary: normal (the device reports its
+/// initial state next), so counted apart from rejections.
+const FIRST_GET_404: &str = "404 on a first get (new shadow, reported next)";
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -364,12 +368,16 @@ impl Device {
             }
             ShadowAnswer::GetRejected | ShadowAnswer::UpdateRejected => {
                 let code = answer.code.unwrap_or(0);
-                self.stats.rejected.add(&code.to_string());
                 let what = if kind == ShadowAnswer::GetRejected {
                     Retry::Get
                 } else {
                     Retry::Report
                 };
+                if code == 404 && what == Retry::Get {
+                    self.stats.expected.add(FIRST_GET_404);
+                } else {
+                    self.stats.rejected.add(&code.to_string());
+                }
                 match code {
                     429 => {
                         let delay = self.throttle.next_delay(&mut self.rng);

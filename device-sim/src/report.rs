@@ -31,6 +31,9 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     /// Shadow rejections by code.
     pub rejected: BTreeMap<String, u64>,
+    /// Answers of normal operation that look like failures (see
+    /// [`RunStats::expected`]).
+    pub expected: BTreeMap<String, u64>,
     pub latency: BTreeMap<String, LatencySummary>,
     pub notes: Vec<String>,
     /// Per-second latency points per series (for plots; left out of the JSON to keep it short).
@@ -63,6 +66,7 @@ impl Summary {
             rates: BTreeMap::new(),
             errors: stats.errors.snapshot(),
             rejected: stats.rejected.snapshot(),
+            expected: stats.expected.snapshot(),
             latency: stats
                 .latencies
                 .iter()
@@ -129,6 +133,9 @@ impl Summary {
             for (code, n) in &self.rejected {
                 let _ = writeln!(out, "rejected {code:<19}{n:>14}");
             }
+        }
+        for (what, n) in &self.expected {
+            let _ = writeln!(out, "expected: {what} {n}");
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");

@@ -213,6 +213,10 @@ pub struct RunStats {
     pub errors: Tally,
     /// Shadow rejections by code.
     pub rejected: Tally,
+    /// Answers that are part of normal operation though they look like
+    /// failures (a first `get`'s 404: the shadow does not exist yet),
+    /// counted apart from errors and rejections.
+    pub expected: Tally,
     pub latencies: Vec<Arc<LatencySeries>>,
 }
 
@@ -226,6 +230,7 @@ impl RunStats {
             connected: Gauge::default(),
             errors: Tally::default(),
             rejected: Tally::default(),
+            expected: Tally::default(),
             latencies: latency_names
                 .iter()
                 .map(|name| Arc::new(LatencySeries::new(name)))
