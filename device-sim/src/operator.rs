@@ -502,6 +502,7 @@ async fn mqtt_sender(
                     connected = true;
                     backoff.reset();
                     stats.connects.incr();
+                    stats.connected.up();
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     stats.messages_out.incr();
@@ -516,7 +517,9 @@ async fn mqtt_sender(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    connected = false;
+                    if std::mem::take(&mut connected) {
+                        stats.connected.down();
+                    }
                     // rumqttc retransmits unacknowledged publishes after a reconnect; those
                     // still queued go out then too.
                     in_flight.clear();
@@ -531,6 +534,9 @@ async fn mqtt_sender(
         }
     }
     disconnect(&handle, &mut eventloop, Duration::from_secs(2)).await;
+    if connected {
+        stats.connected.down();
+    }
     Ok(acked)
 }
 

@@ -225,3 +225,32 @@ async fn the_http_operator_names_the_api_it_used() {
     }
     server.shutdown().await;
 }
+
+/// The operator in MQTT mode counts its connection (the live line showed
+/// "connected 0" while it was connected), and gives it back at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mqtt_operator_counts_its_connection() {
+    use device_sim::operator::{self, OperatorConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_umbra(dir.path()).await;
+    let config = OperatorConfig {
+        client: client_settings(&server),
+        devices: 2,
+        first: 0,
+        prefix: "mqtt-op-".to_owned(),
+        plan: OperatorPlan {
+            order: TargetOrder::Sweep,
+            max_changes: Some(2),
+            ..OperatorPlan::new(Rate::PerSecond(100.0), OPERATOR)
+        },
+        // An upper bound only: the run ends after its 2 changes.
+        duration: Duration::from_secs(60),
+        quiet: true,
+    };
+    let summary = operator::run(config, CancellationToken::new())
+        .await
+        .expect("the operator runs");
+    assert_eq!(summary.counts["changes_sent"], 2);
+    assert_eq!(summary.peak_connected, 1, "{}", summary.table());
+    server.shutdown().await;
+}
