@@ -97,6 +97,31 @@ async fn bad_flags_and_config_exit_64_naming_the_problem() {
     }
 }
 
+/// A port another process holds: umbra names it and the cause, once (the
+/// cause was printed twice).
+#[tokio::test]
+async fn a_taken_port_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().unwrap_or_default();
+    let free = "127.0.0.1:0";
+    let (code, _, err) = run_to_exit(&[
+        "--http-addr",
+        &addr,
+        "--mqtt-addr",
+        free,
+        "--ws-addr",
+        free,
+        "--data-dir",
+        data,
+    ])
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&addr), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
+
 #[tokio::test]
 async fn sigterm_stops_cleanly_with_exit_0() {
     let dir = tempfile::tempdir().expect("tempdir");
