@@ -368,6 +368,27 @@ impl FleetIndex {
         query: Option<&Query>,
         after: Option<&str>,
         limit: usize,
+        render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> Result<(Vec<T>, bool), IndexError> {
+        self.select(|t| query.is_none_or(|q| q.matches(t)), after, limit, render)
+    }
+
+    /// The fleet: things with at least one shadow (not every client id that
+    /// ever connected), as [`search`](Self::search) pages them.
+    pub fn list<T>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> Result<(Vec<T>, bool), IndexError> {
+        self.select(|t| !t.entry.shadows.is_empty(), after, limit, render)
+    }
+
+    fn select<T>(
+        &self,
+        keep: impl Fn(&ThingRef<'_>) -> bool,
+        after: Option<&str>,
+        limit: usize,
         mut render: impl FnMut(ThingRef<'_>) -> T,
     ) -> Result<(Vec<T>, bool), IndexError> {
         self.read(|things| {
@@ -379,7 +400,7 @@ impl FleetIndex {
             let mut more = false;
             for (name, entry) in things.range((start, Bound::Unbounded)) {
                 let thing = ThingRef { name, entry };
-                if query.is_none_or(|q| q.matches(&thing)) {
+                if keep(&thing) {
                     if out.len() == limit {
                         more = true;
                         break;
@@ -512,6 +533,9 @@ mod tests {
             names.ok(),
             Some((vec!["a".to_string(), "b".to_string()], false))
         );
+        // The fleet list leaves out "b", known only from its connectivity.
+        let names = index.list(None, 10, |t| t.name.to_string());
+        assert_eq!(names.ok(), Some((vec!["a".to_string()], false)));
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct SearchPage {
 #[utoipa::path(get, path = "/v1/things", tag = "fleet",
     params(PageParams),
     responses(
-        (status = 200, description = "Things in name order", body = ThingsPage),
+        (status = 200, description = "Things with at least one shadow, in name order", body = ThingsPage),
         (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
     ))]
 pub async fn list_things(
@@ -70,11 +70,10 @@ pub async fn list_things(
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<Json<ThingsPage>, ApiError> {
     let size = page.size(&state)?;
-    let (things, more) =
-        state
-            .service
-            .fleet()
-            .search(None, page.next_token.as_deref(), size, summary)?;
+    let (things, more) = state
+        .service
+        .fleet()
+        .list(page.next_token.as_deref(), size, summary)?;
     let next_token = more
         .then(|| things.last().map(|t| t.thing_name.clone()))
         .flatten();
