@@ -49,10 +49,32 @@ pub enum ShadowCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// List the fleet, or the named shadows of one thing.
-    List { thing: Option<String> },
+    /// List the fleet (things with a shadow), or the named shadows of one thing.
+    List {
+        thing: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Search the fleet, e.g. 'shadow.reported.temp>30 AND connectivity.connected:true'.
-    Search { query: String },
+    Search {
+        query: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+/// Paging of `shadow list` and `shadow search`.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Go on from where a previous page ended (its "more:" line says).
+    #[arg(long)]
+    pub next_token: Option<String>,
+    /// At most this many per page (the server's default when absent).
+    #[arg(long)]
+    pub page_size: Option<u32>,
+    /// Every page, one after the other.
+    #[arg(long, conflicts_with = "next_token")]
+    pub all: bool,
 }
 
 /// Options of `umbra changes`.
@@ -198,6 +220,43 @@ impl Api {
         let response = self.call(self.request(method, path, query), body)?;
         Ok(serde_json::from_reader(response.into_reader())?)
     }
+
+    /// A page of `path` as `page` asks (`nextToken`, `pageSize`), or with
+    /// `--all` every page, their `items` arrays joined into one answer.
+    fn pages(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        page: &PageArgs,
+        items: &str,
+    ) -> Result<Value, CliError> {
+        let size = page.page_size.map(|s| s.to_string());
+        let mut next = page.next_token.clone();
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let mut query = query.to_vec();
+            if let Some(size) = &size {
+                query.push(("pageSize", size));
+            }
+            if let Some(next) = &next {
+                query.push(("nextToken", next));
+            }
+            let mut value = self.json("GET", path, &query, None)?;
+            if !page.all {
+                return Ok(value);
+            }
+            if let Some(found) = value.get_mut(items).and_then(Value::as_array_mut) {
+                all.append(found);
+            }
+            match value["nextToken"].as_str() {
+                Some(token) => next = Some(token.to_owned()),
+                None => {
+                    value[items] = Value::Array(all);
+                    return Ok(value);
+                }
+            }
+        }
+    }
 }
 
 fn name_query(name: &Option<String>) -> Vec<(&str, &str)> {
@@ -247,52 +306,134 @@ pub fn run_shadow(
             &name_query(name),
             None,
         )?,
-        ShadowCommand::List { thing: Some(thing) } => api.json(
-            "GET",
-            &format!("/api/things/shadow/ListNamedShadowsForThing/{thing}"),
-            &[],
-            None,
-        )?,
-        ShadowCommand::List { thing: None } => api.json("GET", "/v1/things", &[], None)?,
-        ShadowCommand::Search { query } => api.json("GET", "/v1/search", &[("q", query)], None)?,
+        ShadowCommand::List { thing, page } => {
+            let path = match thing {
+                Some(thing) => format!("/api/things/shadow/ListNamedShadowsForThing/{thing}"),
+                None => "/v1/things".to_owned(),
+            };
+            let items = if thing.is_some() { "results" } else { "things" };
+            api.pages(&path, &[], page, items)?
+        }
+        ShadowCommand::Search { query, page } => {
+            api.pages("/v1/search", &[("q", query)], page, "things")?
+        }
     };
     if args.json {
         writeln!(out, "{value}")?;
         return Ok(());
     }
+    let again = |next: &str| {
+        let command = match command {
+            ShadowCommand::List {
+                thing: Some(thing), ..
+            } => format!("shadow list {thing}"),
+            ShadowCommand::Search { query, .. } => format!("shadow search '{query}'"),
+            _ => "shadow list".to_owned(),
+        };
+        format!("(more: umbra {command} --next-token {next}, or --all)")
+    };
     match command {
-        ShadowCommand::List { thing: None } => {
-            writeln!(
-                out,
-                "{:<32} {:<10} shadows (name@version)",
-                "thing", "connected"
-            )?;
-            for thing in value["things"].as_array().into_iter().flatten() {
-                let connected = match thing["connectivity"]["connected"].as_bool() {
-                    Some(true) => "yes",
-                    Some(false) => "no",
-                    None => "-",
-                };
-                let shadows: Vec<String> = thing["shadows"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|s| {
-                        format!(
-                            "{}@{}",
-                            s["name"].as_str().unwrap_or("(classic)"),
-                            s["version"]
-                        )
-                    })
-                    .collect();
-                let name = thing["thingName"].as_str().unwrap_or("?");
-                writeln!(out, "{name:<32} {connected:<10} {}", shadows.join(" "))?;
-            }
-            if let Some(next) = value["nextToken"].as_str() {
-                writeln!(out, "(more: nextToken {next})")?;
+        ShadowCommand::List { thing: None, .. } => {
+            let rows = value["things"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|thing| {
+                    let shadows: Vec<String> = thing["shadows"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| {
+                            let name = s["name"].as_str().unwrap_or("(classic)");
+                            format!("{name}@{}", s["version"])
+                        })
+                        .collect();
+                    vec![
+                        text(&thing["thingName"]),
+                        connected(&thing["connectivity"]),
+                        shadows.join(" "),
+                    ]
+                });
+            table(out, &["thing", "connected", "shadows (name@version)"], rows)?;
+        }
+        ShadowCommand::List { thing: Some(_), .. } => {
+            for name in value["results"].as_array().into_iter().flatten() {
+                writeln!(out, "{}", text(name))?;
             }
         }
+        ShadowCommand::Search { .. } => {
+            let rows = value["things"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|thing| {
+                    let shadow = &thing["shadow"];
+                    let delta = match shadow["hasDelta"].as_bool() {
+                        Some(true) => "yes",
+                        Some(false) => "no",
+                        None => "-",
+                    };
+                    vec![
+                        text(&thing["thingName"]),
+                        connected(&thing["connectivity"]),
+                        shadow["version"]
+                            .as_u64()
+                            .map_or("-".into(), |v| v.to_string()),
+                        delta.to_owned(),
+                        shadow.get("reported").map_or("-".into(), Value::to_string),
+                    ]
+                });
+            let header = ["thing", "connected", "version", "delta", "reported"];
+            table(out, &header, rows)?;
+        }
         _ => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+    }
+    if let Some(next) = value["nextToken"].as_str() {
+        writeln!(out, "{}", again(next))?;
+    }
+    Ok(())
+}
+
+/// A JSON string as text (other values as JSON).
+fn text(value: &Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned)
+}
+
+fn connected(connectivity: &Value) -> String {
+    match connectivity["connected"].as_bool() {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+    .to_owned()
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn table(
+    out: &mut impl Write,
+    header: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Result<(), CliError> {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
 }

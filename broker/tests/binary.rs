@@ -252,13 +252,55 @@ async fn operator_cli_reads_and_changes_shadows() {
     assert_eq!(code, 0);
     assert!(out.contains("cli-1"), "{out}");
 
+    // Paging: one thing a page, a hint to the next, --all for every page;
+    // columns line up under the header whatever the names' lengths.
+    let long = "cli-2-with-a-name-longer-than-thirty-two-characters";
+    let (code, _, err) = cli(&[
+        "shadow",
+        "update",
+        long,
+        r#"{"state":{"reported":{"on":false}}}"#,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cli(&["shadow", "list", "--page-size", "1"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("--next-token cli-1"), "{out}");
+    let (code, out, _) = cli(&[
+        "shadow",
+        "list",
+        "--page-size",
+        "1",
+        "--next-token",
+        "cli-1",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with(long)), "{out}");
+    let (code, out, _) = cli(&["shadow", "list", "--page-size", "1", "--all"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two things, no hint: {out}");
+    let column = |line: &str| line.find(" no").or_else(|| line.find(" -"));
+    let header_at = lines[0].find(" connected");
+    assert!(lines[1..].iter().all(|l| column(l) == header_at), "{out}");
+    // Search prints a table too, unless --json.
+    let (code, out, _) = cli(&["shadow", "search", "shadow.hasDelta:true"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("thing"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli-1") && l.contains("yes")),
+        "{out}"
+    );
+
     let (code, out, err) = cli(&["changes", "--since", "0", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let events: Vec<Value> = out
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(events.len(), 2, "{out}");
     assert_eq!(
         (events[0]["kind"].clone(), events[0]["thing"].clone()),
         (json!("update"), json!("cli-1"))
