@@ -28,6 +28,8 @@
 //!   `$aws/`, by identity.
 //! - [`requests`]: how shadow requests leave a connection.
 //! - [`metrics`]: atomic counters for Umbra's metrics endpoint.
+//! - [`fuzzing`]: what the fuzz targets in `fuzz/` call (the codec, the
+//!   topic rules and roles on arbitrary packets).
 //!
 //! A device's shadow update takes one chain: its connection task
 //! ([`connection`]) → [`umbra_shadow::ShadowService::submit`] → the store's

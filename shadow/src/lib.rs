@@ -18,6 +18,8 @@
 //! - [`search`]: fleet search queries (AWS fleet-indexing syntax subset).
 //! - [`fleet`]: the in-memory fleet index that listing and search read.
 //! - [`http`]: the operator API (axum): shadows, fleet, change stream, metrics.
+//! - [`fuzzing`]: what the fuzz targets in `fuzz/` call (update parsing,
+//!   merge and delta, search queries, change-stream fields).
 #![forbid(unsafe_code)]
 
 pub mod answer;
