@@ -1,7 +1,7 @@
 //! The command line (clap derive) and its translation into each mode's configuration.
 
 use crate::fleet::FleetConfig;
-use crate::mqtt::{BrokerAddr, ClientSettings};
+use crate::mqtt::{BrokerAddr, CaFile, ClientSettings};
 use crate::operator::{OperatorConfig, OperatorPlan, TargetOrder};
 use crate::relay::{RelayConfig, RelayMode};
 use crate::shadow_bench::ShadowBenchConfig;
@@ -53,8 +53,9 @@ pub enum BenchCommand {
 /// How to reach the broker; shared by every command.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
-    /// Broker URL(s), comma separated (`mqtt://host:port`). Devices are spread over them
-    /// round-robin, which also spreads sockets over several destination addresses.
+    /// Broker URL(s), comma separated: `mqtt://host:port`, `mqtts://host:port` (TLS),
+    /// `ws://host:port/path` or `wss://host:port/path` (WebSocket). Devices are spread over
+    /// them round-robin, which also spreads sockets over several destination addresses.
     #[arg(
         long,
         env = "DEVICE_SIM_BROKER",
@@ -75,6 +76,10 @@ pub struct ConnectArgs {
     /// MQTT keep-alive.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub keep_alive: Duration,
+    /// CA certificate (PEM) that `mqtts://` and `wss://` trust instead of the system's
+    /// roots (e.g. the `ca.pem` of `umbra certs ca`).
+    #[arg(long, env = "DEVICE_SIM_CA_FILE")]
+    pub ca_file: Option<CaFile>,
 }
 
 impl ConnectArgs {
@@ -90,6 +95,7 @@ impl ConnectArgs {
                 settings.keep_alive = self.keep_alive.max(Duration::from_secs(1));
                 settings.inflight = inflight;
                 settings.channel_capacity = channel_capacity;
+                settings.ca = self.ca_file.clone();
                 settings
             })
             .collect()
@@ -98,10 +104,7 @@ impl ConnectArgs {
     fn first(&self, inflight: u16, channel_capacity: usize) -> ClientSettings {
         let mut all = self.settings(inflight, channel_capacity);
         if all.is_empty() {
-            ClientSettings::new(BrokerAddr {
-                host: "127.0.0.1".to_owned(),
-                port: 1883,
-            })
+            ClientSettings::new(BrokerAddr::tcp("127.0.0.1", 1883))
         } else {
             all.swap_remove(0)
         }
@@ -443,6 +446,7 @@ mod tests {
         assert!(Cli::try_parse_from(["device-sim", "fleet", "--duration", "soon"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "operator", "--rate", "0/s"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "bench", "relay", "--qos", "3"]).is_err());
-        assert!(Cli::try_parse_from(["device-sim", "fleet", "--broker", "ws://x"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "fleet", "--broker", "http://x"]).is_err());
+        assert!(Cli::try_parse_from(["device-sim", "fleet", "--ca-file", "/no/such.pem"]).is_err());
     }
 }

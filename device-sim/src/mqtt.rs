@@ -1,22 +1,91 @@
 //! MQTT plumbing shared by every mode: broker address, small-footprint client options, error
 //! kinds, shadow topic names, and a clean disconnect.
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, TlsConfiguration,
+    Transport,
+};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// `mqtt://host:port` (also `tcp://`, or bare `host[:port]`; port defaults to 1883).
+/// How a client reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheme {
+    /// MQTT over TCP (`mqtt://`, `tcp://`).
+    #[default]
+    Mqtt,
+    /// MQTT over TLS (`mqtts://`, `ssl://`).
+    Mqtts,
+    /// MQTT over WebSocket (`ws://`).
+    Ws,
+    /// MQTT over WebSocket over TLS (`wss://`).
+    Wss,
+}
+
+impl Scheme {
+    fn parse(text: &str) -> Option<Scheme> {
+        Some(match text {
+            "mqtt" | "tcp" => Scheme::Mqtt,
+            "mqtts" | "ssl" => Scheme::Mqtts,
+            "ws" => Scheme::Ws,
+            "wss" => Scheme::Wss,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Mqtt => "mqtt",
+            Scheme::Mqtts => "mqtts",
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Mqtt => 1883,
+            Scheme::Mqtts => 8883,
+            Scheme::Ws => 80,
+            Scheme::Wss => 443,
+        }
+    }
+
+    fn websocket(self) -> bool {
+        matches!(self, Scheme::Ws | Scheme::Wss)
+    }
+}
+
+/// `mqtt://host:port` (also `tcp://`, or bare `host[:port]`), `mqtts://host:port`,
+/// `ws://host:port/path` or `wss://host:port/path`; the port defaults to the scheme's
+/// (1883, 8883, 80, 443) and a WebSocket path to `/mqtt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
+    /// The WebSocket path (unused for MQTT over TCP or TLS).
+    pub path: String,
+}
+
+impl BrokerAddr {
+    /// `mqtt://host:port`.
+    pub fn tcp(host: impl Into<String>, port: u16) -> BrokerAddr {
+        BrokerAddr {
+            scheme: Scheme::Mqtt,
+            host: host.into(),
+            port,
+            path: String::new(),
+        }
+    }
 }
 
 /// A broker address that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerAddrError {
-    #[error("unsupported scheme (use mqtt:// or tcp://)")]
+    #[error("unsupported scheme (use mqtt://, mqtts://, ws:// or wss://)")]
     Scheme,
     #[error("missing host")]
     Host,
@@ -28,29 +97,64 @@ impl FromStr for BrokerAddr {
     type Err = BrokerAddrError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let rest = match text.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(_) => return Err(BrokerAddrError::Scheme),
-            None => text,
+        let (scheme, rest) = match text.split_once("://") {
+            Some((scheme, rest)) => (Scheme::parse(scheme).ok_or(BrokerAddrError::Scheme)?, rest),
+            None => (Scheme::Mqtt, text),
         };
-        let rest = rest.trim_end_matches('/');
+        let (rest, path) = match rest.split_once('/') {
+            Some((rest, path)) if scheme.websocket() && !path.is_empty() => {
+                (rest, format!("/{path}"))
+            }
+            Some((rest, _)) => (rest, "/mqtt".to_owned()),
+            None => (rest, "/mqtt".to_owned()),
+        };
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) => (host, port.parse().map_err(|_| BrokerAddrError::Port)?),
-            None => (rest, 1883),
+            None => (rest, scheme.default_port()),
         };
         if host.is_empty() {
             return Err(BrokerAddrError::Host);
         }
         Ok(BrokerAddr {
+            scheme,
             host: host.to_owned(),
             port,
+            path: if scheme.websocket() {
+                path
+            } else {
+                String::new()
+            },
         })
     }
 }
 
 impl fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        write!(
+            f,
+            "{}://{}:{}{}",
+            self.scheme.as_str(),
+            self.host,
+            self.port,
+            self.path
+        )
+    }
+}
+
+/// A CA certificate (PEM) that TLS clients trust instead of the system's roots, read once
+/// and shared by every client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile(pub Arc<Vec<u8>>);
+
+impl FromStr for CaFile {
+    type Err = String;
+
+    fn from_str(path: &str) -> Result<Self, Self::Err> {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!("{path} holds no PEM certificate"));
+        }
+        Ok(CaFile(Arc::new(pem)))
     }
 }
 
@@ -69,6 +173,8 @@ pub struct ClientSettings {
     /// Capacity of the request channel between a client handle and its event loop.
     pub channel_capacity: usize,
     pub connect_timeout_s: u64,
+    /// The CA that `mqtts://` and `wss://` trust (the system's roots when absent).
+    pub ca: Option<CaFile>,
 }
 
 impl ClientSettings {
@@ -82,11 +188,41 @@ impl ClientSettings {
             inflight: 10,
             channel_capacity: 16,
             connect_timeout_s: 10,
+            ca: None,
         }
     }
 
     pub fn options(&self, client_id: &str) -> MqttOptions {
-        let mut options = MqttOptions::new(client_id, self.broker.host.clone(), self.broker.port);
+        let broker = &self.broker;
+        let mut options = match broker.scheme.websocket() {
+            // rumqttc takes a WebSocket broker as its URL.
+            true => MqttOptions::new(client_id, broker.to_string(), broker.port),
+            false => MqttOptions::new(client_id, broker.host.clone(), broker.port),
+        };
+        let tls = || match &self.ca {
+            Some(CaFile(pem)) => TlsConfiguration::Simple {
+                ca: pem.to_vec(),
+                alpn: None,
+                client_auth: None,
+            },
+            // The system's roots, loaded once for every client.
+            None => {
+                static SYSTEM: std::sync::OnceLock<TlsConfiguration> = std::sync::OnceLock::new();
+                SYSTEM.get_or_init(TlsConfiguration::default).clone()
+            }
+        };
+        match broker.scheme {
+            Scheme::Mqtt => {}
+            Scheme::Mqtts => {
+                options.set_transport(Transport::tls_with_config(tls()));
+            }
+            Scheme::Ws => {
+                options.set_transport(Transport::Ws);
+            }
+            Scheme::Wss => {
+                options.set_transport(Transport::wss_with_config(tls()));
+            }
+        }
         options
             .set_keep_alive(self.keep_alive)
             .set_clean_session(true)
@@ -228,24 +364,25 @@ mod tests {
 
     #[test]
     fn broker_addresses() {
-        let addr: BrokerAddr = "mqtt://127.0.0.1:18830"
-            .parse()
-            .unwrap_or_else(|_| BrokerAddr {
-                host: String::new(),
-                port: 0,
-            });
+        let addr = "mqtt://127.0.0.1:18830".parse::<BrokerAddr>();
+        assert_eq!(addr, Ok(BrokerAddr::tcp("127.0.0.1", 18830)));
         assert_eq!(
-            addr,
-            BrokerAddr {
-                host: "127.0.0.1".into(),
-                port: 18830
-            }
+            addr.map(|a| a.to_string()),
+            Ok("mqtt://127.0.0.1:18830".to_owned())
         );
-        assert_eq!(addr.to_string(), "mqtt://127.0.0.1:18830");
         assert_eq!("tcp://h".parse::<BrokerAddr>().map(|a| a.port), Ok(1883));
         assert_eq!("h:1".parse::<BrokerAddr>().map(|a| a.port), Ok(1));
+        let tls = "mqtts://h".parse::<BrokerAddr>();
+        assert_eq!(tls.map(|a| (a.scheme, a.port)), Ok((Scheme::Mqtts, 8883)));
+        // WebSocket: the path is kept (`/mqtt` when there is none).
+        let ws = "ws://h:8083".parse::<BrokerAddr>().map(|a| a.to_string());
+        assert_eq!(ws, Ok("ws://h:8083/mqtt".to_owned()));
+        let wss = "wss://h/ws/mqtt"
+            .parse::<BrokerAddr>()
+            .map(|a| a.to_string());
+        assert_eq!(wss, Ok("wss://h:443/ws/mqtt".to_owned()));
         assert_eq!(
-            "ws://h:1".parse::<BrokerAddr>(),
+            "http://h:1".parse::<BrokerAddr>(),
             Err(BrokerAddrError::Scheme)
         );
         assert_eq!(

@@ -97,10 +97,7 @@ async fn fleet_follows_operator_changes_through_a_shadow_service() {
         ready_tx,
     ));
     ready.await.expect("the fake shadow service subscribed");
-    let settings = ClientSettings::new(BrokerAddr {
-        host: "127.0.0.1".to_owned(),
-        port: broker.port,
-    });
+    let settings = ClientSettings::new(BrokerAddr::tcp("127.0.0.1", broker.port));
     let config = FleetConfig {
         clients: vec![settings],
         devices: 5,

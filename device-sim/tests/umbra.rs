@@ -28,10 +28,7 @@ async fn start_umbra(dir: &std::path::Path) -> Server {
 
 fn client_settings(server: &Server) -> ClientSettings {
     let addr = server.addrs().mqtt.expect("mqtt listener");
-    ClientSettings::new(BrokerAddr {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    })
+    ClientSettings::new(BrokerAddr::tcp(addr.ip().to_string(), addr.port()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,5 +249,86 @@ async fn the_mqtt_operator_counts_its_connection() {
         .expect("the operator runs");
     assert_eq!(summary.counts["changes_sent"], 2);
     assert_eq!(summary.peak_connected, 1, "{}", summary.table());
+    server.shutdown().await;
+}
+
+/// A small fleet over `settings` converges on every operator change.
+async fn converges_over(server: &Server, settings: ClientSettings, prefix: &str) {
+    const DEVICES: usize = 3;
+    let config = FleetConfig {
+        clients: vec![settings],
+        devices: DEVICES,
+        first: 0,
+        prefix: prefix.to_owned(),
+        ramp: 1000.0,
+        actuation_delay: Duration::from_millis(5),
+        telemetry_interval: None,
+        // An upper bound only: the run ends when every change has converged.
+        duration: Duration::from_secs(60),
+        operator: Some(OperatorPlan {
+            order: TargetOrder::Sweep,
+            max_changes: Some(DEVICES as u64),
+            ..OperatorPlan::new(Rate::PerSecond(200.0), OPERATOR)
+        }),
+        until_converged: true,
+        quiet: true,
+    };
+    let summary = fleet::run(config, CancellationToken::new())
+        .await
+        .expect("fleet runs");
+    let table = summary.table();
+    assert!(summary.errors.is_empty(), "{table}");
+    assert_eq!(summary.counts["devices_synced"], DEVICES as u64, "{table}");
+    assert_eq!(summary.counts["changes_not_converged"], 0, "{table}");
+    let store = server.service().store();
+    for i in 0..DEVICES {
+        let key = ShadowKey::classic(thing_name(prefix, i));
+        let stored = store.load(&key).expect("store readable");
+        assert!(stored.is_some(), "{key:?} created over the transport");
+    }
+}
+
+/// device-sim load-tests the other transports: MQTT over WebSocket
+/// (`ws://`) and over TLS (`mqtts://`, trusting `--ca-file`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleets_run_over_websocket_and_tls() {
+    use device_sim::mqtt::CaFile;
+    use umbra_broker::certs;
+    use umbra_broker::embedded::{ListenerSettings, TlsFiles};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = dir.path().join("pki");
+    let ca = certs::make_ca(&pki).expect("ca");
+    certs::make_server(&pki, &["localhost".to_string()]).expect("server cert");
+    let mut config = umbra_tests::test_config(&dir.path().join("data"));
+    config
+        .mqtt
+        .edge
+        .privileged_clients
+        .insert(OPERATOR.to_owned());
+    config.mqtt.mqtt_v4 = Some(ListenerSettings {
+        tls: Some(TlsFiles::new(
+            pki.join("server.pem"),
+            pki.join("server.key"),
+        )),
+        ..ListenerSettings::local(0)
+    });
+    let server = umbra_tests::start(config).await;
+
+    let ws = server.addrs().websocket.expect("websocket listener");
+    let url = format!("ws://{ws}/mqtt");
+    let broker: BrokerAddr = url.parse().expect("a ws:// URL");
+    converges_over(&server, ClientSettings::new(broker), "ws-").await;
+
+    let port = server.addrs().mqtt.expect("tls listener").port();
+    let broker: BrokerAddr = format!("mqtts://localhost:{port}").parse().expect("a URL");
+    let mut settings = ClientSettings::new(broker);
+    settings.ca = Some(
+        ca.to_str()
+            .unwrap_or_default()
+            .parse::<CaFile>()
+            .expect("the CA"),
+    );
+    converges_over(&server, settings, "tls-").await;
     server.shutdown().await;
 }
