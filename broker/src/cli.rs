@@ -63,6 +63,13 @@ pub enum ShadowCommand {
     },
 }
 
+/// `umbra thing ...`.
+#[derive(Debug, Subcommand)]
+pub enum ThingCommand {
+    /// Delete a thing: all its shadows and its connectivity.
+    Delete { thing: String },
+}
+
 /// Paging of `shadow list` and `shadow search`.
 #[derive(Debug, Args)]
 pub struct PageArgs {
@@ -391,6 +398,36 @@ pub fn run_shadow(
     if let Some(next) = value["nextToken"].as_str() {
         writeln!(out, "{}", again(next))?;
     }
+    Ok(())
+}
+
+/// Runs one thing command, writing what it did to `out`.
+pub fn run_thing(
+    args: &ApiArgs,
+    command: &ThingCommand,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let ThingCommand::Delete { thing } = command;
+    let value = Api::new(args).json("DELETE", &format!("/v1/things/{thing}"), &[], None)?;
+    if args.json {
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    let shadows: Vec<String> = value["shadows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|name| name.as_str().unwrap_or("(classic)").to_owned())
+        .collect();
+    let connectivity = match value["connectivity"].as_bool() {
+        Some(true) => "and its connectivity",
+        _ => "(no connectivity known)",
+    };
+    let shadows = match shadows.is_empty() {
+        true => "no shadows".to_owned(),
+        false => format!("shadows {}", shadows.join(", ")),
+    };
+    writeln!(out, "deleted {thing}: {shadows} {connectivity}")?;
     Ok(())
 }
 

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
-use umbra_broker::cli::{self, ApiArgs, CertsCommand, ChangesArgs, PasswdArgs, ShadowCommand};
+use umbra_broker::cli::{
+    self, ApiArgs, CertsCommand, ChangesArgs, PasswdArgs, ShadowCommand, ThingCommand,
+};
 use umbra_broker::embedded::ListenerSettings;
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
 
@@ -61,6 +63,11 @@ enum Command {
     Shadow {
         #[command(subcommand)]
         command: ShadowCommand,
+    },
+    /// Delete things through a running server's HTTP API.
+    Thing {
+        #[command(subcommand)]
+        command: ThingCommand,
     },
     /// Print committed changes (shadow updates and deletes, connects, disconnects).
     Changes {
@@ -198,6 +205,7 @@ fn run_command(
     let mut out = std::io::stdout().lock();
     let result = match command {
         Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
+        Command::Thing { command } => cli::run_thing(api, &command, &mut out),
         Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
         Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),

@@ -309,6 +309,17 @@ async fn operator_cli_reads_and_changes_shadows() {
     let (code, _, err) = cli(&["shadow", "get", "nobody"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("404"), "{err}");
+
+    // Deleting a thing: its shadows go, then it is not listed; twice is 404.
+    let (code, out, err) = cli(&["thing", "delete", long]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(classic)"), "{out}");
+    let (code, out, _) = cli(&["shadow", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(!out.contains(long), "{out}");
+    let (code, _, err) = cli(&["thing", "delete", long]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
     let (code, _, err) = cli(&["shadow", "update", "cli-1", "{not json"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("not JSON"), "{err}");

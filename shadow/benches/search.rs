@@ -113,6 +113,8 @@ fn clone_job(job: &Job) -> Option<Job> {
             at_ms: *at_ms,
             reason: reason.clone(),
         }),
+        // Its reply cannot be cloned; the benchmark submits none.
+        Job::Forget { .. } => None,
     }
 }
 

@@ -435,6 +435,14 @@ fn apply_change(things: &mut BTreeMap<String, ThingEntry>, change: Change) {
                 }
             }
         }
+        ChangeKind::Forget => {
+            if let Some(entry) = things.get_mut(&change.thing) {
+                entry.presence = None;
+                if entry.shadows.is_empty() {
+                    things.remove(&change.thing);
+                }
+            }
+        }
         ChangeKind::Connect | ChangeKind::Disconnect => {
             let last_seen_ms = serde_json::from_str::<Value>(&change.document)
                 .ok()
@@ -592,6 +600,18 @@ mod tests {
                 })
             ))
         );
+        // A deleted thing's connectivity forgotten: nothing of it is left.
+        index.apply(Change {
+            seq: 4,
+            thing: "a".into(),
+            name: None,
+            version: 0,
+            kind: ChangeKind::Forget,
+            time: 9,
+            document: "{}".into(),
+            state: None,
+        });
+        assert_eq!(index.read(|t| t.contains_key("a")).ok(), Some(false));
     }
 
     #[test]

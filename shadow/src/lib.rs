@@ -43,6 +43,6 @@ pub use answer::{Answer, Message, UserProperties};
 pub use error::Rejection;
 pub use limits::Limits;
 pub use metrics::ShadowMetrics;
-pub use service::{MessageSink, Pending, Request, ServiceConfig, ShadowService};
+pub use service::{DeletedThing, MessageSink, Pending, Request, ServiceConfig, ShadowService};
 pub use store::{ShadowStore, SqliteStore, StoreConfig, Synchronous};
 pub use topic::{Operation, ShadowKey};

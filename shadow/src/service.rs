@@ -369,6 +369,49 @@ impl ShadowService {
         }
     }
 
+    /// Deletes a thing: each of its shadows as a delete request would (their
+    /// `/delete/accepted` answers and change log entries included), then its
+    /// connectivity. Says what it deleted once committed; a shadow created
+    /// meanwhile (its device is still connected) is not deleted.
+    pub async fn delete_thing(&self, thing: &str, client: &str) -> Result<DeletedThing, Rejection> {
+        let store = Arc::clone(&self.store);
+        let owner = thing.to_owned();
+        let keys = tokio::task::spawn_blocking(move || shadows_of(&*store, &owner))
+            .await
+            .map_err(|_| Rejection::Internal)?
+            .map_err(|err| {
+                error!(cause = %err, thing = %thing, "could not read the thing's shadows");
+                Rejection::Internal
+            })?;
+        let mut deleted = DeletedThing::default();
+        for key in keys {
+            let name = key.name.clone();
+            let request = Request {
+                key,
+                op: Operation::Delete,
+                payload: Bytes::from_static(b"{}"),
+                client: client.to_owned(),
+                user_properties: None,
+            };
+            match self.handle(request).await.result {
+                Ok(_) => deleted.shadows.push(name),
+                Err(Rejection::NotFound { .. }) => {}
+                Err(rejection) => return Err(rejection),
+            }
+        }
+        let (reply, forgotten) = oneshot::channel();
+        let job = Job::Forget {
+            thing: thing.to_owned(),
+            reply,
+        };
+        if let Err(err) = self.store.submit(job) {
+            warn!(cause = %err, thing, "connectivity not forgotten");
+            return Err(Rejection::Throttled);
+        }
+        deleted.connectivity = forgotten.await.map_err(|_| Rejection::Internal)??;
+        Ok(deleted)
+    }
+
     /// Finishes what is queued, publishes its answers, and stops.
     pub async fn close(&self) {
         let store = Arc::clone(&self.store);
@@ -503,6 +546,39 @@ impl Pending {
     }
 }
 
+/// What [`ShadowService::delete_thing`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedThing {
+    /// Names of the shadows deleted (`None`: the classic shadow).
+    pub shadows: Vec<Option<String>>,
+    /// Whether its connectivity was known (and is now forgotten).
+    pub connectivity: bool,
+}
+
+impl DeletedThing {
+    pub fn is_empty(&self) -> bool {
+        self.shadows.is_empty() && !self.connectivity
+    }
+}
+
+/// A thing's live shadows: the classic one first, then the named ones.
+fn shadows_of(store: &dyn ShadowStore, thing: &str) -> Result<Vec<ShadowKey>, StoreError> {
+    let mut keys = Vec::new();
+    let classic = ShadowKey::classic(thing.to_owned());
+    if store.load(&classic)?.is_some_and(|s| !s.deleted) {
+        keys.push(classic);
+    }
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.named_shadows(thing, after.as_deref(), 100)?;
+        let Some(last) = page.last().cloned() else {
+            return Ok(keys);
+        };
+        keys.extend(page.into_iter().map(|name| ShadowKey::named(thing, name)));
+        after = Some(last);
+    }
+}
+
 /// Turns committed results into answers, in commit order: queues their
 /// messages on the outbox, broadcasts their changes and wakes their callers.
 async fn publish_committed(
@@ -517,6 +593,19 @@ async fn publish_committed(
         for done in batch {
             let (change, answer_to) = match done {
                 Committed::Presence { change } => (change, None),
+                Committed::Forget {
+                    change,
+                    reply,
+                    failed,
+                } => {
+                    let result = match failed {
+                        true => Err(Rejection::Internal),
+                        false => Ok(change.is_some()),
+                    };
+                    // The caller may have gone away.
+                    let _ = reply.send(result);
+                    (change, None)
+                }
                 Committed::Shadow {
                     key,
                     command,

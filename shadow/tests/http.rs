@@ -415,6 +415,7 @@ async fn openapi_lists_every_route() {
         "/v1/changes",
         "/v1/things/{thing}/shadow/changes",
         "/v1/things",
+        "/v1/things/{thing}",
         "/v1/search",
         "/metrics",
         "/healthz",
@@ -962,4 +963,58 @@ fn a_cors_origin_must_be_an_origin() {
         };
         assert_eq!(check_listen_addr(&config, addr), Ok(()));
     }
+}
+
+/// `DELETE /v1/things/{thing}` deletes every shadow of the thing as a
+/// shadow delete would (answers published, change log entries written),
+/// then forgets its connectivity; a thing with nothing left is 404.
+#[tokio::test]
+async fn deleting_a_thing_deletes_its_shadows_and_connectivity() {
+    let mut h = harness(ApiConfig::default());
+    let classic = ShadowKey::classic("lamp-9");
+    let named = ShadowKey::named("lamp-9", "cfg");
+    update(
+        &h.service,
+        &classic,
+        json!({"state": {"reported": {"on": true}}}),
+    )
+    .await;
+    update(&h.service, &named, json!({"state": {"desired": {"x": 1}}})).await;
+    assert!(h.service.record_presence("lamp-9", true, 1_000, None));
+    drain(&mut h.outbox);
+
+    let (status, body) = call(&h.app, Method::DELETE, "/v1/things/lamp-9", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"thingName": "lamp-9", "shadows": [null, "cfg"], "connectivity": true})
+    );
+    let topics = drain(&mut h.outbox);
+    for topic in [
+        "$aws/things/lamp-9/shadow/delete/accepted",
+        "$aws/things/lamp-9/shadow/name/cfg/delete/accepted",
+    ] {
+        assert!(topics.iter().any(|t| t == topic), "{topic}: {topics:?}");
+    }
+    for uri in ["/things/lamp-9/shadow", "/things/lamp-9/shadow?name=cfg"] {
+        let (status, _) = call(&h.app, Method::GET, uri, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+    }
+    let store = Arc::clone(h.service.store());
+    assert_eq!(store.connectivity("lamp-9").ok().flatten(), None);
+    let kinds: Vec<&str> = store
+        .changes_since(0, 100)
+        .expect("change log")
+        .iter()
+        .map(|c| c.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["update", "update", "connect", "delete", "delete", "forget"]
+    );
+
+    let (status, body) = call(&h.app, Method::DELETE, "/v1/things/lamp-9", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["message"], "No thing exists with name: 'lamp-9'");
+    h.service.close().await;
 }

@@ -176,7 +176,7 @@ impl<'a> EventThing<'a> {
         };
         match change.kind {
             ChangeKind::Update => thing.shadow = IndexedShadow::from_change(change),
-            ChangeKind::Delete => {}
+            ChangeKind::Delete | ChangeKind::Forget => {}
             ChangeKind::Connect | ChangeKind::Disconnect => {
                 let at = serde_json::from_str::<Value>(&change.document)
                     .ok()

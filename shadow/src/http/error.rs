@@ -36,6 +36,8 @@ pub enum ApiError {
     /// The query string does not fit the route's parameters.
     #[error("{}", .0.body_text())]
     QueryString(#[from] QueryRejection),
+    #[error("No thing exists with name: '{0}'")]
+    NoThing(String),
     #[error("changes after {since} are no longer retained")]
     Gone { since: u64 },
     #[error("fleet index is loading")]
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::Query(_) | ApiError::BadParameter(_) | ApiError::QueryString(_) => {
                 StatusCode::BAD_REQUEST
             }
+            ApiError::NoThing(_) => StatusCode::NOT_FOUND,
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::IndexLoading
             | ApiError::TooManySubscribers

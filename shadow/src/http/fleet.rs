@@ -1,11 +1,12 @@
 //! Fleet listing and search, both answered from the in-memory fleet index.
 
-use axum::extract::State;
-use axum::Json;
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::Caller;
 use super::error::ApiQuery;
 use super::shadow::PageParams;
 use super::{ApiError, ApiState};
@@ -144,4 +145,41 @@ pub async fn search(
     .map_err(|_| ApiError::Task)??;
     let next_token = more.then(|| names.last().cloned()).flatten();
     Ok(Json(SearchPage { things, next_token }))
+}
+
+/// What `DELETE /v1/things/{thing}` deleted.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedThingView {
+    pub thing_name: String,
+    /// The shadows deleted (`null`: the classic shadow).
+    pub shadows: Vec<Option<String>>,
+    /// Whether its connectivity was known (it is forgotten).
+    pub connectivity: bool,
+}
+
+/// Deletes a thing: each of its shadows (as `DELETE /things/{thing}/shadow`
+/// would, answers to its device and change log entries included), then its
+/// connectivity (a `forget` change). Answered once committed.
+#[utoipa::path(delete, path = "/v1/things/{thing}", tag = "fleet",
+    params(("thing" = String, Path, description = "Thing name")),
+    responses(
+        (status = 200, description = "What was deleted", body = DeletedThingView),
+        (status = 404, description = "No shadow and no connectivity of that name", body = super::error::ErrorBody),
+    ))]
+pub async fn delete_thing(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(thing): Path<String>,
+) -> Result<Json<DeletedThingView>, ApiError> {
+    let client = format!("http:{}", caller.name);
+    let deleted = state.service.delete_thing(&thing, &client).await?;
+    if deleted.is_empty() {
+        return Err(ApiError::NoThing(thing));
+    }
+    Ok(Json(DeletedThingView {
+        thing_name: thing,
+        shadows: deleted.shadows,
+        connectivity: deleted.connectivity,
+    }))
 }

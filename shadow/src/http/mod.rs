@@ -32,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 use prometheus::Registry;
 use tokio::sync::{watch, Semaphore};
@@ -127,6 +127,7 @@ pub fn router(state: ApiState) -> Router {
             get(changes::shadow_changes),
         )
         .route("/v1/things", get(fleet::list_things))
+        .route("/v1/things/:thing", delete(fleet::delete_thing))
         .route("/v1/search", get(fleet::search));
     if config.public_metrics {
         open = open.route("/metrics", get(ops::metrics));

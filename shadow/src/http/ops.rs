@@ -60,6 +60,7 @@ pub async fn readyz(State(state): State<ApiState>) -> Result<(StatusCode, &'stat
         super::changes::stream,
         super::changes::shadow_changes,
         super::fleet::list_things,
+        super::fleet::delete_thing,
         super::fleet::search,
         metrics,
         healthz,

@@ -47,6 +47,13 @@ pub enum Job {
         at_ms: i64,
         reason: Option<String>,
     },
+    /// A deleted thing's connectivity is forgotten (its shadows are deleted
+    /// by shadow jobs before this one). `reply` hears whether there was any,
+    /// once committed.
+    Forget {
+        thing: String,
+        reply: oneshot::Sender<Result<bool, Rejection>>,
+    },
 }
 
 /// One entry of the change log.
@@ -74,6 +81,8 @@ pub enum ChangeKind {
     Delete,
     Connect,
     Disconnect,
+    /// A deleted thing's connectivity was forgotten.
+    Forget,
 }
 
 impl ChangeKind {
@@ -83,6 +92,7 @@ impl ChangeKind {
             ChangeKind::Delete => "delete",
             ChangeKind::Connect => "connect",
             ChangeKind::Disconnect => "disconnect",
+            ChangeKind::Forget => "forget",
         }
     }
 
@@ -92,6 +102,7 @@ impl ChangeKind {
             ChangeKind::Delete,
             ChangeKind::Connect,
             ChangeKind::Disconnect,
+            ChangeKind::Forget,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -112,6 +123,12 @@ pub enum Committed {
     },
     Presence {
         change: Option<Change>,
+    },
+    Forget {
+        change: Option<Change>,
+        reply: oneshot::Sender<Result<bool, Rejection>>,
+        /// The batch's transaction failed: nothing was forgotten.
+        failed: bool,
     },
 }
 

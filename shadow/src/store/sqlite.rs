@@ -475,6 +475,7 @@ impl Writer {
                 metrics.change_log_entries.add(logged as i64);
             }
         }
+        let failed = applied.is_err();
         let outcomes = match applied {
             Ok(outcomes) => outcomes,
             Err(err) => {
@@ -498,6 +499,11 @@ impl Writer {
                     ticket,
                 },
                 Job::Presence { .. } => Committed::Presence { change },
+                Job::Forget { reply, .. } => Committed::Forget {
+                    change,
+                    reply,
+                    failed,
+                },
             })
             .collect()
     }
@@ -544,6 +550,20 @@ impl Writer {
                     let key = ShadowKey::classic(thing.clone());
                     let change = log_change(&tx, &key, 0, kind, now, document)?;
                     (None, Some(change))
+                }
+                Job::Forget { thing, .. } => {
+                    let removed = tx
+                        .prepare_cached("DELETE FROM things WHERE thing = ?1")?
+                        .execute(params![thing])?;
+                    let change = match removed {
+                        0 => None,
+                        _ => {
+                            let key = ShadowKey::classic(thing.clone());
+                            let document = "{}".to_owned();
+                            Some(log_change(&tx, &key, 0, ChangeKind::Forget, now, document)?)
+                        }
+                    };
+                    (None, change)
                 }
             });
         }
