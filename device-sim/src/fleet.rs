@@ -2,8 +2,9 @@
 //! after an actuation delay, report), send telemetry, reconnect with backoff and back off on 429.
 
 use crate::backoff::Backoff;
+use crate::convergence::PendingChanges;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowAnswer, ShadowTopics};
-use crate::operator::{drive, thing_name, OperatorOutcome, OperatorPlan, PendingChanges};
+use crate::operator::{drive, thing_name, OperatorOutcome, OperatorPlan};
 use crate::report::{ProgressLine, Summary};
 use crate::stats::{Counter, LatencySeries, RunStats};
 use crate::telemetry::TelemetryModel;

@@ -9,7 +9,9 @@
 //! - [`mqtt`]: broker address, small-footprint rumqttc options, shadow topics, error kinds.
 //! - [`fleet`]: `fleet`: N devices keeping their shadows in sync, with an optional in-process
 //!   operator measuring desired -> delta and desired -> reported latency.
-//! - [`operator`]: `operator`: desired-state changes at a fixed rate, over MQTT or HTTP.
+//! - [`operator`]: `operator`: desired-state changes at a fixed rate, over MQTT or HTTP
+//!   (ureq).
+//! - [`convergence`]: the changes in flight and their desired -> delta -> reported latency.
 //! - [`relay`]: `bench relay`: broker throughput and end-to-end latency.
 //! - [`shadow_bench`]: `bench shadow`: durable shadow updates per second.
 //! - [`stats`], [`report`], [`plot`]: counters and HDR histograms, the live line and summary
@@ -21,6 +23,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod convergence;
 pub mod fleet;
 pub mod mqtt;
 pub mod operator;

@@ -1,8 +1,9 @@
 //! The operator: changes the desired `setpoint` of random devices at a fixed rate, over MQTT
-//! (privileged client id) or HTTP (`POST /things/{thing}/shadow`), and the shared table of
-//! changes in flight that lets an in-process fleet measure desired -> delta -> reported.
+//! (privileged client id) or HTTP (`POST /things/{thing}/shadow`). What its changes became is
+//! measured in [`crate::convergence`].
 
 use crate::backoff::Backoff;
+use crate::convergence::PendingChanges;
 use crate::mqtt::{disconnect, error_kind, ClientSettings, ShadowTopics};
 use crate::report::{ProgressLine, Summary};
 use crate::stats::{LatencySeries, RunStats};
@@ -11,11 +12,8 @@ use crate::Error;
 use rand::Rng;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -91,268 +89,29 @@ pub fn next_setpoint(rng: &mut impl Rng, previous: Option<f64>) -> f64 {
     }
 }
 
-struct PendingChange {
-    setpoint: f64,
-    sent: Instant,
-    delta_seen: bool,
-}
-
-/// Desired changes not yet reported back, keyed by thing. The operator fills it; devices of an
-/// in-process fleet look their delta and their accepted report up in it.
-pub struct PendingChanges {
-    changes: Mutex<HashMap<String, PendingChange>>,
-    delta_latency: Arc<LatencySeries>,
-    converged_latency: Arc<LatencySeries>,
-    /// Woken whenever a change converges, so a run can end as soon as none is outstanding.
-    converged: tokio::sync::Notify,
-    /// Changes whose value the device had already reported: no delta, converged at once.
-    without_delta: AtomicU64,
-}
-
-impl std::fmt::Debug for PendingChanges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingChanges").finish_non_exhaustive()
-    }
-}
-
-impl PendingChanges {
-    pub fn new(delta_latency: Arc<LatencySeries>, converged_latency: Arc<LatencySeries>) -> Self {
-        PendingChanges {
-            changes: Mutex::new(HashMap::new()),
-            delta_latency,
-            converged_latency,
-            converged: tokio::sync::Notify::new(),
-            without_delta: AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingChange>> {
-        self.changes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The operator sent `setpoint` to `thing` (a newer change replaces an older one).
-    pub fn sent(&self, thing: &str, setpoint: f64) {
-        self.lock().insert(
-            thing.to_owned(),
-            PendingChange {
-                setpoint,
-                sent: Instant::now(),
-                delta_seen: false,
-            },
-        );
-    }
-
-    /// A device received a delta carrying `setpoint`.
-    pub fn delta_received(&self, thing: &str, setpoint: f64) {
-        if let Some(change) = self.lock().get_mut(thing) {
-            if change.setpoint == setpoint && !change.delta_seen {
-                change.delta_seen = true;
-                self.delta_latency.record(change.sent.elapsed());
-            }
-        }
-    }
-
-    /// A device's report of `setpoint` was accepted: desired and reported have converged.
-    pub fn reported(&self, thing: &str, setpoint: f64) {
-        let mut changes = self.lock();
-        if changes.get(thing).is_some_and(|c| c.setpoint == setpoint) {
-            if let Some(change) = changes.remove(thing) {
-                self.converged_latency.record(change.sent.elapsed());
-            }
-            drop(changes);
-            self.converged.notify_waiters();
-        }
-    }
-
-    /// The operator's change of `thing` to `setpoint` was accepted while the device's reported
-    /// value already was `setpoint`: the shadow sends no delta, and the change has converged.
-    pub fn accepted_as_reported(&self, thing: &str, setpoint: f64) {
-        let mut changes = self.lock();
-        if changes
-            .get(thing)
-            .is_some_and(|c| c.setpoint == setpoint && !c.delta_seen)
-        {
-            if let Some(change) = changes.remove(thing) {
-                self.converged_latency.record(change.sent.elapsed());
-                self.without_delta.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(changes);
-            self.converged.notify_waiters();
-        }
-    }
-
-    /// Changes that converged without a delta (see [`Self::accepted_as_reported`]).
-    pub fn converged_without_delta(&self) -> u64 {
-        self.without_delta.load(Ordering::Relaxed)
-    }
-
-    /// Returns once no change is outstanding.
-    pub async fn all_converged(&self) {
-        loop {
-            // Registered before the check, so a convergence between the two is not missed.
-            let notified = self.converged.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.outstanding() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Changes not (yet) converged.
-    pub fn outstanding(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-/// A failure of the minimal HTTP client.
+/// An operator URL that is not `http://host[:port][/base]`.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("only http://host:port URLs are supported")]
+    #[error("only http://host[:port][/base] URLs are supported")]
     Url,
-    #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("malformed response")]
-    Malformed,
-    #[error("response too large")]
-    TooLarge,
 }
 
-/// `http://host:port[/base]`.
+/// `http://host[:port][/base]`: where the operator's HTTP requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
-    pub authority: String,
-    pub base_path: String,
+    /// The base URL without a trailing `/`.
+    pub base: String,
 }
 
 impl HttpTarget {
     pub fn parse(url: &str) -> Result<Self, HttpError> {
         let rest = url.strip_prefix("http://").ok_or(HttpError::Url)?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if authority.is_empty() {
+        if rest.split('/').next().is_none_or(str::is_empty) {
             return Err(HttpError::Url);
         }
-        let authority = if authority.contains(':') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
         Ok(HttpTarget {
-            authority,
-            base_path: path.trim_end_matches('/').to_owned(),
+            base: url.trim_end_matches('/').to_owned(),
         })
-    }
-}
-
-const MAX_RESPONSE: usize = 1 << 20;
-
-/// One keep-alive HTTP/1.1 connection. Hand-written because the operator needs one request
-/// shape only; a full client (reqwest/hyper) would be the heaviest dependency of device-sim.
-struct HttpConnection {
-    target: HttpTarget,
-    stream: Option<BufStream<TcpStream>>,
-}
-
-impl HttpConnection {
-    fn new(target: HttpTarget) -> Self {
-        HttpConnection {
-            target,
-            stream: None,
-        }
-    }
-
-    /// POSTs `body` (JSON) to `path` and returns the status code; reconnects as needed.
-    async fn post(&mut self, path: &str, body: &str) -> Result<u16, HttpError> {
-        let result = self.try_post(path, body).await;
-        if result.is_err() {
-            self.stream = None;
-        }
-        result
-    }
-
-    async fn try_post(&mut self, path: &str, body: &str) -> Result<u16, HttpError> {
-        if self.stream.is_none() {
-            let socket = TcpStream::connect(&self.target.authority).await?;
-            socket.set_nodelay(true)?;
-            self.stream = Some(BufStream::new(socket));
-        }
-        let stream = self.stream.as_mut().ok_or(HttpError::Malformed)?;
-        let request = format!(
-            "POST {}{path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
-            self.target.base_path,
-            self.target.authority,
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        stream.flush().await?;
-        let mut line = String::new();
-        stream.read_line(&mut line).await?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or(HttpError::Malformed)?;
-        let mut content_length = 0usize;
-        let mut chunked = false;
-        let mut close = false;
-        let mut header_bytes = 0usize;
-        loop {
-            line.clear();
-            let n = stream.read_line(&mut line).await?;
-            header_bytes += n;
-            if n == 0 || header_bytes > 64 * 1024 {
-                return Err(HttpError::Malformed);
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                let value = value.trim();
-                match name.trim().to_ascii_lowercase().as_str() {
-                    "content-length" => {
-                        content_length = value.parse().map_err(|_| HttpError::Malformed)?;
-                    }
-                    "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-                    "connection" => close = value.eq_ignore_ascii_case("close"),
-                    _ => {}
-                }
-            }
-        }
-        if chunked {
-            let mut total = 0usize;
-            loop {
-                line.clear();
-                stream.read_line(&mut line).await?;
-                let size =
-                    usize::from_str_radix(line.trim(), 16).map_err(|_| HttpError::Malformed)?;
-                total += size;
-                if total > MAX_RESPONSE {
-                    return Err(HttpError::TooLarge);
-                }
-                let mut chunk = vec![0u8; size + 2];
-                stream.read_exact(&mut chunk).await?;
-                if size == 0 {
-                    break;
-                }
-            }
-        } else {
-            if content_length > MAX_RESPONSE {
-                return Err(HttpError::TooLarge);
-            }
-            let mut body = vec![0u8; content_length];
-            stream.read_exact(&mut body).await?;
-        }
-        if close {
-            self.stream = None;
-        }
-        Ok(status)
     }
 }
 
@@ -543,36 +302,52 @@ async fn mqtt_sender(
 /// Concurrent HTTP requests the operator keeps open.
 const HTTP_CONNECTIONS: usize = 4;
 
+/// How long one HTTP request may take, connect included.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends the operator's changes as `POST {base}/things/{thing}/shadow` from
+/// [`HTTP_CONNECTIONS`] blocking workers sharing one keep-alive pool (ureq).
 async fn http_sender(
     target: HttpTarget,
     jobs: mpsc::Receiver<(String, String)>,
     stats: Arc<RunStats>,
     latency: Arc<LatencySeries>,
 ) -> Result<u64, Error> {
+    let agent = ureq::AgentBuilder::new()
+        .max_idle_connections(HTTP_CONNECTIONS)
+        .timeout(HTTP_TIMEOUT)
+        .build();
     let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..HTTP_CONNECTIONS {
-        let jobs = Arc::clone(&jobs);
-        let stats = Arc::clone(&stats);
-        let latency = Arc::clone(&latency);
-        let mut connection = HttpConnection::new(target.clone());
-        workers.spawn(async move {
+        let (agent, jobs) = (agent.clone(), Arc::clone(&jobs));
+        let (stats, latency) = (Arc::clone(&stats), Arc::clone(&latency));
+        let base = target.base.clone();
+        workers.spawn_blocking(move || {
             let mut accepted = 0u64;
             loop {
-                let job = jobs.lock().await.recv().await;
+                let job = jobs.blocking_lock().blocking_recv();
                 let Some((thing, body)) = job else { break };
                 let started = Instant::now();
                 stats.messages_out.incr();
-                match connection
-                    .post(&format!("/things/{thing}/shadow"), &body)
-                    .await
-                {
-                    Ok(200) => {
+                let sent = agent
+                    .post(&format!("{base}/things/{thing}/shadow"))
+                    .set("Content-Type", "application/json")
+                    .send_string(&body);
+                // A response's body is read to its end, so that its connection is reused.
+                match sent {
+                    Ok(response) if response.status() == 200 => {
+                        let _ = response.into_string();
                         accepted += 1;
                         latency.record(started.elapsed());
                     }
-                    Ok(status) => stats.rejected.add(&format!("http {status}")),
-                    Err(e) => stats.errors.add(&format!("http {}", http_error_kind(&e))),
+                    Ok(response) | Err(ureq::Error::Status(_, response)) => {
+                        stats.rejected.add(&format!("http {}", response.status()));
+                        let _ = response.into_string();
+                    }
+                    Err(ureq::Error::Transport(e)) => {
+                        stats.errors.add(&format!("http {:?}", e.kind()))
+                    }
                 }
             }
             accepted
@@ -587,13 +362,6 @@ async fn http_sender(
         }
     }
     Ok(accepted)
-}
-
-fn http_error_kind(error: &HttpError) -> String {
-    match error {
-        HttpError::Io(e) => format!("io {:?}", e.kind()),
-        other => other.to_string(),
-    }
 }
 
 /// `device-sim operator`: desired changes at a fixed rate, standalone.
@@ -685,84 +453,15 @@ mod tests {
     }
 
     #[test]
-    fn pending_changes_record_delta_then_convergence() {
-        let delta = Arc::new(LatencySeries::new("delta"));
-        let converged = Arc::new(LatencySeries::new("converged"));
-        let pending = PendingChanges::new(Arc::clone(&delta), Arc::clone(&converged));
-        pending.sent("a", 20.0);
-        pending.delta_received("a", 19.0); // stale delta: ignored
-        pending.delta_received("a", 20.0);
-        pending.delta_received("a", 20.0); // duplicate: counted once
-        pending.reported("a", 20.0);
-        pending.reported("a", 20.0);
-        assert_eq!(delta.summary().count, 1);
-        assert_eq!(converged.summary().count, 1);
-        assert_eq!(pending.outstanding(), 0);
-    }
-
-    #[test]
     fn http_targets() {
         let target = HttpTarget::parse("http://127.0.0.1:8080/api/").ok();
         assert_eq!(
             target,
             Some(HttpTarget {
-                authority: "127.0.0.1:8080".into(),
-                base_path: "/api".into()
+                base: "http://127.0.0.1:8080/api".into()
             })
         );
         assert!(HttpTarget::parse("https://x").is_err());
-    }
-
-    #[tokio::test]
-    async fn http_post_reads_status_and_body() {
-        use tokio::net::TcpListener;
-        let listener = TcpListener::bind("127.0.0.1:0").await.ok();
-        let Some(listener) = listener else { return };
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let server = tokio::spawn(async move {
-            let Ok((socket, _)) = listener.accept().await else {
-                return String::new();
-            };
-            let mut stream = BufStream::new(socket);
-            let mut request = String::new();
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-                request.push_str(&line);
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = stream.read_exact(&mut body).await;
-            request.push_str(&String::from_utf8_lossy(&body));
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                .await;
-            let _ = stream.flush().await;
-            request
-        });
-        let target = HttpTarget::parse(&format!("http://{addr}")).ok();
-        let Some(target) = target else {
-            panic!("target")
-        };
-        let mut connection = HttpConnection::new(target);
-        let status = connection.post("/things/t/shadow", "{\"a\":1}").await.ok();
-        assert_eq!(status, Some(200));
-        let request = server.await.unwrap_or_default();
-        assert!(
-            request.starts_with("POST /things/t/shadow HTTP/1.1"),
-            "{request}"
-        );
-        assert!(request.ends_with("{\"a\":1}"), "{request}");
+        assert!(HttpTarget::parse("http:///path").is_err());
     }
 }
