@@ -1862,13 +1862,16 @@ impl Connection {
                 } else {
                     let cancel = self.broker.stop.child_token();
                     self.attached.pending_will = Some(cancel.clone());
-                    tokio::spawn(publish_will_later(
-                        self.broker.router.clone(),
-                        self.client_id.clone(),
-                        will.into_packet(),
-                        delay,
-                        cancel,
-                    ));
+                    umbra_shadow::tasks::spawn_for_request(
+                        "delayed will",
+                        publish_will_later(
+                            self.broker.router.clone(),
+                            self.client_id.clone(),
+                            will.into_packet(),
+                            delay,
+                            cancel,
+                        ),
+                    );
                 }
             }
         }

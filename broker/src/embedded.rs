@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::addresses::{AddressLimits, Addresses};
 use crate::auth::{
@@ -684,7 +684,7 @@ impl RunningBroker {
             warn!("connections did not end before the deadline");
         }
         if let Some(housekeeping) = self.housekeeping.take() {
-            rethrow("housekeeping".into(), housekeeping.await);
+            umbra_shadow::tasks::joined("housekeeping", housekeeping.await);
         }
         info!("embedded broker stopped");
     }
@@ -694,7 +694,7 @@ impl RunningBroker {
     pub async fn stop_accepting(&mut self) {
         self.stop_accepting.cancel();
         for (kind, task) in std::mem::take(&mut self.listeners) {
-            rethrow(kind.to_string(), task.await);
+            umbra_shadow::tasks::joined(&kind.to_string(), task.await);
         }
     }
 }
@@ -730,15 +730,6 @@ async fn housekeeping(broker: Arc<Broker>, file_check: Duration) {
             _ = check.tick(), if watching => broker.auth.reload_if_changed(),
             Some(()) = hung_up(&mut hangup) => broker.auth.reload_logged(),
             () = broker.stop.cancelled() => return,
-        }
-    }
-}
-
-fn rethrow(what: String, result: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = result {
-        if e.is_panic() {
-            error!(task = what, "broker task panicked");
-            std::panic::resume_unwind(e.into_panic());
         }
     }
 }

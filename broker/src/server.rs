@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use umbra_shadow::http::ApiState;
 use umbra_shadow::store::ShadowStore;
+use umbra_shadow::tasks;
 use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
 
 use crate::config::Config;
@@ -215,11 +216,8 @@ impl Server {
         // HTTP first: its in-flight requests finish (the service still runs)
         // and its change streams end.
         self.http_stop.cancel();
-        match (&mut self.http).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => error!(cause = %err, "http api failed"),
-            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-            Err(_) => {}
+        if let Some(Err(err)) = tasks::joined("http api", (&mut self.http).await) {
+            error!(cause = %err, "http api failed");
         }
         self.readiness.abort();
         self.broker.stop_accepting().await;
@@ -228,11 +226,7 @@ impl Server {
         // after that is answered 500.
         self.service.close().await;
         self.presence_stop.cancel();
-        if let Err(err) = (&mut self.presence).await {
-            if err.is_panic() {
-                std::panic::resume_unwind(err.into_panic());
-            }
-        }
+        tasks::joined("presence recorder", (&mut self.presence).await);
         // Each connection writes what its mailbox holds, then closes.
         self.broker.shutdown(self.grace).await;
         info!("umbra stopped");

@@ -306,8 +306,8 @@ pub async fn accept_loop(
         let transport = transport.clone();
         let broker = Arc::clone(&broker);
         // Tracked so that shutdown can wait for every connection. A panic in
-        // one ends only that connection (tokio's panic hook reports it); the
-        // listener and the broker go on, so nothing joins these tasks.
+        // one ends only that connection, as a request task's does
+        // (`umbra_shadow::tasks`): the listener and the broker go on.
         let admission = connection::Admission { permit, slot };
         connections.spawn(connection::run(stream, peer, transport, broker, admission));
     }

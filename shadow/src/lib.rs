@@ -18,6 +18,7 @@
 //! - [`search`]: fleet search queries (AWS fleet-indexing syntax subset).
 //! - [`fleet`]: the in-memory fleet index that listing and search read.
 //! - [`http`]: the operator API (axum): shadows, fleet, change stream, metrics.
+//! - [`tasks`]: the one panic policy of every task and thread.
 //! - [`fuzzing`]: what the fuzz targets in `fuzz/` call (update parsing,
 //!   merge and delta, search queries, change-stream fields).
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod request;
 pub mod search;
 pub mod service;
 pub mod store;
+pub mod tasks;
 pub mod throttle;
 pub mod topic;
 

@@ -21,6 +21,7 @@ use crate::limits::Limits;
 use crate::metrics::ShadowMetrics;
 use crate::request::{parse_plain, parse_update, Refused};
 use crate::store::{Change, Committed, CommittedBatch, Job, ShadowStore, StoreError, Ticket};
+use crate::tasks;
 use crate::throttle::{Permit, Spent, Throttle};
 use crate::topic::{Operation, ShadowKey};
 
@@ -116,6 +117,8 @@ pub struct ShadowService {
     outbox: Outbox,
     changes: broadcast::Sender<Change>,
     publisher: Mutex<Option<JoinHandle<()>>>,
+    /// The fleet index's load, joined at close (see [`crate::tasks`]).
+    loader: Mutex<Option<JoinHandle<()>>>,
     fleet: Arc<FleetIndex>,
     metrics: Option<ShadowMetrics>,
 }
@@ -181,12 +184,19 @@ impl ShadowService {
             Arc::clone(&fleet),
             metrics.clone(),
         ));
-        {
+        let loader = {
             let store = Arc::clone(&store);
             let fleet = Arc::clone(&fleet);
-            // The publisher already feeds the index; the snapshot is merged under it.
-            tokio::task::spawn_blocking(move || fleet.load(store.fleet_snapshot()));
-        }
+            // The publisher already feeds the index; the snapshot is merged
+            // under it. A panic marks the index failed before it goes on.
+            tokio::task::spawn_blocking(move || {
+                let load = || fleet.load(store.fleet_snapshot());
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+                    fleet.load(Err(StoreError::WriterFailed));
+                    std::panic::resume_unwind(panic);
+                }
+            })
+        };
         let service = ShadowService {
             throttle: Throttle::new(
                 config.limits.requests_per_second,
@@ -197,6 +207,7 @@ impl ShadowService {
             outbox,
             changes,
             publisher: Mutex::new(Some(publisher)),
+            loader: Mutex::new(Some(loader)),
             fleet,
             metrics,
         };
@@ -415,16 +426,17 @@ impl ShadowService {
     /// Finishes what is queued, publishes its answers, and stops.
     pub async fn close(&self) {
         let store = Arc::clone(&self.store);
-        match tokio::task::spawn_blocking(move || store.close()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => error!(cause = %err, "store did not close cleanly"),
-            Err(err) => error!(cause = %err, "store close panicked"),
+        let closed = tokio::task::spawn_blocking(move || store.close()).await;
+        if let Some(Err(err)) = tasks::joined("store close", closed) {
+            error!(cause = %err, "store did not close cleanly");
         }
         let publisher = self.publisher.lock().ok().and_then(|mut p| p.take());
         if let Some(publisher) = publisher {
-            if let Err(err) = publisher.await {
-                error!(cause = %err, "answer publisher failed");
-            }
+            tasks::joined("answer publisher", publisher.await);
+        }
+        let loader = self.loader.lock().ok().and_then(|mut l| l.take());
+        if let Some(loader) = loader {
+            tasks::joined("fleet index load", loader.await);
         }
     }
 

@@ -316,15 +316,18 @@ pub async fn stream(
     }
     let (tx, rx) = mpsc::channel(state.config.stream_buffer.max(1));
     let end: EndSlot = Arc::default();
-    tokio::spawn(feed(
-        state.clone(),
-        live,
-        since,
-        follow,
-        filter,
-        tx,
-        Arc::clone(&end),
-    ));
+    crate::tasks::spawn_for_request(
+        "change stream feed",
+        feed(
+            state.clone(),
+            live,
+            since,
+            follow,
+            filter,
+            tx,
+            Arc::clone(&end),
+        ),
+    );
     let events = stream::unfold(
         (rx, end, Some(subscription)),
         |(mut rx, end, subscription)| async move {

@@ -403,7 +403,8 @@ impl ShadowStore for SqliteStore {
             .map_err(|_| StoreError::WriterFailed)?
             .take();
         match handle {
-            Some(handle) => handle.join().map_err(|_| StoreError::WriterFailed),
+            Some(handle) => crate::tasks::joined_thread("store writer", handle.join())
+                .ok_or(StoreError::WriterFailed),
             None => Ok(()),
         }
     }
