@@ -562,9 +562,10 @@ async fn accept(opened: Opened, broker: &Arc<Broker>) -> Option<Connection> {
 /// what comes discarded) before it is closed.
 const DISCONNECT_LINGER: Duration = Duration::from_secs(1);
 
-/// A DISCONNECT's bytes besides its reason string: fixed header (2),
-/// reason code (1), property length (1), property id and string length (3).
-const DISCONNECT_OVERHEAD: usize = 7;
+/// A DISCONNECT's bytes besides its reason string, at most: packet type
+/// (1), remaining length (2 up to 16 KiB), reason code (1), property length
+/// (2), property id (1) and string length (2).
+const DISCONNECT_OVERHEAD: usize = 9;
 
 /// A client's last will, and its MQTT 5 properties as the publish's.
 struct Will {
@@ -1167,8 +1168,8 @@ impl Connection {
         // Connections that became readable at the same moment run last
         // woken first (the runtime's LIFO slot). A publish yields once, so
         // that a subscription that came in before it on another connection
-        // is in place first (a client that subscribes on one connection and
-        // then publishes on another gets its message, as with Mosquitto).
+        // is normally in place first (MQTT promises no order across
+        // connections; the README says what was measured).
         if router
             .routed
             .iter()
