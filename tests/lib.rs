@@ -73,6 +73,25 @@ pub fn mqtt_addr(server: &Server) -> SocketAddr {
     server.addrs().mqtt.expect("mqtt listener")
 }
 
+/// The next event matching `want` from a client's event loop, skipping
+/// others; `Err` with the reason once the loop ended or nothing came within
+/// [`WAIT`].
+async fn next_event<P>(
+    events: &mut mpsc::UnboundedReceiver<Result<P, String>>,
+    want: impl Fn(&P) -> bool,
+) -> Result<P, String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(None) => return Err("event loop ended".into()),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(p))) if want(&p) => return Ok(p),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
 /// A connected MQTT client whose incoming publishes are queued for the test.
 #[derive(Debug)]
 pub struct Device {
@@ -127,16 +146,7 @@ impl Device {
     /// Waits for the next packet matching `want`, skipping others; `Err` if
     /// the connection ended or nothing came within [`WAIT`].
     pub async fn next_packet(&mut self, want: impl Fn(&Packet) -> bool) -> Result<Packet, String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Err(_) => return Err("timed out".into()),
-                Ok(None) => return Err("event loop ended".into()),
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(p))) if want(&p) => return Ok(p),
-                Ok(Some(Ok(_))) => {}
-            }
-        }
+        next_event(&mut self.events, want).await
     }
 
     /// Subscribes and waits for the SUBACK.
@@ -231,16 +241,7 @@ impl Device5 {
         &mut self,
         want: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
     ) -> Result<rumqttc::v5::mqttbytes::v5::Packet, String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Err(_) => return Err("timed out".into()),
-                Ok(None) => return Err("event loop ended".into()),
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(p))) if want(&p) => return Ok(p),
-                Ok(Some(Ok(_))) => {}
-            }
-        }
+        next_event(&mut self.events, want).await
     }
 
     /// The next publish received (any topic).

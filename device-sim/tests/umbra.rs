@@ -31,16 +31,14 @@ fn client_settings(server: &Server) -> ClientSettings {
     ClientSettings::new(BrokerAddr::tcp(addr.ip().to_string(), addr.port()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_converges_on_every_operator_change() {
-    const DEVICES: usize = 20;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let server = start_umbra(dir.path()).await;
-    let config = FleetConfig {
-        clients: vec![client_settings(&server)],
-        devices: DEVICES,
+/// `devices` devices with `prefix` over `settings`, and an operator that
+/// changes each once and waits until every change has converged.
+fn converging_fleet(settings: ClientSettings, devices: usize, prefix: &str) -> FleetConfig {
+    FleetConfig {
+        clients: vec![settings],
+        devices,
         first: 0,
-        prefix: "conv-".to_owned(),
+        prefix: prefix.to_owned(),
         ramp: 1000.0,
         actuation_delay: Duration::from_millis(5),
         telemetry_interval: None,
@@ -48,12 +46,20 @@ async fn fleet_converges_on_every_operator_change() {
         duration: Duration::from_secs(60),
         operator: Some(OperatorPlan {
             order: TargetOrder::Sweep,
-            max_changes: Some(DEVICES as u64),
+            max_changes: Some(devices as u64),
             ..OperatorPlan::new(Rate::PerSecond(200.0), OPERATOR)
         }),
         until_converged: true,
         quiet: true,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_converges_on_every_operator_change() {
+    const DEVICES: usize = 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_umbra(dir.path()).await;
+    let config = converging_fleet(client_settings(&server), DEVICES, "conv-");
     let summary = fleet::run(config, CancellationToken::new())
         .await
         .expect("fleet runs");
@@ -185,29 +191,39 @@ async fn shadow_bench_updates_are_all_answered() {
     server.shutdown().await;
 }
 
+/// A standalone operator (MQTT unless its plan says HTTP) that changes each
+/// of `devices` devices once.
+fn sweeping_operator(
+    server: &Server,
+    devices: usize,
+    prefix: &str,
+) -> device_sim::operator::OperatorConfig {
+    device_sim::operator::OperatorConfig {
+        client: client_settings(server),
+        devices,
+        first: 0,
+        prefix: prefix.to_owned(),
+        plan: OperatorPlan {
+            order: TargetOrder::Sweep,
+            max_changes: Some(devices as u64),
+            ..OperatorPlan::new(Rate::PerSecond(100.0), OPERATOR)
+        },
+        // An upper bound only: the run ends after its changes.
+        duration: Duration::from_secs(60),
+        quiet: true,
+    }
+}
+
 /// The operator in HTTP mode sends its changes to the API and names the API
 /// (not an MQTT broker it never used) in its summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_operator_names_the_api_it_used() {
-    use device_sim::operator::{self, OperatorConfig};
+    use device_sim::operator;
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start_umbra(dir.path()).await;
     let api = format!("http://{}", server.addrs().http);
-    let config = OperatorConfig {
-        client: client_settings(&server),
-        devices: 3,
-        first: 0,
-        prefix: "http-op-".to_owned(),
-        plan: OperatorPlan {
-            http: Some(api.clone()),
-            order: TargetOrder::Sweep,
-            max_changes: Some(3),
-            ..OperatorPlan::new(Rate::PerSecond(100.0), OPERATOR)
-        },
-        // An upper bound only: the run ends after its 3 changes.
-        duration: Duration::from_secs(60),
-        quiet: true,
-    };
+    let mut config = sweeping_operator(&server, 3, "http-op-");
+    config.plan.http = Some(api.clone());
     let summary = operator::run(config, CancellationToken::new())
         .await
         .expect("the operator runs");
@@ -227,23 +243,10 @@ async fn the_http_operator_names_the_api_it_used() {
 /// "connected 0" while it was connected), and gives it back at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mqtt_operator_counts_its_connection() {
-    use device_sim::operator::{self, OperatorConfig};
+    use device_sim::operator;
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start_umbra(dir.path()).await;
-    let config = OperatorConfig {
-        client: client_settings(&server),
-        devices: 2,
-        first: 0,
-        prefix: "mqtt-op-".to_owned(),
-        plan: OperatorPlan {
-            order: TargetOrder::Sweep,
-            max_changes: Some(2),
-            ..OperatorPlan::new(Rate::PerSecond(100.0), OPERATOR)
-        },
-        // An upper bound only: the run ends after its 2 changes.
-        duration: Duration::from_secs(60),
-        quiet: true,
-    };
+    let config = sweeping_operator(&server, 2, "mqtt-op-");
     let summary = operator::run(config, CancellationToken::new())
         .await
         .expect("the operator runs");
@@ -255,24 +258,7 @@ async fn the_mqtt_operator_counts_its_connection() {
 /// A small fleet over `settings` converges on every operator change.
 async fn converges_over(server: &Server, settings: ClientSettings, prefix: &str) {
     const DEVICES: usize = 3;
-    let config = FleetConfig {
-        clients: vec![settings],
-        devices: DEVICES,
-        first: 0,
-        prefix: prefix.to_owned(),
-        ramp: 1000.0,
-        actuation_delay: Duration::from_millis(5),
-        telemetry_interval: None,
-        // An upper bound only: the run ends when every change has converged.
-        duration: Duration::from_secs(60),
-        operator: Some(OperatorPlan {
-            order: TargetOrder::Sweep,
-            max_changes: Some(DEVICES as u64),
-            ..OperatorPlan::new(Rate::PerSecond(200.0), OPERATOR)
-        }),
-        until_converged: true,
-        quiet: true,
-    };
+    let config = converging_fleet(settings, DEVICES, prefix);
     let summary = fleet::run(config, CancellationToken::new())
         .await
         .expect("fleet runs");
