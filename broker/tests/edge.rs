@@ -2394,14 +2394,14 @@ async fn an_mqtt5_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
         "not before the session ended"
     );
 
-    // Due after 1 s, but the client is back before that: never sent. The
-    // control, due after 3 s, arrives first (so the cancelled one would
+    // Due after 4 s, but the client is back before that: never sent. The
+    // control, due after 6 s, arrives first (so the cancelled one would
     // have arrived before it).
-    let mut back = Raw::open(port, with_will("will-back", "back", 1, 600), Codec::V5).await;
+    let mut back = Raw::open(port, with_will("will-back", "back", 4, 600), Codec::V5).await;
     connected(&mut back).await;
     let mut control = Raw::open(
         port,
-        with_will("will-control", "control", 3, 600),
+        with_will("will-control", "control", 6, 600),
         Codec::V5,
     )
     .await;
@@ -2409,14 +2409,14 @@ async fn an_mqtt5_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     drop(back);
     let dropped = tokio::time::Instant::now();
     drop(control);
-    let mut again = Raw::open(port, with_will("will-back", "back", 1, 600), Codec::V5).await;
+    let mut again = Raw::open(port, with_will("will-back", "back", 4, 600), Codec::V5).await;
     connected(&mut again).await;
     let got = next_publish_v5(&mut watcher)
         .await
         .expect("the control's will");
     assert_eq!(got.payload.as_ref(), b"control");
     assert!(
-        dropped.elapsed() >= Duration::from_millis(2900),
+        dropped.elapsed() >= Duration::from_millis(5900),
         "not before its delay"
     );
     h.broker.shutdown(WAIT).await;
