@@ -433,3 +433,34 @@ async fn connectivity_does_not_survive_a_restart() {
     assert_eq!(c.last_seen_ms, 1_000);
     service.close().await;
 }
+
+/// Deleting a thing is an operator's act, not the device's requests: it is
+/// not held to the thing's request rate, however many shadows it has.
+#[tokio::test]
+async fn deleting_a_thing_is_not_held_to_its_request_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = Limits {
+        requests_per_second: 2,
+        max_in_flight: 0,
+        ..Limits::default()
+    };
+    let (service, _outbox) = open(&dir.path().join("s.db"), unlimited());
+    for name in ["a", "b", "c", "d", "e"] {
+        let key = ShadowKey::named("many", name);
+        let answer = service
+            .handle(req(
+                &key,
+                Operation::Update,
+                json!({"state": {"reported": {"x": 1}}}),
+            ))
+            .await;
+        assert!(answer.result.is_ok(), "{key:?}");
+    }
+    service.close().await;
+    // Reopened with a rate of 2 a second: five deletes in one go.
+    let (service, _outbox) = open(&dir.path().join("s.db"), limits);
+    let deleted = service.delete_thing("many", "test").await.expect("deleted");
+    assert_eq!(deleted.shadows.len(), 5, "{deleted:?}");
+    assert!(!deleted.connectivity);
+    service.close().await;
+}
