@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use umbra_broker::embedded::ListenerSettings;
@@ -111,6 +111,17 @@ impl Device {
     }
 
     pub async fn connect_with(options: MqttOptions) -> Device {
+        let mut device = Device::open(options);
+        device
+            .next_packet(|p| matches!(p, Packet::ConnAck(_)))
+            .await
+            .unwrap_or_else(|e| panic!("{}: no CONNACK: {e}", device.id));
+        device
+    }
+
+    /// Starts connecting without waiting for the CONNACK (for a test that
+    /// expects a refusal, or reads the CONNACK with [`Device::connected`]).
+    pub fn open(options: MqttOptions) -> Device {
         let id = options.client_id();
         let (client, mut eventloop) = AsyncClient::new(options, 256);
         // rumqttc's 5 s connect timeout is short for a debug build with a
@@ -135,12 +146,42 @@ impl Device {
                 }
             }
         });
-        let mut device = Device { id, client, events };
-        device
-            .next_packet(|p| matches!(p, Packet::ConnAck(_)))
+        Device { id, client, events }
+    }
+
+    /// The next packet, whatever it is; `Err` with the reason once the
+    /// connection ended (a refused CONNECT's code, for one).
+    pub async fn next(&mut self) -> Result<Packet, String> {
+        self.next_packet(|_| true).await
+    }
+
+    /// Waits for the CONNACK; whether the session was present.
+    pub async fn connected(&mut self) -> bool {
+        self.wait_for(|p| match p {
+            Packet::ConnAck(ack) => Some(ack.session_present),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for a packet that `pick` takes, skipping others; panics if the
+    /// connection ends first.
+    pub async fn wait_for<T>(&mut self, pick: impl Fn(&Packet) -> Option<T>) -> T {
+        let id = self.id.clone();
+        let packet = self
+            .next_packet(|p| pick(p).is_some())
             .await
-            .unwrap_or_else(|e| panic!("{}: no CONNACK: {e}", device.id));
-        device
+            .unwrap_or_else(|e| panic!("{id}: connection ended while waiting: {e}"));
+        pick(&packet).unwrap_or_else(|| unreachable!("picked above"))
+    }
+
+    /// Waits until the broker closes the connection.
+    pub async fn closed(&mut self) {
+        let id = self.id.clone();
+        match self.next_packet(|_| false).await {
+            Err(e) if e != "timed out" => {}
+            other => panic!("{id}: not closed: {other:?}"),
+        }
     }
 
     /// Waits for the next packet matching `want`, skipping others; `Err` if
@@ -149,15 +190,22 @@ impl Device {
         next_event(&mut self.events, want).await
     }
 
-    /// Subscribes and waits for the SUBACK.
-    pub async fn subscribe(&mut self, filter: &str) {
+    /// Subscribes at QoS 1 and waits for the SUBACK; its return codes.
+    pub async fn subscribe(&mut self, filter: &str) -> Vec<SubscribeReasonCode> {
+        self.subscribe_at(filter, QoS::AtLeastOnce).await
+    }
+
+    /// Subscribes at `qos` and waits for the SUBACK; its return codes.
+    pub async fn subscribe_at(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
         self.client
-            .subscribe(filter, QoS::AtLeastOnce)
+            .subscribe(filter, qos)
             .await
             .expect("subscribe queued");
-        self.next_packet(|p| matches!(p, Packet::SubAck(_)))
-            .await
-            .unwrap_or_else(|e| panic!("{}: no SUBACK for {filter}: {e}", self.id));
+        self.wait_for(|p| match p {
+            Packet::SubAck(ack) => Some(ack.return_codes.clone()),
+            _ => None,
+        })
+        .await
     }
 
     /// Publishes at QoS 1.
@@ -166,6 +214,15 @@ impl Device {
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
             .await
             .expect("publish queued");
+    }
+
+    /// The next publish received (any topic); panics if the connection ends.
+    pub async fn next_publish(&mut self) -> Publish {
+        self.wait_for(|p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
     }
 
     /// The next publish received (any topic).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{MqttOptions, Packet, QoS, SubscribeReasonCode};
 use rumqttd::protocol::{
     self as wire, ConnAck, Connect, ConnectReturnCode, Login, Packet as WirePacket,
 };
@@ -22,8 +22,7 @@ use umbra_broker::{
     start, BrokerSettings, EdgeHooks, EdgeMetrics, ListenerSettings, PresenceEvent, Publisher,
     RunningBroker, ShadowPublish, ShadowRequests,
 };
-
-const WAIT: Duration = Duration::from_secs(10);
+use umbra_tests::{Device, WAIT};
 
 /// Records every shadow request and answers it at once.
 struct Recorder {
@@ -73,110 +72,16 @@ fn start_broker(settings: BrokerSettings) -> Harness {
 
 /// A v4 client whose event loop runs in a task; incoming packets (or the
 /// final error) arrive on `events`.
-struct Client {
-    client: AsyncClient,
-    // Unbounded: test-only, the test drains it.
-    events: mpsc::UnboundedReceiver<Result<Packet, String>>,
-}
-
-fn connect(id: &str, port: u16, keep_alive: Duration) -> Client {
+fn connect(id: &str, port: u16, keep_alive: Duration) -> Device {
     let mut options = MqttOptions::new(id, "127.0.0.1", port);
     options.set_keep_alive(keep_alive);
     connect_with(options)
 }
 
-fn connect_with(options: MqttOptions) -> Client {
-    let (client, eventloop) = AsyncClient::new(options, 512);
-    Client {
-        client,
-        events: pump(eventloop),
-    }
-}
-
-fn pump(mut eventloop: EventLoop) -> mpsc::UnboundedReceiver<Result<Packet, String>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(packet)) => {
-                    if tx.send(Ok(packet)).is_err() {
-                        break;
-                    }
-                }
-                Ok(Event::Outgoing(_)) => {}
-                Err(e) => {
-                    tx.send(Err(e.to_string())).ok();
-                    break;
-                }
-            }
-        }
-    });
-    rx
-}
-
-impl Client {
-    async fn next(&mut self) -> Result<Packet, String> {
-        match timeout(WAIT, self.events.recv()).await {
-            Ok(Some(event)) => event,
-            Ok(None) => Err("event loop ended".into()),
-            Err(_) => panic!("no event within {WAIT:?}"),
-        }
-    }
-
-    /// Waits for a packet matching `pick`, skipping others.
-    async fn wait_for<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
-        loop {
-            let packet = self.next().await.expect("connection stays up");
-            if let Some(found) = pick(&packet) {
-                return found;
-            }
-        }
-    }
-
-    async fn connected(&mut self) -> bool {
-        self.wait_for(|p| match p {
-            Packet::ConnAck(ack) => Some(ack.session_present),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn subscribe_at(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
-        self.client.subscribe(filter, qos).await.expect("queued");
-        self.wait_for(|p| match p {
-            Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn subscribe(&mut self, filter: &str) -> Vec<SubscribeReasonCode> {
-        self.subscribe_at(filter, QoS::AtLeastOnce).await
-    }
-
-    async fn publish(&mut self, topic: &str, payload: &str) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-            .await
-            .expect("queued");
-    }
-
-    async fn next_publish(&mut self) -> rumqttc::Publish {
-        self.wait_for(|p| match p {
-            Packet::Publish(p) => Some(p.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    /// Waits until the broker closes the connection.
-    async fn closed(&mut self) {
-        loop {
-            if self.next().await.is_err() {
-                return;
-            }
-        }
-    }
+/// A client on its way to connecting ([`Device::connected`] waits for the
+/// CONNACK).
+fn connect_with(options: MqttOptions) -> Device {
+    Device::open(options)
 }
 
 async fn shadow_request(h: &mut Harness) -> ShadowPublish {
@@ -1212,7 +1117,7 @@ async fn a_role_receives_only_what_its_receive_rules_allow() {
     // (100): were they not acknowledged for the watcher, the router would
     // stop forwarding to it.
     for n in 0..150 {
-        publisher.publish("fleet/secret/keys", &n.to_string()).await;
+        publisher.publish("fleet/secret/keys", n.to_string()).await;
     }
     publisher.publish("fleet/public/news", "hello").await;
     // One publisher's messages arrive in order, so the first one the
@@ -1902,7 +1807,7 @@ async fn nothing_larger_than_an_mqtt5_clients_maximum_packet_size_is_sent() {
     assert_eq!(publisher.publish(delta, Bytes::from("small")), Ok(1));
     let mut other = connect("sender", port, Duration::from_secs(30));
     other.connected().await;
-    other.publish("fleet/size", &big).await;
+    other.publish("fleet/size", big.as_str()).await;
     other.publish("fleet/size", "small too").await;
     let mut got = Vec::new();
     while got.len() < 2 {
