@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 use umbra_shadow::http::{router, ApiConfig, ApiState, Role, TokenConfig};
 use umbra_shadow::{
-    Limits, Message, Operation, Request as ShadowRequest, ServiceConfig, ShadowKey, ShadowMetrics,
-    ShadowService, SqliteStore, StoreConfig,
+    Message, Operation, Request as ShadowRequest, ShadowKey, ShadowMetrics, ShadowService,
+    StoreConfig,
 };
 
 struct Harness {
@@ -29,31 +29,17 @@ struct Harness {
     ready: watch::Sender<bool>,
 }
 
-fn unlimited() -> Limits {
-    Limits {
-        requests_per_second: 0,
-        max_in_flight: 0,
-        ..Limits::default()
-    }
-}
+mod support;
+
+use support::unlimited;
 
 fn harness(config: ApiConfig) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("shadows.db");
     let registry = Registry::new();
     let metrics = ShadowMetrics::register(&registry).expect("register metrics");
-    let (store, committed) =
-        SqliteStore::open_with_metrics(StoreConfig::new(&db), unlimited(), Some(metrics.clone()))
-            .expect("open store");
-    let (service, outbox) = ShadowService::start_with_metrics(
-        ServiceConfig {
-            limits: unlimited(),
-            ..ServiceConfig::default()
-        },
-        Arc::new(store),
-        committed,
-        Some(metrics.clone()),
-    );
+    let (service, outbox) =
+        support::start(StoreConfig::new(&db), unlimited(), Some(metrics.clone()));
     let (ready, ready_rx) = watch::channel(false);
     let state =
         ApiState::new(Arc::clone(&service), config, registry, ready_rx).with_metrics(metrics);
@@ -841,10 +827,8 @@ async fn idle_stream_sends_heartbeats() {
 #[tokio::test]
 async fn shutdown_ends_open_streams() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, committed) =
-        SqliteStore::open(StoreConfig::new(dir.path().join("s.db")), unlimited()).expect("store");
     let (service, _outbox) =
-        ShadowService::start(ServiceConfig::default(), Arc::new(store), committed);
+        support::start(StoreConfig::new(dir.path().join("s.db")), unlimited(), None);
     let state = ApiState::new(
         Arc::clone(&service),
         ApiConfig::default(),

@@ -18,8 +18,7 @@ use tower::ServiceExt;
 use umbra_shadow::fleet::IndexStatus;
 use umbra_shadow::http::{router, ApiConfig, ApiState};
 use umbra_shadow::{
-    Limits, Operation, Request as ShadowRequest, ServiceConfig, ShadowKey, ShadowService,
-    SqliteStore, StoreConfig, Synchronous,
+    Operation, Request as ShadowRequest, ShadowKey, ShadowService, StoreConfig, Synchronous,
 };
 
 /// One generated thing, as the brute force sees it.
@@ -50,28 +49,14 @@ impl Model {
 
 const MODES: [&str; 3] = ["eco", "comfort", "off"];
 
-fn limits() -> Limits {
-    Limits {
-        requests_per_second: 0,
-        max_in_flight: 0,
-        ..Limits::default()
-    }
-}
+mod support;
 
 fn start(path: &Path) -> Arc<ShadowService> {
     let config = StoreConfig {
         synchronous: Synchronous::Normal,
         ..StoreConfig::new(path)
     };
-    let (store, committed) = SqliteStore::open(config, limits()).expect("open store");
-    let (service, outbox) = ShadowService::start(
-        ServiceConfig {
-            limits: limits(),
-            ..ServiceConfig::default()
-        },
-        Arc::new(store),
-        committed,
-    );
+    let (service, outbox) = support::start(config, support::unlimited(), None);
     drop(outbox);
     service
 }

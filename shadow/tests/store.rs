@@ -7,27 +7,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use umbra_shadow::store::ChangeKind;
-use umbra_shadow::{
-    Limits, Message, Operation, Request, ServiceConfig, ShadowKey, ShadowService, SqliteStore,
-    StoreConfig,
-};
+use umbra_shadow::{Limits, Message, Operation, Request, ShadowKey, ShadowService, StoreConfig};
+
+mod support;
+
+use support::unlimited;
 
 fn open(path: &Path, limits: Limits) -> (Arc<ShadowService>, tokio::sync::mpsc::Receiver<Message>) {
-    let (store, committed) =
-        SqliteStore::open(StoreConfig::new(path), limits.clone()).expect("open store");
-    let config = ServiceConfig {
-        limits,
-        ..ServiceConfig::default()
-    };
-    ShadowService::start(config, Arc::new(store), committed)
-}
-
-fn unlimited() -> Limits {
-    Limits {
-        requests_per_second: 0,
-        max_in_flight: 0,
-        ..Limits::default()
-    }
+    support::start(StoreConfig::new(path), limits, None)
 }
 
 fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {

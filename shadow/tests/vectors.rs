@@ -2,16 +2,15 @@
 //! `shared/vectors/shadow_update.json` when it is there, through the pure
 //! engine and through the service over a real SQLite file.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 use umbra_shadow::document::{SectionPatch, ShadowState};
 use umbra_shadow::engine::{self, Command, Outcome, StoredShadow};
 use umbra_shadow::request::parse_update;
-use umbra_shadow::store::ShadowStore;
 use umbra_shadow::topic::AnswerKind;
-use umbra_shadow::{Limits, Operation, Request, ServiceConfig, ShadowKey, ShadowService};
-use umbra_shadow::{SqliteStore, StoreConfig};
+use umbra_shadow::StoreConfig;
+use umbra_shadow::{Limits, Operation, Request, ShadowKey, ShadowService};
+
+mod support;
 
 /// Umbra's own cases, and the shared protocol vectors when they are beside
 /// the clone (`UMBRA_VECTORS` names another file); CI has them.
@@ -181,21 +180,8 @@ fn request(key: &ShadowKey, op: Operation, payload: &Value) -> Request {
 #[tokio::test]
 async fn every_vector_through_the_service_and_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let limits = Limits {
-        requests_per_second: 0,
-        ..Limits::default()
-    };
-    let (store, committed) = SqliteStore::open(
-        StoreConfig::new(dir.path().join("shadows.db")),
-        limits.clone(),
-    )
-    .expect("open store");
-    let store: Arc<dyn ShadowStore> = Arc::new(store);
-    let config = ServiceConfig {
-        limits,
-        ..ServiceConfig::default()
-    };
-    let (service, outbox) = ShadowService::start(config, store, committed);
+    let store = StoreConfig::new(dir.path().join("shadows.db"));
+    let (service, outbox) = support::start(store, support::unlimited(), None);
     drop(outbox);
     for (i, case) in vectors().into_iter().enumerate() {
         let name = case["name"].as_str().unwrap_or("?").to_string();
