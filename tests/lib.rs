@@ -167,12 +167,14 @@ impl Device {
     /// Waits for a packet that `pick` takes, skipping others; panics if the
     /// connection ends first.
     pub async fn wait_for<T>(&mut self, pick: impl Fn(&Packet) -> Option<T>) -> T {
-        let id = self.id.clone();
-        let packet = self
-            .next_packet(|p| pick(p).is_some())
-            .await
-            .unwrap_or_else(|e| panic!("{id}: connection ended while waiting: {e}"));
-        pick(&packet).unwrap_or_else(|| unreachable!("picked above"))
+        loop {
+            let packet = self.next_packet(|_| true).await;
+            let packet = packet
+                .unwrap_or_else(|e| panic!("{}: connection ended while waiting: {e}", self.id));
+            if let Some(found) = pick(&packet) {
+                return found;
+            }
+        }
     }
 
     /// Waits until the broker closes the connection.

@@ -271,13 +271,19 @@ impl FleetIndex {
         status
     }
 
+    /// Marks the index failed: listing and search answer so, and `/readyz`
+    /// stops waiting for it.
+    pub fn fail(&self) {
+        self.status.send_replace(IndexStatus::Failed);
+    }
+
     /// Loads the snapshot, then replays the changes that arrived meanwhile.
     pub fn load(&self, snapshot: Result<FleetSnapshot, StoreError>) {
         let snapshot = match snapshot {
             Ok(snapshot) => snapshot,
             Err(err) => {
                 warn!(cause = %err, "fleet index could not read the store");
-                self.status.send_replace(IndexStatus::Failed);
+                self.fail();
                 return;
             }
         };

@@ -192,7 +192,7 @@ impl ShadowService {
             tokio::task::spawn_blocking(move || {
                 let load = || fleet.load(store.fleet_snapshot());
                 if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
-                    fleet.load(Err(StoreError::WriterFailed));
+                    fleet.fail();
                     std::panic::resume_unwind(panic);
                 }
             })
