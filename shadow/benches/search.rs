@@ -1,4 +1,4 @@
-//! Fleet search over 100,000 stored shadows: the fleet index is loaded from
+//! Fleet search over 100,000 stored shadows (`UMBRA_BENCH_FLEET=N` for another size): the fleet index is loaded from
 //! a real SQLite store (as at start-up), then typical queries are timed,
 //! each scanning the whole fleet for one page of results.
 //!
@@ -16,7 +16,13 @@ use umbra_shadow::search::Query;
 use umbra_shadow::store::{Job, ShadowStore};
 use umbra_shadow::{Limits, ShadowKey, SqliteStore, StoreConfig, Synchronous};
 
-const FLEET: u64 = 100_000;
+/// Shadows in the fleet; `UMBRA_BENCH_FLEET` overrides.
+fn fleet_size() -> u64 {
+    std::env::var("UMBRA_BENCH_FLEET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 
 fn payload(i: u64) -> Vec<u8> {
     let mode = ["eco", "comfort", "off"][(i % 3) as usize];
@@ -33,6 +39,7 @@ fn payload(i: u64) -> Vec<u8> {
 
 /// Writes the fleet through the store and loads an index from it.
 fn build_fleet(dir: &std::path::Path) -> FleetIndex {
+    let fleet = fleet_size();
     let limits = Limits::default();
     let config = StoreConfig {
         synchronous: Synchronous::Normal,
@@ -41,7 +48,7 @@ fn build_fleet(dir: &std::path::Path) -> FleetIndex {
     let (store, mut committed) = SqliteStore::open(config, limits.clone()).expect("open");
     let drain = std::thread::spawn(move || {
         let mut done = 0u64;
-        while done < FLEET + FLEET / 2 {
+        while done < fleet + fleet / 2 {
             match committed.blocking_recv() {
                 Some(batch) => done += batch.len() as u64,
                 None => break,
@@ -49,7 +56,7 @@ fn build_fleet(dir: &std::path::Path) -> FleetIndex {
         }
     });
     let started = Instant::now();
-    for i in 0..FLEET {
+    for i in 0..fleet {
         let prefix = ["sensor", "lamp", "gw", "meter"][(i % 4) as usize];
         let job = Job::Shadow {
             key: ShadowKey::classic(format!("{prefix}-{i:06}")),
@@ -68,15 +75,17 @@ fn build_fleet(dir: &std::path::Path) -> FleetIndex {
         submit(&store, job);
     }
     drain.join().expect("drain");
-    eprintln!("wrote {FLEET} shadows in {:?}", started.elapsed());
+    eprintln!("wrote {fleet} shadows in {:?}", started.elapsed());
     let rss_before = rss_kib();
     let started = Instant::now();
     let index = FleetIndex::new();
-    index.load(store.fleet_snapshot());
+    index.load(|each| store.fleet_snapshot(each));
+    let size = index.size().expect("loaded");
     eprintln!(
-        "loaded the fleet index in {:?} (RSS +{} MiB)",
+        "loaded the fleet index in {:?} (RSS +{} MiB; index ~{} bytes per shadow)",
         started.elapsed(),
-        rss_kib().saturating_sub(rss_before) / 1024
+        rss_kib().saturating_sub(rss_before) / 1024,
+        size.bytes / size.shadows.max(1)
     );
     store.close().expect("close");
     index
@@ -132,7 +141,7 @@ fn rss_kib() -> u64 {
 fn search(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let index = Arc::new(build_fleet(dir.path()));
-    let mut group = c.benchmark_group("search 100k shadows");
+    let mut group = c.benchmark_group(format!("search {} shadows", fleet_size()));
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(5));
     for query in [
@@ -144,7 +153,7 @@ fn search(c: &mut Criterion) {
     ] {
         let parsed = Query::parse(query).expect("valid query");
         let (found, _) = index
-            .search(Some(&parsed), None, 250, |t| t.name.to_string())
+            .search(Some(&parsed), None, 250, |t| t.name().to_string())
             .expect("index ready");
         eprintln!("{query}: {} on the first page", found.len());
         group.bench_with_input(BenchmarkId::new("page of 250", query), &query, |b, q| {
@@ -159,7 +168,7 @@ fn search(c: &mut Criterion) {
     group.bench_function("list first page of 25", |b| {
         b.iter(|| {
             index
-                .search(None, None, 25, |t| t.name.len())
+                .search(None, None, 25, |t| t.name().len())
                 .map(|(p, _)| p.len())
         })
     });

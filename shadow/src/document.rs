@@ -332,7 +332,7 @@ fn delta(desired: &Object, reported: Option<&Object>) -> Object {
 }
 
 /// Whether [`delta`] of the same arguments is non-empty.
-fn differs(desired: &Object, reported: Option<&Object>) -> bool {
+pub(crate) fn differs(desired: &Object, reported: Option<&Object>) -> bool {
     desired.iter().any(
         |(key, want)| match (want, reported.and_then(|r| r.get(key))) {
             (Value::Object(want_child), Some(Value::Object(have_child))) => {

@@ -262,17 +262,42 @@ impl Query {
 
     /// Whether `thing` matches.
     pub fn matches(&self, thing: &dyn ThingFields) -> bool {
+        self.matches_with(&mut |term| term.matches(thing))
+    }
+
+    /// Whether the query holds when each term holds as `term` says (terms
+    /// are asked in query order, and only as far as the answer needs).
+    pub fn matches_with(&self, term: &mut impl FnMut(&Term) -> bool) -> bool {
         match self {
-            Query::And(a, b) => a.matches(thing) && b.matches(thing),
-            Query::Or(a, b) => a.matches(thing) || b.matches(thing),
-            Query::Not(q) => !q.matches(thing),
-            Query::Term(term) => term.matches(thing),
+            Query::And(a, b) => a.matches_with(term) && b.matches_with(term),
+            Query::Or(a, b) => a.matches_with(term) || b.matches_with(term),
+            Query::Not(q) => !q.matches_with(term),
+            Query::Term(t) => term(t),
+        }
+    }
+
+    /// The terms, in the order [`matches_with`](Self::matches_with) meets them.
+    pub fn terms(&self) -> Vec<&Term> {
+        let mut out = Vec::new();
+        self.collect_terms(&mut out);
+        out
+    }
+
+    fn collect_terms<'a>(&'a self, out: &mut Vec<&'a Term>) {
+        match self {
+            Query::And(a, b) | Query::Or(a, b) => {
+                a.collect_terms(out);
+                b.collect_terms(out);
+            }
+            Query::Not(q) => q.collect_terms(out),
+            Query::Term(t) => out.push(t),
         }
     }
 }
 
 impl Term {
-    fn matches(&self, thing: &dyn ThingFields) -> bool {
+    /// Whether `thing` passes this term.
+    pub fn matches(&self, thing: &dyn ThingFields) -> bool {
         match &self.field {
             Field::ThingName => self.test.matches_scalar(Scalar::Text(thing.thing_name())),
             Field::Connected => thing
@@ -320,8 +345,8 @@ fn lookup<'a>(object: &'a serde_json::Map<String, Value>, path: &[String]) -> Op
 }
 
 /// A leaf value as a test sees it (borrowed: no allocation per thing).
-#[derive(Debug, Clone, Copy)]
-enum Scalar<'a> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
     Text(&'a str),
     Number(f64),
     Bool(bool),
@@ -332,7 +357,7 @@ enum Scalar<'a> {
 
 impl Test {
     /// Whether `value` passes; an array passes when any element does.
-    fn matches(&self, value: &Value) -> bool {
+    pub fn matches(&self, value: &Value) -> bool {
         let scalar = match value {
             Value::Array(items) => {
                 return matches!(self, Test::Exists) || items.iter().any(|v| self.matches(v))
@@ -349,7 +374,8 @@ impl Test {
         self.matches_scalar(scalar)
     }
 
-    fn matches_scalar(&self, value: Scalar<'_>) -> bool {
+    /// Whether a leaf value passes.
+    pub fn matches_scalar(&self, value: Scalar<'_>) -> bool {
         match self {
             Test::Exists => !matches!(value, Scalar::Null),
             Test::Equals(literal) => equals(value, literal),

@@ -187,10 +187,10 @@ impl ShadowService {
         let loader = {
             let store = Arc::clone(&store);
             let fleet = Arc::clone(&fleet);
-            // The publisher already feeds the index; the snapshot is merged
-            // under it. A panic marks the index failed before it goes on.
+            // The publisher already feeds the index; the store's fleet is
+            // merged under it. A panic marks the index failed before it goes on.
             tokio::task::spawn_blocking(move || {
-                let load = || fleet.load(store.fleet_snapshot());
+                let load = || fleet.load(|each| store.fleet_snapshot(each));
                 if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
                     fleet.fail();
                     std::panic::resume_unwind(panic);

@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiQuery;
 use super::{ApiError, ApiState};
-use crate::fleet::IndexedShadow;
+use crate::document::ShadowState;
 use crate::metrics::ShadowMetrics;
 use crate::search::{Query as SearchQuery, ShadowFields, ThingFields};
 use crate::store::{Change, ChangeKind};
@@ -163,7 +163,9 @@ fn event_json(change: &Change) -> String {
 /// A thing as one change shows it, for `?q=`.
 struct EventThing<'a> {
     change: &'a Change,
-    shadow: Option<IndexedShadow>,
+    /// An update's shadow (the writer's state, or read from the document)
+    /// and whether it has a delta.
+    shadow: Option<(Arc<ShadowState>, bool)>,
     presence: Option<(bool, i64)>,
 }
 
@@ -175,7 +177,18 @@ impl<'a> EventThing<'a> {
             presence: None,
         };
         match change.kind {
-            ChangeKind::Update => thing.shadow = IndexedShadow::from_change(change),
+            ChangeKind::Update => {
+                let state = match &change.state {
+                    Some(state) => Some(Arc::clone(state)),
+                    None => serde_json::from_str::<Value>(&change.document)
+                        .ok()
+                        .map(|d| Arc::new(ShadowState::from_values(&d["state"], &Value::Null))),
+                };
+                thing.shadow = state.map(|s| {
+                    let has_delta = s.has_delta();
+                    (s, has_delta)
+                });
+            }
             ChangeKind::Delete | ChangeKind::Forget => {}
             ChangeKind::Connect | ChangeKind::Disconnect => {
                 let at = serde_json::from_str::<Value>(&change.document)
@@ -202,10 +215,10 @@ impl ThingFields for EventThing<'_> {
         if name != self.change.name.as_deref() {
             return None;
         }
-        self.shadow.as_ref().map(|s| ShadowFields {
-            version: s.version,
-            state: &s.state,
-            has_delta: s.has_delta,
+        self.shadow.as_ref().map(|(state, has_delta)| ShadowFields {
+            version: self.change.version,
+            state,
+            has_delta: *has_delta,
         })
     }
 }

@@ -83,18 +83,16 @@ pub async fn list_things(
 
 fn summary(thing: ThingRef<'_>) -> ThingSummary {
     ThingSummary {
-        thing_name: thing.name.to_string(),
-        connectivity: thing.entry.presence.map(|p| ConnectivityView {
+        thing_name: thing.name().to_string(),
+        connectivity: thing.presence().map(|p| ConnectivityView {
             connected: p.connected,
             timestamp: p.last_seen_ms,
         }),
         shadows: thing
-            .entry
-            .shadows
-            .iter()
-            .map(|(name, s)| ShadowVersion {
+            .versions()
+            .map(|(name, version)| ShadowVersion {
                 name: name.map(str::to_string),
-                version: s.version,
+                version,
             })
             .collect(),
     }
@@ -134,7 +132,7 @@ pub async fn search(
     let (things, names, more) = tokio::task::spawn_blocking(move || {
         fleet
             .search(Some(&query), after.as_deref(), size, |t| {
-                (t.to_json(), t.name.to_string())
+                (t.to_json(), t.name().to_string())
             })
             .map(|(found, more)| {
                 let (things, names): (Vec<_>, Vec<_>) = found.into_iter().unzip();

@@ -169,14 +169,17 @@ pub struct ShadowRow {
     pub state: String,
 }
 
-/// Every live shadow and every thing's connectivity at one point of the change log.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FleetSnapshot {
-    /// The snapshot holds every change up to this sequence and none after it.
-    pub through_seq: u64,
-    pub shadows: Vec<ShadowRow>,
-    pub things: Vec<Connectivity>,
+/// A part of the fleet as a store reads it for the fleet index, at most
+/// [`SNAPSHOT_PART`] rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotPart {
+    Shadows(Vec<ShadowRow>),
+    Things(Vec<Connectivity>),
 }
+
+/// Rows per [`SnapshotPart`]: small enough to spread over cores, large
+/// enough that handing one over costs nothing.
+pub const SNAPSHOT_PART: usize = 4096;
 
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -232,8 +235,11 @@ pub trait ShadowStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Change>, StoreError>;
 
-    /// Every live shadow and every thing's connectivity, read consistently.
-    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError>;
+    /// Every live shadow and every thing's connectivity, read consistently
+    /// (as of one commit) and handed to `each` in parts as they are read.
+    /// Returns the change sequence of that commit: the parts hold every
+    /// change up to it and none after.
+    fn fleet_snapshot(&self, each: &mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>;
 
     /// Stops taking jobs, finishes and commits what is queued, and waits for the writer.
     fn close(&self) -> Result<(), StoreError>;

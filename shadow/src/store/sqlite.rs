@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{
-    Change, ChangeKind, ChangeLogBounds, Committed, CommittedBatch, Connectivity, FleetSnapshot,
-    Job, ShadowRow, ShadowStore, StoreError,
+    Change, ChangeKind, ChangeLogBounds, Committed, CommittedBatch, Connectivity, Job, ShadowRow,
+    ShadowStore, SnapshotPart, StoreError, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, Outcome, StoredShadow};
@@ -351,41 +351,33 @@ impl ShadowStore for SqliteStore {
         })
     }
 
-    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError> {
+    fn fleet_snapshot(&self, each: &mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError> {
         self.with_reader(|conn| {
             // One read transaction: the rows and the sequence are of one instant.
             let tx = conn.unchecked_transaction()?;
             let through_seq = change_log_bounds(&tx)?.last;
-            let shadows = tx
-                .prepare("SELECT thing, name, version, state FROM shadows WHERE deleted = 0")?
-                .query_map([], |r| {
-                    let name: String = r.get(1)?;
-                    Ok(ShadowRow {
-                        key: ShadowKey {
-                            thing: r.get(0)?,
-                            name: (!name.is_empty()).then_some(name),
-                        },
-                        version: r.get::<_, i64>(2)? as u64,
-                        state: r.get(3)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            let things = tx
-                .prepare("SELECT thing, connected, last_seen_ms FROM things")?
-                .query_map([], |r| {
-                    Ok(Connectivity {
+            let shadows = "SELECT thing, name, version, state FROM shadows WHERE deleted = 0";
+            stream_parts(&tx, shadows, SnapshotPart::Shadows, each, |r| {
+                let name: String = r.get(1)?;
+                Ok(ShadowRow {
+                    key: ShadowKey {
                         thing: r.get(0)?,
-                        connected: r.get::<_, i64>(1)? != 0,
-                        last_seen_ms: r.get(2)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                        name: (!name.is_empty()).then_some(name),
+                    },
+                    version: r.get::<_, i64>(2)? as u64,
+                    state: r.get(3)?,
+                })
+            })?;
+            let things = "SELECT thing, connected, last_seen_ms FROM things";
+            stream_parts(&tx, things, SnapshotPart::Things, each, |r| {
+                Ok(Connectivity {
+                    thing: r.get(0)?,
+                    connected: r.get::<_, i64>(1)? != 0,
+                    last_seen_ms: r.get(2)?,
+                })
+            })?;
             tx.commit()?;
-            Ok(FleetSnapshot {
-                through_seq,
-                shadows,
-                things,
-            })
+            Ok(through_seq)
         })
     }
 
@@ -697,6 +689,33 @@ fn log_change(
         document,
         state: None,
     })
+}
+
+/// Hands the rows of `sql` to `each` as they are read, in parts of
+/// [`SNAPSHOT_PART`].
+fn stream_parts<T>(
+    conn: &Connection,
+    sql: &str,
+    part: impl Fn(Vec<T>) -> SnapshotPart,
+    each: &mut dyn FnMut(SnapshotPart),
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<(), StoreError> {
+    let mut statement = conn.prepare(sql)?;
+    let mut rows = statement.query([])?;
+    let mut items = Vec::with_capacity(SNAPSHOT_PART);
+    while let Some(r) = rows.next()? {
+        items.push(row(r)?);
+        if items.len() == SNAPSHOT_PART {
+            each(part(std::mem::replace(
+                &mut items,
+                Vec::with_capacity(SNAPSHOT_PART),
+            )));
+        }
+    }
+    if !items.is_empty() {
+        each(part(items));
+    }
+    Ok(())
 }
 
 fn change_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Change> {

@@ -1,0 +1,1223 @@
+//! The fleet index: every thing's live shadows and connectivity in memory, for
+//! listing and search without touching SQLite.
+//!
+//! Compact by design ([`compact`]): thing names once in name order, each
+//! shadow's values packed in a few dozen bytes under a field layout
+//! (*shape*) that the fleet's shadows share. Built at start-up from the
+//! store, streamed and packed on every core while device requests are
+//! served, and kept current from the committed changes, which the service's
+//! publisher feeds in commit order. Changes that arrive while the store is
+//! read are held and replayed on top (those the read already holds are
+//! skipped by sequence).
+//!
+//! A search evaluates the query over every thing in slot order (memory
+//! order, which is what makes a million things take milliseconds), then
+//! pages the matches in name order.
+
+pub mod compact;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{mpsc, Mutex, RwLock};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::document::{self, Object};
+use crate::search::{Field, Query, Scalar, ShadowPart, Term};
+use crate::store::{Change, ChangeKind, Connectivity, ShadowRow, SnapshotPart, StoreError};
+use compact::Packed;
+
+/// A thing's connectivity as indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub connected: bool,
+    pub last_seen_ms: i64,
+}
+
+/// Whether the index has loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexStatus {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// Why the index could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("fleet index is loading")]
+    Loading,
+    #[error("fleet index failed to load")]
+    Failed,
+}
+
+/// What the index holds, for `/metrics` and the benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexSize {
+    pub things: usize,
+    pub shadows: usize,
+    /// Heap bytes of the index, estimated from its parts.
+    pub bytes: usize,
+}
+
+/// The in-memory fleet index.
+pub struct FleetIndex {
+    table: RwLock<Table>,
+    /// Changes not yet applied. The publisher never waits for a search: when
+    /// the index is being read it leaves its changes here, and the next
+    /// writer or reader applies them first. Bounded in practice by the commit
+    /// rate times the longest search; while loading, by the load time.
+    pending: Mutex<Vec<Change>>,
+    /// Sequence up to which the loaded store read (and so the index) is
+    /// complete; changes at or below it are already in.
+    loaded_through: Mutex<Option<u64>>,
+    status: watch::Sender<IndexStatus>,
+}
+
+impl std::fmt::Debug for FleetIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetIndex")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for FleetIndex {
+    fn default() -> Self {
+        FleetIndex::new()
+    }
+}
+
+impl FleetIndex {
+    /// An empty index waiting for its load.
+    pub fn new() -> FleetIndex {
+        FleetIndex {
+            table: RwLock::new(Table::default()),
+            pending: Mutex::new(Vec::new()),
+            loaded_through: Mutex::new(None),
+            status: watch::channel(IndexStatus::Loading).0,
+        }
+    }
+
+    pub fn status(&self) -> IndexStatus {
+        *self.status.borrow()
+    }
+
+    /// Waits until the index has loaded (or failed to).
+    pub async fn wait_loaded(&self) -> IndexStatus {
+        let mut rx = self.status.subscribe();
+        let status = match rx.wait_for(|s| *s != IndexStatus::Loading).await {
+            Ok(status) => *status,
+            Err(_) => IndexStatus::Failed,
+        };
+        status
+    }
+
+    /// Marks the index failed: listing and search answer so, and `/readyz`
+    /// stops waiting for it.
+    pub fn fail(&self) {
+        self.status.send_replace(IndexStatus::Failed);
+    }
+
+    /// Loads the fleet that `read` streams (in parts, returning the change
+    /// sequence its read is consistent with), then replays the changes that
+    /// arrived meanwhile. Rows are parsed and packed on every core while
+    /// `read` goes on.
+    pub fn load(
+        &self,
+        read: impl FnOnce(&mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>,
+    ) {
+        let (read, table) = build(read);
+        let through = match read {
+            Ok(through) => through,
+            Err(err) => {
+                warn!(cause = %err, "fleet index could not read the store");
+                self.fail();
+                return;
+            }
+        };
+        if let Ok(mut current) = self.table.write() {
+            *current = table;
+        }
+        if let Ok(mut loaded) = self.loaded_through.lock() {
+            *loaded = Some(through);
+        }
+        self.drain();
+        self.status.send_replace(IndexStatus::Ready);
+    }
+
+    /// Takes one committed change, in commit order. Never waits for readers.
+    pub fn apply(&self, change: Change) {
+        if self.status() == IndexStatus::Failed {
+            return;
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.push(change);
+        }
+        let loaded = self
+            .loaded_through
+            .lock()
+            .map(|t| t.is_some())
+            .unwrap_or(false);
+        if loaded {
+            if let Ok(mut table) = self.table.try_write() {
+                self.drain_into(&mut table);
+            }
+        }
+    }
+
+    /// Applies whatever is pending (waits for readers).
+    fn drain(&self) {
+        if let Ok(mut table) = self.table.write() {
+            self.drain_into(&mut table);
+        }
+    }
+
+    fn drain_into(&self, table: &mut Table) {
+        let Some(through) = self.loaded_through.lock().ok().and_then(|t| *t) else {
+            return;
+        };
+        let changes = match self.pending.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return,
+        };
+        for change in changes.into_iter().filter(|c| c.seq > through) {
+            table.apply(change);
+        }
+    }
+
+    /// Runs `read` over the index brought up to date.
+    fn read<T>(&self, read: impl FnOnce(&Table) -> T) -> Result<T, IndexError> {
+        match self.status() {
+            IndexStatus::Loading => return Err(IndexError::Loading),
+            IndexStatus::Failed => return Err(IndexError::Failed),
+            IndexStatus::Ready => {}
+        }
+        self.drain();
+        let table = self.table.read().map_err(|_| IndexError::Failed)?;
+        Ok(read(&table))
+    }
+
+    /// What the index holds and its size.
+    pub fn size(&self) -> Result<IndexSize, IndexError> {
+        self.read(Table::size)
+    }
+
+    /// One thing, if indexed.
+    pub fn thing<T>(
+        &self,
+        name: &str,
+        render: impl FnOnce(ThingRef<'_>) -> T,
+    ) -> Result<Option<T>, IndexError> {
+        self.read(|table| table.thing_ref(name).map(render))
+    }
+
+    /// Things matching `query` (all things when `None`), in name order, after
+    /// `after`, at most `limit`; and whether more follow.
+    pub fn search<T>(
+        &self,
+        query: Option<&Query>,
+        after: Option<&str>,
+        limit: usize,
+        render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> Result<(Vec<T>, bool), IndexError> {
+        self.read(|table| {
+            let matching = query.map(|q| table.matching(q));
+            let keep = |id: u32| matching.as_ref().is_none_or(|m| m.contains(id));
+            table.page(keep, after, limit, render)
+        })
+    }
+
+    /// The fleet: things with at least one shadow (not every client id that
+    /// ever connected), as [`search`](Self::search) pages them.
+    pub fn list<T>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> Result<(Vec<T>, bool), IndexError> {
+        self.read(|table| {
+            let keep = |id: u32| table.things[id as usize].has_shadows();
+            table.page(keep, after, limit, render)
+        })
+    }
+}
+
+/// Reads the store through `read` and builds a table: the reading thread
+/// hands parts of rows to packers (one per core), and one builder inserts
+/// what they packed. Returns `read`'s result and the table.
+fn build(
+    read: impl FnOnce(&mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>,
+) -> (Result<u64, StoreError>, Table) {
+    let packers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (rows_tx, rows_rx) = mpsc::sync_channel::<Vec<ShadowRow>>(packers * 2);
+    let rows_rx = Mutex::new(rows_rx);
+    std::thread::scope(|scope| {
+        let (packed_tx, packed_rx) = mpsc::sync_channel::<PackedPart>(packers * 2);
+        for _ in 0..packers {
+            let packed_tx = packed_tx.clone();
+            let rows_rx = &rows_rx;
+            scope.spawn(move || loop {
+                let rows = match rows_rx.lock().map(|rx| rx.recv()) {
+                    Ok(Ok(rows)) => rows,
+                    _ => break,
+                };
+                let packed = rows.into_iter().map(PackedShadow::from_row).collect();
+                if packed_tx.send(PackedPart::Shadows(packed)).is_err() {
+                    break;
+                }
+            });
+        }
+        let builder = scope.spawn(move || {
+            let mut table = Table::default();
+            for part in packed_rx {
+                match part {
+                    PackedPart::Shadows(shadows) => {
+                        for shadow in shadows {
+                            table.set_shadow(&shadow.thing, shadow.name.as_deref(), shadow.entry);
+                        }
+                    }
+                    PackedPart::Things(things) => {
+                        for c in things {
+                            table.set_presence(
+                                &c.thing,
+                                Presence {
+                                    connected: c.connected,
+                                    last_seen_ms: c.last_seen_ms,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            table
+        });
+        let result = read(&mut |part| {
+            // A send fails only when the packers or the builder died; their
+            // panic is raised when the scope ends.
+            let _ = match part {
+                SnapshotPart::Shadows(rows) => rows_tx.send(rows).is_ok(),
+                SnapshotPart::Things(things) => packed_tx.send(PackedPart::Things(things)).is_ok(),
+            };
+        });
+        drop(rows_tx);
+        drop(packed_tx);
+        let table = crate::tasks::joined_thread("fleet index builder", builder.join())
+            .unwrap_or_default();
+        (result, table)
+    })
+}
+
+enum PackedPart {
+    Shadows(Vec<PackedShadow>),
+    Things(Vec<Connectivity>),
+}
+
+/// One shadow packed off the index's lock.
+struct PackedShadow {
+    thing: String,
+    name: Option<String>,
+    entry: Entry,
+}
+
+/// A shadow's indexed parts before its shape is interned.
+struct Entry {
+    version: u64,
+    has_delta: bool,
+    packed: Packed,
+}
+
+impl Entry {
+    /// From a `{"desired":..,"reported":..}` value.
+    fn from_state(version: u64, state: &Value) -> Entry {
+        let desired = state.get("desired").and_then(Value::as_object);
+        let reported = state.get("reported").and_then(Value::as_object);
+        Entry::from_sections(version, desired, reported)
+    }
+
+    fn from_sections(version: u64, desired: Option<&Object>, reported: Option<&Object>) -> Entry {
+        Entry {
+            version,
+            has_delta: desired.is_some_and(|d| document::differs(d, reported)),
+            packed: Packed::pack(desired, reported),
+        }
+    }
+
+    /// From an update change: the writer's state when it has it, otherwise
+    /// its document (`{"state":..,..}`; the metadata is skipped unparsed).
+    fn from_change(change: &Change) -> Option<Entry> {
+        if let Some(state) = &change.state {
+            return Some(Entry::from_sections(
+                change.version,
+                state.desired.as_ref().map(|s| &s.state),
+                state.reported.as_ref().map(|s| &s.state),
+            ));
+        }
+        #[derive(Deserialize)]
+        struct Document {
+            state: Value,
+        }
+        let document: Document = serde_json::from_str(&change.document).ok()?;
+        Some(Entry::from_state(change.version, &document.state))
+    }
+}
+
+impl PackedShadow {
+    fn from_row(row: ShadowRow) -> PackedShadow {
+        let state = serde_json::from_str::<Value>(&row.state).unwrap_or_else(|err| {
+            warn!(thing = %row.key.thing, cause = %err, "unreadable stored shadow state");
+            Value::Null
+        });
+        PackedShadow {
+            entry: Entry::from_state(row.version, &state),
+            thing: row.key.thing,
+            name: row.key.name,
+        }
+    }
+}
+
+/// No slot.
+const NONE: u32 = u32::MAX;
+
+/// One thing. A free slot has an empty name.
+#[derive(Debug)]
+struct ThingSlot {
+    name: Box<str>,
+    presence: Option<Presence>,
+    /// The classic shadow's slot, or `NONE`.
+    classic: u32,
+    /// Named shadows' slots, in name order.
+    named: Box<[(Box<str>, u32)]>,
+}
+
+impl Default for ThingSlot {
+    fn default() -> ThingSlot {
+        ThingSlot {
+            name: Box::default(),
+            presence: None,
+            classic: NONE,
+            named: Box::default(),
+        }
+    }
+}
+
+impl ThingSlot {
+    fn has_shadows(&self) -> bool {
+        self.classic != NONE || !self.named.is_empty()
+    }
+
+    fn shadow(&self, name: Option<&str>) -> Option<u32> {
+        match name {
+            None => (self.classic != NONE).then_some(self.classic),
+            Some(name) => self
+                .named
+                .binary_search_by(|(n, _)| (**n).cmp(name))
+                .ok()
+                .map(|i| self.named[i].1),
+        }
+    }
+}
+
+/// One live shadow.
+#[derive(Debug, Default)]
+struct ShadowSlot {
+    version: u64,
+    values: Box<[u8]>,
+    shape: u32,
+    has_delta: bool,
+}
+
+/// Field layouts shared by shadows, counted so that a layout no shadow has
+/// any more is dropped.
+#[derive(Debug, Default)]
+struct Shapes {
+    ids: HashMap<Box<[u8]>, u32>,
+    /// By id: the shape and how many shadows have it (0: a free id).
+    list: Vec<(Box<[u8]>, u32)>,
+    free: Vec<u32>,
+}
+
+impl Shapes {
+    fn take(&mut self, shape: &[u8]) -> u32 {
+        if let Some(&id) = self.ids.get(shape) {
+            self.list[id as usize].1 += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.list[id as usize] = (shape.into(), 1);
+                id
+            }
+            None => {
+                self.list.push((shape.into(), 1));
+                (self.list.len() - 1) as u32
+            }
+        };
+        self.ids.insert(shape.into(), id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(entry) = self.list.get_mut(id as usize) else {
+            return;
+        };
+        entry.1 = entry.1.saturating_sub(1);
+        if entry.1 == 0 {
+            let shape = std::mem::take(&mut entry.0);
+            self.ids.remove(&shape);
+            self.free.push(id);
+        }
+    }
+
+    fn get(&self, id: u32) -> &[u8] {
+        self.list.get(id as usize).map_or(&[], |(s, _)| s)
+    }
+}
+
+/// The index proper, behind the [`FleetIndex`]'s lock.
+#[derive(Debug, Default)]
+struct Table {
+    /// Thing names in name order, to their slots.
+    names: BTreeMap<Box<str>, u32>,
+    things: Vec<ThingSlot>,
+    free_things: Vec<u32>,
+    shadows: Vec<ShadowSlot>,
+    free_shadows: Vec<u32>,
+    shapes: Shapes,
+    /// Bytes of names and packed values, for [`Table::size`].
+    heap_bytes: usize,
+}
+
+/// Heap bytes an allocation of `len` takes (allocators round up).
+fn allocation(len: usize) -> usize {
+    match len {
+        0 => 0,
+        1..=16 => 16,
+        _ => len.div_ceil(16) * 16,
+    }
+}
+
+impl Table {
+    fn size(&self) -> IndexSize {
+        // A B-tree node holds up to 11 keys and values and is about two
+        // thirds full on average.
+        let names = self.names.len() * (std::mem::size_of::<(Box<str>, u32)>() * 3 / 2);
+        let shapes: usize = self.shapes.list.iter().map(|(s, _)| 2 * allocation(s.len()) + 32).sum();
+        IndexSize {
+            things: self.names.len(),
+            shadows: self.shadows.len() - self.free_shadows.len(),
+            bytes: names
+                + self.things.capacity() * std::mem::size_of::<ThingSlot>()
+                + self.shadows.capacity() * std::mem::size_of::<ShadowSlot>()
+                + shapes
+                + self.heap_bytes,
+        }
+    }
+
+    fn thing_id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.names.get(name) {
+            return id;
+        }
+        let slot = ThingSlot {
+            name: name.into(),
+            ..ThingSlot::default()
+        };
+        self.heap_bytes += 2 * allocation(name.len());
+        let id = match self.free_things.pop() {
+            Some(id) => {
+                self.things[id as usize] = slot;
+                id
+            }
+            None => {
+                self.things.push(slot);
+                (self.things.len() - 1) as u32
+            }
+        };
+        self.names.insert(name.into(), id);
+        id
+    }
+
+    /// Drops a thing with neither shadows nor connectivity.
+    fn drop_if_empty(&mut self, id: u32) {
+        let slot = &mut self.things[id as usize];
+        if slot.has_shadows() || slot.presence.is_some() {
+            return;
+        }
+        let name = std::mem::take(&mut slot.name);
+        self.heap_bytes -= 2 * allocation(name.len());
+        self.names.remove(&name);
+        self.free_things.push(id);
+    }
+
+    fn new_shadow(&mut self, entry: Entry) -> u32 {
+        self.heap_bytes += allocation(entry.packed.values.len());
+        let slot = ShadowSlot {
+            version: entry.version,
+            values: entry.packed.values.into_boxed_slice(),
+            shape: self.shapes.take(&entry.packed.shape),
+            has_delta: entry.has_delta,
+        };
+        match self.free_shadows.pop() {
+            Some(id) => {
+                self.shadows[id as usize] = slot;
+                id
+            }
+            None => {
+                self.shadows.push(slot);
+                (self.shadows.len() - 1) as u32
+            }
+        }
+    }
+
+    fn free_shadow(&mut self, id: u32) {
+        let slot = std::mem::take(&mut self.shadows[id as usize]);
+        self.heap_bytes -= allocation(slot.values.len());
+        self.shapes.release(slot.shape);
+        self.free_shadows.push(id);
+    }
+
+    fn set_shadow(&mut self, thing: &str, name: Option<&str>, entry: Entry) {
+        let id = self.thing_id(thing);
+        let new = self.new_shadow(entry);
+        let slot = &mut self.things[id as usize];
+        let old = match name {
+            None => Some(std::mem::replace(&mut slot.classic, new)).filter(|&o| o != NONE),
+            Some(name) => match slot.named.binary_search_by(|(n, _)| (**n).cmp(name)) {
+                Ok(i) => Some(std::mem::replace(&mut slot.named[i].1, new)),
+                Err(i) => {
+                    let mut named = std::mem::take(&mut slot.named).into_vec();
+                    named.insert(i, (name.into(), new));
+                    slot.named = named.into_boxed_slice();
+                    self.heap_bytes += allocation(name.len()) + 24;
+                    None
+                }
+            },
+        };
+        if let Some(old) = old {
+            self.free_shadow(old);
+        }
+    }
+
+    fn remove_shadow(&mut self, thing: &str, name: Option<&str>) {
+        let Some(&id) = self.names.get(thing) else {
+            return;
+        };
+        let slot = &mut self.things[id as usize];
+        let old = match name {
+            None => Some(std::mem::replace(&mut slot.classic, NONE)).filter(|&o| o != NONE),
+            Some(name) => match slot.named.binary_search_by(|(n, _)| (**n).cmp(name)) {
+                Ok(i) => {
+                    let mut named = std::mem::take(&mut slot.named).into_vec();
+                    let (_, old) = named.remove(i);
+                    slot.named = named.into_boxed_slice();
+                    self.heap_bytes -= allocation(name.len()) + 24;
+                    Some(old)
+                }
+                Err(_) => None,
+            },
+        };
+        if let Some(old) = old {
+            self.free_shadow(old);
+        }
+        self.drop_if_empty(id);
+    }
+
+    fn set_presence(&mut self, thing: &str, presence: Presence) {
+        let id = self.thing_id(thing);
+        self.things[id as usize].presence = Some(presence);
+    }
+
+    fn forget(&mut self, thing: &str) {
+        if let Some(&id) = self.names.get(thing) {
+            self.things[id as usize].presence = None;
+            self.drop_if_empty(id);
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change.kind {
+            ChangeKind::Update => match Entry::from_change(&change) {
+                Some(entry) => self.set_shadow(&change.thing, change.name.as_deref(), entry),
+                None => {
+                    warn!(thing = %change.thing, seq = change.seq, "unreadable change document")
+                }
+            },
+            ChangeKind::Delete => self.remove_shadow(&change.thing, change.name.as_deref()),
+            ChangeKind::Forget => self.forget(&change.thing),
+            ChangeKind::Connect | ChangeKind::Disconnect => {
+                let last_seen_ms = serde_json::from_str::<Value>(&change.document)
+                    .ok()
+                    .and_then(|d| d.get("timestamp").and_then(Value::as_i64))
+                    .unwrap_or(change.time * 1000);
+                let presence = Presence {
+                    connected: change.kind == ChangeKind::Connect,
+                    last_seen_ms,
+                };
+                self.set_presence(&change.thing, presence);
+            }
+        }
+    }
+
+    fn thing_ref(&self, name: &str) -> Option<ThingRef<'_>> {
+        let (name, &id) = self.names.get_key_value(name)?;
+        Some(ThingRef {
+            name,
+            slot: &self.things[id as usize],
+            table: self,
+        })
+    }
+
+    /// The slots of the things `query` matches, evaluated in slot order.
+    fn matching(&self, query: &Query) -> SlotSet {
+        let terms = query.terms();
+        let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
+        let mut set = SlotSet::new(self.things.len());
+        for (id, slot) in self.things.iter().enumerate() {
+            if slot.name.is_empty() {
+                continue;
+            }
+            let holds = query.matches_with(&mut |term| {
+                let index = terms
+                    .iter()
+                    .position(|t| std::ptr::eq(*t, term))
+                    .unwrap_or(0);
+                self.term_holds(slot, term, index, &mut fields)
+            });
+            if holds {
+                set.insert(id as u32);
+            }
+        }
+        set
+    }
+
+    fn term_holds(
+        &self,
+        thing: &ThingSlot,
+        term: &Term,
+        index: usize,
+        fields: &mut FieldPositions,
+    ) -> bool {
+        let test = &term.test;
+        match &term.field {
+            Field::ThingName => test.matches_scalar(Scalar::Text(&thing.name)),
+            Field::Connected => thing
+                .presence
+                .is_some_and(|p| test.matches_scalar(Scalar::Bool(p.connected))),
+            Field::ConnectivityTimestamp => thing
+                .presence
+                .is_some_and(|p| test.matches_scalar(Scalar::Number(p.last_seen_ms as f64))),
+            Field::Shadow { name, part } => {
+                let Some(id) = thing.shadow(name.as_deref()) else {
+                    return false;
+                };
+                let shadow = &self.shadows[id as usize];
+                match part {
+                    ShadowPart::HasDelta => test.matches_scalar(Scalar::Bool(shadow.has_delta)),
+                    ShadowPart::Version => {
+                        test.matches_scalar(Scalar::Number(shadow.version as f64))
+                    }
+                    ShadowPart::Desired(_) | ShadowPart::Reported(_) => {
+                        let Some(at) = fields.position(self, shadow.shape, index) else {
+                            return false;
+                        };
+                        match compact::fields(&shadow.values).nth(at) {
+                            Some(compact::Field::Array(text)) => {
+                                serde_json::from_str::<Value>(text).is_ok_and(|v| test.matches(&v))
+                            }
+                            Some(field) => field.scalar().is_some_and(|s| test.matches_scalar(s)),
+                            None => false,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` things that `keep` keeps, in name order after `after`;
+    /// and whether more follow.
+    fn page<T>(
+        &self,
+        keep: impl Fn(u32) -> bool,
+        after: Option<&str>,
+        limit: usize,
+        mut render: impl FnMut(ThingRef<'_>) -> T,
+    ) -> (Vec<T>, bool) {
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for (name, &id) in self.names.range::<str, _>((start, Bound::Unbounded)) {
+            if !keep(id) {
+                continue;
+            }
+            if out.len() == limit {
+                return (out, true);
+            }
+            out.push(render(ThingRef {
+                name,
+                slot: &self.things[id as usize],
+                table: self,
+            }));
+        }
+        (out, false)
+    }
+}
+
+/// Where each shape holds each state term's field, worked out once per
+/// shape and query.
+struct FieldPositions<'q> {
+    terms: &'q [&'q Term],
+    /// By shape id: per term, the field's position in the shape.
+    by_shape: Vec<Option<Box<[Option<usize>]>>>,
+}
+
+impl<'q> FieldPositions<'q> {
+    fn new(terms: &'q [&'q Term], shapes: usize) -> FieldPositions<'q> {
+        FieldPositions {
+            terms,
+            by_shape: (0..shapes).map(|_| None).collect(),
+        }
+    }
+
+    fn position(&mut self, table: &Table, shape: u32, term: usize) -> Option<usize> {
+        let slot = self.by_shape.get_mut(shape as usize)?;
+        let positions = slot.get_or_insert_with(|| {
+            let paths = compact::paths(table.shapes.get(shape));
+            self.terms
+                .iter()
+                .map(|term| {
+                    let (section, path) = match &term.field {
+                        Field::Shadow {
+                            part: ShadowPart::Desired(path),
+                            ..
+                        } => (compact::DESIRED, path),
+                        Field::Shadow {
+                            part: ShadowPart::Reported(path),
+                            ..
+                        } => (compact::REPORTED, path),
+                        _ => return None,
+                    };
+                    paths.iter().position(|p| {
+                        p.section == section
+                            && p.segments.len() == path.len()
+                            && p.segments.iter().zip(path).all(|(a, b)| *a == b)
+                    })
+                })
+                .collect()
+        });
+        positions.get(term).copied().flatten()
+    }
+}
+
+/// A set of thing slots.
+struct SlotSet(Vec<u64>);
+
+impl SlotSet {
+    fn new(slots: usize) -> SlotSet {
+        SlotSet(vec![0; slots.div_ceil(64)])
+    }
+
+    fn insert(&mut self, id: u32) {
+        self.0[id as usize / 64] |= 1 << (id % 64);
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.0
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+}
+
+/// A thing as a listing or search result sees it.
+#[derive(Clone, Copy)]
+pub struct ThingRef<'a> {
+    name: &'a str,
+    slot: &'a ThingSlot,
+    table: &'a Table,
+}
+
+impl std::fmt::Debug for ThingRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThingRef").field("name", &self.name).finish()
+    }
+}
+
+/// One of a thing's shadows as indexed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowView {
+    pub version: u64,
+    pub has_delta: bool,
+    pub desired: Option<Object>,
+    pub reported: Option<Object>,
+}
+
+impl ShadowView {
+    /// `{"desired","reported","hasDelta","version"}`.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        if let Some(d) = &self.desired {
+            out.insert("desired".into(), Value::Object(d.clone()));
+        }
+        if let Some(r) = &self.reported {
+            out.insert("reported".into(), Value::Object(r.clone()));
+        }
+        out.insert("hasDelta".into(), self.has_delta.into());
+        out.insert("version".into(), self.version.into());
+        Value::Object(out)
+    }
+}
+
+impl<'a> ThingRef<'a> {
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    pub fn presence(&self) -> Option<Presence> {
+        self.slot.presence
+    }
+
+    /// `(name, version)` of each shadow, the classic shadow first, then
+    /// named ones in name order.
+    pub fn versions(&self) -> impl Iterator<Item = (Option<&'a str>, u64)> + 'a {
+        let table = self.table;
+        let classic = self.slot.shadow(None).map(|id| (None, id));
+        let named = self.slot.named.iter().map(|(n, id)| (Some(&**n), *id));
+        classic
+            .into_iter()
+            .chain(named)
+            .map(move |(name, id)| (name, table.shadows[id as usize].version))
+    }
+
+    /// One shadow (`None`: the classic one), unpacked.
+    pub fn shadow(&self, name: Option<&str>) -> Option<ShadowView> {
+        let shadow = &self.table.shadows[self.slot.shadow(name)? as usize];
+        let (desired, reported) =
+            compact::unpack(self.table.shapes.get(shadow.shape), &shadow.values);
+        Some(ShadowView {
+            version: shadow.version,
+            has_delta: shadow.has_delta,
+            desired,
+            reported,
+        })
+    }
+
+    /// The thing as a search result: name, connectivity, classic shadow and named shadows.
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        out.insert("thingName".into(), self.name.into());
+        if let Some(p) = self.slot.presence {
+            out.insert(
+                "connectivity".into(),
+                serde_json::json!({"connected": p.connected, "timestamp": p.last_seen_ms}),
+            );
+        }
+        let mut shadow = match self.shadow(None) {
+            Some(classic) => classic.to_json(),
+            None => Value::Object(Map::new()),
+        };
+        let named: Map<String, Value> = self
+            .slot
+            .named
+            .iter()
+            .filter_map(|(name, _)| Some((name.to_string(), self.shadow(Some(name))?.to_json())))
+            .collect();
+        if let (false, Value::Object(map)) = (named.is_empty(), &mut shadow) {
+            map.insert("name".into(), Value::Object(named));
+        }
+        out.insert("shadow".into(), shadow);
+        Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::ShadowState;
+    use crate::topic::ShadowKey;
+    use std::sync::Arc;
+
+    fn update(seq: u64, thing: &str, name: Option<&str>, version: u64, temp: i64) -> Change {
+        Change {
+            seq,
+            thing: thing.into(),
+            name: name.map(str::to_string),
+            version,
+            kind: ChangeKind::Update,
+            time: 1,
+            document: format!(
+                r#"{{"state":{{"reported":{{"temp":{temp}}}}},"metadata":{{}},"version":{version}}}"#
+            ),
+            state: None,
+        }
+    }
+
+    fn presence(seq: u64, thing: &str, connected: bool, at_ms: i64) -> Change {
+        Change {
+            seq,
+            thing: thing.into(),
+            name: None,
+            version: 0,
+            kind: if connected {
+                ChangeKind::Connect
+            } else {
+                ChangeKind::Disconnect
+            },
+            time: 9,
+            document: format!(r#"{{"connected":{connected},"timestamp":{at_ms}}}"#),
+            state: None,
+        }
+    }
+
+    fn loaded(parts: Vec<SnapshotPart>, through: u64) -> FleetIndex {
+        let index = FleetIndex::new();
+        index.load(|each| {
+            parts.into_iter().for_each(each);
+            Ok(through)
+        });
+        index
+    }
+
+    fn shadow(index: &FleetIndex, thing: &str, name: Option<&str>) -> Option<ShadowView> {
+        index.thing(thing, |t| t.shadow(name)).ok().flatten().flatten()
+    }
+
+    fn temp(index: &FleetIndex, thing: &str) -> Option<i64> {
+        shadow(index, thing, None)?.reported?.get("temp")?.as_i64()
+    }
+
+    fn names(index: &FleetIndex, query: &str) -> Vec<String> {
+        let query = Query::parse(query).expect("valid query");
+        index
+            .search(Some(&query), None, 100, |t| t.name().to_string())
+            .map(|(names, _)| names)
+            .unwrap_or_default()
+    }
+
+    fn row(thing: &str, name: Option<&str>, version: u64, state: Value) -> ShadowRow {
+        ShadowRow {
+            key: ShadowKey {
+                thing: thing.into(),
+                name: name.map(str::to_string),
+            },
+            version,
+            state: state.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_update_with_the_writers_state_is_indexed_from_that_state() {
+        let index = loaded(vec![], 0);
+        let state = Arc::new(ShadowState::from_values(
+            &serde_json::json!({"desired": {"temp": 8}, "reported": {"temp": 7}}),
+            &Value::Null,
+        ));
+        // The document says otherwise: the writer's state is what counts.
+        index.apply(Change {
+            state: Some(state),
+            ..update(1, "a", None, 1, 1)
+        });
+        let indexed = shadow(&index, "a", None).expect("indexed");
+        assert!(indexed.has_delta);
+        assert_eq!(temp(&index, "a"), Some(7));
+        assert_eq!(
+            indexed.to_json(),
+            serde_json::json!({"desired": {"temp": 8}, "reported": {"temp": 7}, "hasDelta": true, "version": 1})
+        );
+    }
+
+    #[test]
+    fn changes_during_load_are_replayed_over_the_store_read() {
+        let index = FleetIndex::new();
+        assert!(matches!(index.size(), Err(IndexError::Loading)));
+        // Published while the store was being read: seq 2 is in the read, 3 is not.
+        index.apply(update(2, "a", None, 2, 20));
+        index.apply(update(3, "a", None, 3, 30));
+        index.load(|each| {
+            each(SnapshotPart::Shadows(vec![row(
+                "a",
+                None,
+                2,
+                serde_json::json!({"reported": {"temp": 20}}),
+            )]));
+            each(SnapshotPart::Things(vec![Connectivity {
+                thing: "b".into(),
+                connected: true,
+                last_seen_ms: 5,
+            }]));
+            Ok(2)
+        });
+        assert_eq!(index.status(), IndexStatus::Ready);
+        assert_eq!(temp(&index, "a"), Some(30));
+        let all = index.search(None, None, 10, |t| t.name().to_string());
+        assert_eq!(
+            all.ok(),
+            Some((vec!["a".to_string(), "b".to_string()], false))
+        );
+        // The fleet list leaves out "b", known only from its connectivity.
+        let listed = index.list(None, 10, |t| t.name().to_string());
+        assert_eq!(listed.ok(), Some((vec!["a".to_string()], false)));
+    }
+
+    #[test]
+    fn a_load_of_many_parts_indexes_every_row() {
+        let parts = (0..10)
+            .map(|p| {
+                SnapshotPart::Shadows(
+                    (0..1000)
+                        .map(|i| {
+                            let n = p * 1000 + i;
+                            row(
+                                &format!("t{n:05}"),
+                                None,
+                                n,
+                                serde_json::json!({"reported": {"n": n}}),
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let index = loaded(parts, 0);
+        assert_eq!(index.size().map(|s| s.shadows).ok(), Some(10_000));
+        assert_eq!(names(&index, "shadow.reported.n:[4998 TO 5001]"), [
+            "t04998", "t04999", "t05000", "t05001"
+        ]);
+        let page = index.search(None, Some("t09997"), 10, |t| t.name().to_string());
+        assert_eq!(
+            page.ok(),
+            Some((vec!["t09998".to_string(), "t09999".to_string()], false))
+        );
+    }
+
+    #[test]
+    fn applies_never_wait_for_readers() {
+        let index = loaded(vec![], 0);
+        index.apply(update(1, "a", None, 1, 1));
+        let seen = index.search(None, None, 10, |t| {
+            // A change published during a read is left pending...
+            index.apply(update(2, "a", None, 2, 2));
+            t.versions().next().map(|(_, v)| v)
+        });
+        assert_eq!(seen.ok().map(|(v, _)| v), Some(vec![Some(1)]));
+        // ...and applied before the next read.
+        assert_eq!(temp(&index, "a"), Some(2));
+    }
+
+    #[test]
+    fn search_matches_as_the_query_says() {
+        let index = loaded(vec![], 0);
+        let put = |seq: u64, thing: &str, name: Option<&str>, state: Value| {
+            let mut change = update(seq, thing, name, seq, 0);
+            change.document = serde_json::json!({"state": state}).to_string();
+            index.apply(change);
+        };
+        put(1, "lamp-1", None, serde_json::json!({"desired": {"on": true}, "reported": {"on": false, "fw": {"version": "1.3.0"}}}));
+        put(2, "lamp-2", None, serde_json::json!({"desired": {"on": true}, "reported": {"on": true, "tags": ["a", "b"]}}));
+        put(3, "meter-1", None, serde_json::json!({"reported": {"kwh": 12.5, "fw": {"version": "1.2.0"}}}));
+        put(4, "meter-1", Some("cfg"), serde_json::json!({"desired": {"rate": 60}}));
+        index.apply(presence(5, "lamp-2", true, 1000));
+        index.apply(presence(6, "meter-1", false, 2000));
+        assert_eq!(names(&index, "shadow.hasDelta:true"), ["lamp-1"]);
+        assert_eq!(names(&index, "shadow.name.cfg.hasDelta:true"), ["meter-1"]);
+        assert_eq!(names(&index, "shadow.reported.fw.version:1.3.0"), ["lamp-1"]);
+        assert_eq!(names(&index, "shadow.reported.fw:*"), ["lamp-1", "meter-1"]);
+        assert_eq!(names(&index, "shadow.reported.kwh>12"), ["meter-1"]);
+        assert_eq!(names(&index, "shadow.reported.tags:b"), ["lamp-2"]);
+        assert_eq!(names(&index, "shadow.name.cfg.desired.rate:60"), ["meter-1"]);
+        assert_eq!(names(&index, "connectivity.connected:true"), ["lamp-2"]);
+        assert_eq!(names(&index, "NOT thingName:lamp-* OR shadow.desired.on:true AND shadow.reported.on:true"), ["lamp-2", "meter-1"]);
+        assert_eq!(names(&index, "shadow.reported.nothing:*"), Vec::<String>::new());
+        let versions = index
+            .thing("meter-1", |t| {
+                t.versions()
+                    .map(|(n, v)| (n.map(str::to_string), v))
+                    .collect::<Vec<_>>()
+            })
+            .ok()
+            .flatten();
+        assert_eq!(versions, Some(vec![(None, 3), (Some("cfg".into()), 4)]));
+        let json = index.thing("meter-1", |t| t.to_json()).ok().flatten();
+        assert_eq!(
+            json,
+            Some(serde_json::json!({
+                "thingName": "meter-1",
+                "connectivity": {"connected": false, "timestamp": 2000},
+                "shadow": {"reported": {"kwh": 12.5, "fw": {"version": "1.2.0"}}, "hasDelta": false, "version": 3,
+                           "name": {"cfg": {"desired": {"rate": 60}, "hasDelta": true, "version": 4}}}
+            }))
+        );
+    }
+
+    #[test]
+    fn delete_and_presence() {
+        let index = loaded(vec![], 0);
+        index.apply(update(1, "a", Some("cfg"), 1, 1));
+        index.apply(presence(2, "a", true, 9000));
+        index.apply(Change {
+            seq: 3,
+            thing: "a".into(),
+            name: Some("cfg".into()),
+            version: 1,
+            kind: ChangeKind::Delete,
+            time: 9,
+            document: r#"{"version":1}"#.into(),
+            state: None,
+        });
+        let entry = index
+            .thing("a", |t| (t.versions().count(), t.presence()))
+            .ok()
+            .flatten();
+        assert_eq!(
+            entry,
+            Some((
+                0,
+                Some(Presence {
+                    connected: true,
+                    last_seen_ms: 9000
+                })
+            ))
+        );
+        // A deleted thing's connectivity forgotten: nothing of it is left.
+        index.apply(Change {
+            seq: 4,
+            thing: "a".into(),
+            name: None,
+            version: 0,
+            kind: ChangeKind::Forget,
+            time: 9,
+            document: "{}".into(),
+            state: None,
+        });
+        assert_eq!(index.thing("a", |_| ()).ok(), Some(None));
+        assert_eq!(index.size().map(|s| (s.things, s.shadows)).ok(), Some((0, 0)));
+    }
+
+    #[test]
+    fn replaced_and_deleted_shadows_give_their_memory_back() {
+        let index = loaded(vec![], 0);
+        // Every update a field of a new name: each shape is dropped once no
+        // shadow has it, and slots are reused.
+        for seq in 1..=1000u64 {
+            let mut change = update(seq, &format!("t{}", seq % 10), None, seq, 0);
+            change.document = format!(r#"{{"state":{{"reported":{{"k{seq}":1}}}}}}"#);
+            index.apply(change);
+        }
+        let size = index.size().ok().expect("ready");
+        assert_eq!((size.things, size.shadows), (10, 10));
+        let table = index.table.read().expect("lock");
+        assert_eq!(table.shapes.ids.len(), 10);
+        assert!(table.shadows.len() <= 11, "{} slots", table.shadows.len());
+    }
+
+    #[test]
+    fn failed_load_answers_failed_and_drops_changes() {
+        let index = FleetIndex::new();
+        index.load(|_| Err(StoreError::Closed));
+        index.apply(update(1, "a", None, 1, 1));
+        assert!(matches!(index.size(), Err(IndexError::Failed)));
+    }
+}
