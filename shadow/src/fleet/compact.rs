@@ -133,7 +133,9 @@ pub fn paths(shape: &[u8]) -> Vec<ShapePath<'_>> {
                 return out;
             };
             let end = next + len as usize;
-            let Some(segment) = shape.get(next..end).and_then(|b| std::str::from_utf8(b).ok())
+            let Some(segment) = shape
+                .get(next..end)
+                .and_then(|b| std::str::from_utf8(b).ok())
             else {
                 return out;
             };
@@ -171,7 +173,9 @@ impl<'a> Field<'a> {
         match self {
             Field::Scalar(Scalar::Null) => Value::Null,
             Field::Scalar(Scalar::Bool(b)) => Value::Bool(b),
-            Field::Scalar(Scalar::Number(f)) => Number::from_f64(f).map_or(Value::Null, Value::Number),
+            Field::Scalar(Scalar::Number(f)) => {
+                Number::from_f64(f).map_or(Value::Null, Value::Number)
+            }
             Field::Scalar(Scalar::Text(s)) => Value::String(s.to_string()),
             Field::Scalar(Scalar::Object) => Value::Object(Map::new()),
             Field::UInt(u) => Value::from(u),
@@ -179,6 +183,30 @@ impl<'a> Field<'a> {
             Field::Array(text) => serde_json::from_str(text).unwrap_or(Value::Null),
         }
     }
+}
+
+/// The `n`th packed value (skipping those before it without reading them).
+pub fn field(values: &[u8], n: usize) -> Option<Field<'_>> {
+    let mut at = 0;
+    for _ in 0..n {
+        let tag = *values.get(at)?;
+        at += 1;
+        match tag {
+            UINT | NEGINT => {
+                while *values.get(at)? & 0x80 != 0 {
+                    at += 1;
+                }
+                at += 1;
+            }
+            FLOAT => at += 8,
+            TEXT | ARRAY => {
+                let (len, next) = get_varint(values, at)?;
+                at = next.checked_add(len as usize)?;
+            }
+            _ => {}
+        }
+    }
+    Fields { values, at }.next()
 }
 
 /// The packed values, in shape order.
@@ -339,5 +367,19 @@ mod tests {
                 Field::Scalar(Scalar::Text("1.3.0"))
             ]
         );
+    }
+
+    #[test]
+    fn any_field_is_reached_by_skipping_those_before() {
+        let packed = Packed::pack(
+            None,
+            json!({"a": -300, "b": 1.5, "c": "x", "d": [1], "e": 7, "f": null}).as_object(),
+        );
+        let all: Vec<_> = fields(&packed.values).collect();
+        assert_eq!(all.len(), 6);
+        for (n, expected) in all.iter().enumerate() {
+            assert_eq!(field(&packed.values, n).as_ref(), Some(expected));
+        }
+        assert_eq!(field(&packed.values, 6), None);
     }
 }

@@ -14,11 +14,11 @@
 //! order, which is what makes a million things take milliseconds), then
 //! pages the matches in name order.
 
+mod arena;
 pub mod compact;
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
-use std::sync::{mpsc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -28,6 +28,7 @@ use tracing::warn;
 use crate::document::{self, Object};
 use crate::search::{Field, Query, Scalar, ShadowPart, Term};
 use crate::store::{Change, ChangeKind, Connectivity, ShadowRow, SnapshotPart, StoreError};
+use arena::{Arena, Span};
 use compact::Packed;
 
 /// A thing's connectivity as indexed.
@@ -126,10 +127,7 @@ impl FleetIndex {
     /// sequence its read is consistent with), then replays the changes that
     /// arrived meanwhile. Rows are parsed and packed on every core while
     /// `read` goes on.
-    pub fn load(
-        &self,
-        read: impl FnOnce(&mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>,
-    ) {
+    pub fn load(&self, read: impl FnOnce(&mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>) {
         let (read, table) = build(read);
         let through = match read {
             Ok(through) => through,
@@ -139,6 +137,7 @@ impl FleetIndex {
                 return;
             }
         };
+        self.fail_if_full(&table);
         if let Ok(mut current) = self.table.write() {
             *current = table;
         }
@@ -146,7 +145,13 @@ impl FleetIndex {
             *loaded = Some(through);
         }
         self.drain();
-        self.status.send_replace(IndexStatus::Ready);
+        self.status.send_if_modified(|status| {
+            let loading = *status == IndexStatus::Loading;
+            if loading {
+                *status = IndexStatus::Ready;
+            }
+            loading
+        });
     }
 
     /// Takes one committed change, in commit order. Never waits for readers.
@@ -186,6 +191,15 @@ impl FleetIndex {
         };
         for change in changes.into_iter().filter(|c| c.seq > through) {
             table.apply(change);
+        }
+        self.fail_if_full(table);
+    }
+
+    /// An index that could not take everything is not answered from.
+    fn fail_if_full(&self, table: &Table) {
+        if table.full && self.status() != IndexStatus::Failed {
+            tracing::error!("fleet index is full (4 GiB of names or packed values); search and listing are off until restart");
+            self.fail();
         }
     }
 
@@ -305,8 +319,8 @@ fn build(
         });
         drop(rows_tx);
         drop(packed_tx);
-        let table = crate::tasks::joined_thread("fleet index builder", builder.join())
-            .unwrap_or_default();
+        let table =
+            crate::tasks::joined_thread("fleet index builder", builder.join()).unwrap_or_default();
         (result, table)
     })
 }
@@ -382,42 +396,99 @@ impl PackedShadow {
 /// No slot.
 const NONE: u32 = u32::MAX;
 
-/// One thing. A free slot has an empty name.
+/// Things from which a search scans on every core.
+const PARALLEL_FROM: usize = 65_536;
+
+/// One thing. A free slot has an empty name. Small (32 bytes): a search
+/// reads every slot, so their size is its memory traffic.
 #[derive(Debug)]
 struct ThingSlot {
-    name: Box<str>,
-    presence: Option<Presence>,
+    /// In the table's `text` arena.
+    name: Span,
+    /// Last connect or disconnect (epoch ms), if ever seen.
+    last_seen_ms: i64,
+    /// Named shadows' slots, in name order (most things have none).
+    named: Option<Box<NamedShadows>>,
     /// The classic shadow's slot, or `NONE`.
     classic: u32,
-    /// Named shadows' slots, in name order.
-    named: Box<[(Box<str>, u32)]>,
+    /// `NEVER_SEEN`, `DISCONNECTED` or `CONNECTED`.
+    connectivity: u8,
 }
+
+/// A thing's named shadows: name and slot, in name order.
+type NamedShadows = Vec<(Box<str>, u32)>;
+
+const NEVER_SEEN: u8 = 0;
+const DISCONNECTED: u8 = 1;
+const CONNECTED: u8 = 2;
 
 impl Default for ThingSlot {
     fn default() -> ThingSlot {
         ThingSlot {
-            name: Box::default(),
-            presence: None,
+            name: Span::default(),
+            last_seen_ms: 0,
+            named: None,
             classic: NONE,
-            named: Box::default(),
+            connectivity: NEVER_SEEN,
         }
     }
 }
 
 impl ThingSlot {
     fn has_shadows(&self) -> bool {
-        self.classic != NONE || !self.named.is_empty()
+        self.classic != NONE || self.named.is_some()
+    }
+
+    fn presence(&self) -> Option<Presence> {
+        (self.connectivity != NEVER_SEEN).then_some(Presence {
+            connected: self.connectivity == CONNECTED,
+            last_seen_ms: self.last_seen_ms,
+        })
+    }
+
+    fn set_presence(&mut self, presence: Option<Presence>) {
+        self.connectivity = match presence {
+            None => NEVER_SEEN,
+            Some(p) if p.connected => CONNECTED,
+            Some(_) => DISCONNECTED,
+        };
+        self.last_seen_ms = presence.map_or(0, |p| p.last_seen_ms);
+    }
+
+    fn named(&self) -> &[(Box<str>, u32)] {
+        self.named.as_deref().map_or(&[], Vec::as_slice)
     }
 
     fn shadow(&self, name: Option<&str>) -> Option<u32> {
         match name {
             None => (self.classic != NONE).then_some(self.classic),
-            Some(name) => self
-                .named
-                .binary_search_by(|(n, _)| (**n).cmp(name))
-                .ok()
-                .map(|i| self.named[i].1),
+            Some(name) => {
+                let named = self.named();
+                named
+                    .binary_search_by(|(n, _)| (**n).cmp(name))
+                    .ok()
+                    .map(|i| named[i].1)
+            }
         }
+    }
+
+    /// Points the named shadow `name` at slot `new` (`NONE`: removes it);
+    /// returns the slot it had.
+    fn set_named(&mut self, name: &str, new: u32) -> Option<u32> {
+        let named = self.named.get_or_insert_with(Box::default);
+        let old = match named.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) if new == NONE => Some(named.remove(i).1),
+            Ok(i) => Some(std::mem::replace(&mut named[i].1, new)),
+            Err(_) if new == NONE => None,
+            Err(i) => {
+                named.insert(i, (name.into(), new));
+                None
+            }
+        };
+        if named.is_empty() {
+            self.named = None;
+        }
+        old
     }
 }
 
@@ -425,7 +496,8 @@ impl ThingSlot {
 #[derive(Debug, Default)]
 struct ShadowSlot {
     version: u64,
-    values: Box<[u8]>,
+    /// Packed values, in the table's `values` arena.
+    values: Span,
     shape: u32,
     has_delta: bool,
 }
@@ -487,8 +559,16 @@ struct Table {
     shadows: Vec<ShadowSlot>,
     free_shadows: Vec<u32>,
     shapes: Shapes,
-    /// Bytes of names and packed values, for [`Table::size`].
+    /// Thing names, by slot.
+    text: Arena,
+    /// Packed shadow values, by slot.
+    values: Arena,
+    /// Bytes of the names in `names` and of named shadows, for [`Table::size`].
     heap_bytes: usize,
+    /// An arena ran out of room (4 GiB): the table is incomplete.
+    full: bool,
+    /// `names`' slots in order, built by the first page that needs it.
+    order: Mutex<Option<Arc<[u32]>>>,
 }
 
 /// Heap bytes an allocation of `len` takes (allocators round up).
@@ -505,7 +585,12 @@ impl Table {
         // A B-tree node holds up to 11 keys and values and is about two
         // thirds full on average.
         let names = self.names.len() * (std::mem::size_of::<(Box<str>, u32)>() * 3 / 2);
-        let shapes: usize = self.shapes.list.iter().map(|(s, _)| 2 * allocation(s.len()) + 32).sum();
+        let shapes: usize = self
+            .shapes
+            .list
+            .iter()
+            .map(|(s, _)| 2 * allocation(s.len()) + 32)
+            .sum();
         IndexSize {
             things: self.names.len(),
             shadows: self.shadows.len() - self.free_shadows.len(),
@@ -513,7 +598,15 @@ impl Table {
                 + self.things.capacity() * std::mem::size_of::<ThingSlot>()
                 + self.shadows.capacity() * std::mem::size_of::<ShadowSlot>()
                 + shapes
+                + self.text.capacity()
+                + self.values.capacity()
                 + self.heap_bytes,
+        }
+    }
+
+    fn order_changed(&mut self) {
+        if let Ok(order) = self.order.get_mut() {
+            *order = None;
         }
     }
 
@@ -522,10 +615,13 @@ impl Table {
             return id;
         }
         let slot = ThingSlot {
-            name: name.into(),
+            name: self.text.put(name.as_bytes()).unwrap_or_else(|| {
+                self.full = true;
+                Span::default()
+            }),
             ..ThingSlot::default()
         };
-        self.heap_bytes += 2 * allocation(name.len());
+        self.heap_bytes += allocation(name.len());
         let id = match self.free_things.pop() {
             Some(id) => {
                 self.things[id as usize] = slot;
@@ -537,26 +633,36 @@ impl Table {
             }
         };
         self.names.insert(name.into(), id);
+        self.order_changed();
         id
     }
 
     /// Drops a thing with neither shadows nor connectivity.
     fn drop_if_empty(&mut self, id: u32) {
         let slot = &mut self.things[id as usize];
-        if slot.has_shadows() || slot.presence.is_some() {
+        if slot.has_shadows() || slot.presence().is_some() {
             return;
         }
-        let name = std::mem::take(&mut slot.name);
-        self.heap_bytes -= 2 * allocation(name.len());
-        self.names.remove(&name);
+        let span = std::mem::take(&mut slot.name);
+        let name = String::from_utf8_lossy(self.text.get(span)).into_owned();
+        self.text.free(span);
+        self.heap_bytes -= allocation(name.len());
+        self.names.remove(name.as_str());
+        self.order_changed();
         self.free_things.push(id);
+        if self.text.wants_compaction() {
+            self.text
+                .compact(self.things.iter_mut().map(|slot| &mut slot.name));
+        }
     }
 
     fn new_shadow(&mut self, entry: Entry) -> u32 {
-        self.heap_bytes += allocation(entry.packed.values.len());
         let slot = ShadowSlot {
             version: entry.version,
-            values: entry.packed.values.into_boxed_slice(),
+            values: self.values.put(&entry.packed.values).unwrap_or_else(|| {
+                self.full = true;
+                Span::default()
+            }),
             shape: self.shapes.take(&entry.packed.shape),
             has_delta: entry.has_delta,
         };
@@ -574,9 +680,13 @@ impl Table {
 
     fn free_shadow(&mut self, id: u32) {
         let slot = std::mem::take(&mut self.shadows[id as usize]);
-        self.heap_bytes -= allocation(slot.values.len());
+        self.values.free(slot.values);
         self.shapes.release(slot.shape);
         self.free_shadows.push(id);
+        if self.values.wants_compaction() {
+            self.values
+                .compact(self.shadows.iter_mut().map(|slot| &mut slot.values));
+        }
     }
 
     fn set_shadow(&mut self, thing: &str, name: Option<&str>, entry: Entry) {
@@ -585,16 +695,7 @@ impl Table {
         let slot = &mut self.things[id as usize];
         let old = match name {
             None => Some(std::mem::replace(&mut slot.classic, new)).filter(|&o| o != NONE),
-            Some(name) => match slot.named.binary_search_by(|(n, _)| (**n).cmp(name)) {
-                Ok(i) => Some(std::mem::replace(&mut slot.named[i].1, new)),
-                Err(i) => {
-                    let mut named = std::mem::take(&mut slot.named).into_vec();
-                    named.insert(i, (name.into(), new));
-                    slot.named = named.into_boxed_slice();
-                    self.heap_bytes += allocation(name.len()) + 24;
-                    None
-                }
-            },
+            Some(name) => slot.set_named(name, new),
         };
         if let Some(old) = old {
             self.free_shadow(old);
@@ -608,16 +709,7 @@ impl Table {
         let slot = &mut self.things[id as usize];
         let old = match name {
             None => Some(std::mem::replace(&mut slot.classic, NONE)).filter(|&o| o != NONE),
-            Some(name) => match slot.named.binary_search_by(|(n, _)| (**n).cmp(name)) {
-                Ok(i) => {
-                    let mut named = std::mem::take(&mut slot.named).into_vec();
-                    let (_, old) = named.remove(i);
-                    slot.named = named.into_boxed_slice();
-                    self.heap_bytes -= allocation(name.len()) + 24;
-                    Some(old)
-                }
-                Err(_) => None,
-            },
+            Some(name) => slot.set_named(name, NONE),
         };
         if let Some(old) = old {
             self.free_shadow(old);
@@ -627,12 +719,12 @@ impl Table {
 
     fn set_presence(&mut self, thing: &str, presence: Presence) {
         let id = self.thing_id(thing);
-        self.things[id as usize].presence = Some(presence);
+        self.things[id as usize].set_presence(Some(presence));
     }
 
     fn forget(&mut self, thing: &str) {
         if let Some(&id) = self.names.get(thing) {
-            self.things[id as usize].presence = None;
+            self.things[id as usize].set_presence(None);
             self.drop_if_empty(id);
         }
     }
@@ -670,27 +762,54 @@ impl Table {
         })
     }
 
-    /// The slots of the things `query` matches, evaluated in slot order.
+    /// The slots of the things `query` matches, evaluated in slot order,
+    /// the slots split over the cores when there are many.
     fn matching(&self, query: &Query) -> SlotSet {
         let terms = query.terms();
-        let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
-        let mut set = SlotSet::new(self.things.len());
-        for (id, slot) in self.things.iter().enumerate() {
-            if slot.name.is_empty() {
-                continue;
+        let threads = match self.things.len() {
+            0..PARALLEL_FROM => 1,
+            _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        // Ranges of whole 64-slot words, so each thread fills its own words.
+        let words = self.things.len().div_ceil(64);
+        let per_thread = words.div_ceil(threads).max(1);
+        let scan = |first_word: usize| {
+            let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
+            let last = (first_word + per_thread).min(words);
+            let mut out = vec![0u64; last - first_word];
+            let slots = (first_word * 64)..(last * 64).min(self.things.len());
+            for id in slots {
+                let slot = &self.things[id];
+                if slot.name.is_empty() {
+                    continue;
+                }
+                let holds = query.matches_with(&mut |term| {
+                    let index = terms
+                        .iter()
+                        .position(|t| std::ptr::eq(*t, term))
+                        .unwrap_or(0);
+                    self.term_holds(slot, term, index, &mut fields)
+                });
+                if holds {
+                    out[id / 64 - first_word] |= 1 << (id % 64);
+                }
             }
-            let holds = query.matches_with(&mut |term| {
-                let index = terms
-                    .iter()
-                    .position(|t| std::ptr::eq(*t, term))
-                    .unwrap_or(0);
-                self.term_holds(slot, term, index, &mut fields)
-            });
-            if holds {
-                set.insert(id as u32);
-            }
+            out
+        };
+        if threads == 1 {
+            return SlotSet(scan(0));
         }
-        set
+        let parts: Vec<Vec<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..words)
+                .step_by(per_thread)
+                .map(|first| scope.spawn(move || scan(first)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| crate::tasks::joined_thread("fleet search", h.join()).unwrap_or_default())
+                .collect()
+        });
+        SlotSet(parts.concat())
     }
 
     fn term_holds(
@@ -702,15 +821,18 @@ impl Table {
     ) -> bool {
         let test = &term.test;
         match &term.field {
-            Field::ThingName => test.matches_scalar(Scalar::Text(&thing.name)),
+            Field::ThingName => {
+                let name = std::str::from_utf8(self.text.get(thing.name)).unwrap_or_default();
+                test.matches_scalar(Scalar::Text(name))
+            }
             Field::Connected => thing
-                .presence
+                .presence()
                 .is_some_and(|p| test.matches_scalar(Scalar::Bool(p.connected))),
             Field::ConnectivityTimestamp => thing
-                .presence
+                .presence()
                 .is_some_and(|p| test.matches_scalar(Scalar::Number(p.last_seen_ms as f64))),
-            Field::Shadow { name, part } => {
-                let Some(id) = thing.shadow(name.as_deref()) else {
+            Field::Shadow { name: shadow, part } => {
+                let Some(id) = thing.shadow(shadow.as_deref()) else {
                     return false;
                 };
                 let shadow = &self.shadows[id as usize];
@@ -723,7 +845,7 @@ impl Table {
                         let Some(at) = fields.position(self, shadow.shape, index) else {
                             return false;
                         };
-                        match compact::fields(&shadow.values).nth(at) {
+                        match compact::field(self.values.get(shadow.values), at) {
                             Some(compact::Field::Array(text)) => {
                                 serde_json::from_str::<Value>(text).is_ok_and(|v| test.matches(&v))
                             }
@@ -745,12 +867,13 @@ impl Table {
         limit: usize,
         mut render: impl FnMut(ThingRef<'_>) -> T,
     ) -> (Vec<T>, bool) {
+        let order = self.name_order();
         let start = match after {
-            Some(after) => Bound::Excluded(after),
-            None => Bound::Unbounded,
+            Some(after) => order.partition_point(|&id| self.name(id) <= after),
+            None => 0,
         };
         let mut out = Vec::new();
-        for (name, &id) in self.names.range::<str, _>((start, Bound::Unbounded)) {
+        for &id in &order[start..] {
             if !keep(id) {
                 continue;
             }
@@ -758,12 +881,27 @@ impl Table {
                 return (out, true);
             }
             out.push(render(ThingRef {
-                name,
+                name: self.name(id),
                 slot: &self.things[id as usize],
                 table: self,
             }));
         }
         (out, false)
+    }
+
+    fn name(&self, id: u32) -> &str {
+        let span = self.things[id as usize].name;
+        std::str::from_utf8(self.text.get(span)).unwrap_or_default()
+    }
+
+    /// Thing slots in name order: a walk of the name tree, kept until a
+    /// thing comes or goes (an array is read far faster than the tree).
+    fn name_order(&self) -> Arc<[u32]> {
+        let mut cached = match self.order.lock() {
+            Ok(cached) => cached,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(cached.get_or_insert_with(|| self.names.values().copied().collect()))
     }
 }
 
@@ -817,14 +955,6 @@ impl<'q> FieldPositions<'q> {
 struct SlotSet(Vec<u64>);
 
 impl SlotSet {
-    fn new(slots: usize) -> SlotSet {
-        SlotSet(vec![0; slots.div_ceil(64)])
-    }
-
-    fn insert(&mut self, id: u32) {
-        self.0[id as usize / 64] |= 1 << (id % 64);
-    }
-
     fn contains(&self, id: u32) -> bool {
         self.0
             .get(id as usize / 64)
@@ -842,7 +972,9 @@ pub struct ThingRef<'a> {
 
 impl std::fmt::Debug for ThingRef<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThingRef").field("name", &self.name).finish()
+        f.debug_struct("ThingRef")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -877,7 +1009,7 @@ impl<'a> ThingRef<'a> {
     }
 
     pub fn presence(&self) -> Option<Presence> {
-        self.slot.presence
+        self.slot.presence()
     }
 
     /// `(name, version)` of each shadow, the classic shadow first, then
@@ -885,7 +1017,7 @@ impl<'a> ThingRef<'a> {
     pub fn versions(&self) -> impl Iterator<Item = (Option<&'a str>, u64)> + 'a {
         let table = self.table;
         let classic = self.slot.shadow(None).map(|id| (None, id));
-        let named = self.slot.named.iter().map(|(n, id)| (Some(&**n), *id));
+        let named = self.slot.named().iter().map(|(n, id)| (Some(&**n), *id));
         classic
             .into_iter()
             .chain(named)
@@ -895,8 +1027,10 @@ impl<'a> ThingRef<'a> {
     /// One shadow (`None`: the classic one), unpacked.
     pub fn shadow(&self, name: Option<&str>) -> Option<ShadowView> {
         let shadow = &self.table.shadows[self.slot.shadow(name)? as usize];
-        let (desired, reported) =
-            compact::unpack(self.table.shapes.get(shadow.shape), &shadow.values);
+        let (desired, reported) = compact::unpack(
+            self.table.shapes.get(shadow.shape),
+            self.table.values.get(shadow.values),
+        );
         Some(ShadowView {
             version: shadow.version,
             has_delta: shadow.has_delta,
@@ -909,7 +1043,7 @@ impl<'a> ThingRef<'a> {
     pub fn to_json(&self) -> Value {
         let mut out = Map::new();
         out.insert("thingName".into(), self.name.into());
-        if let Some(p) = self.slot.presence {
+        if let Some(p) = self.slot.presence() {
             out.insert(
                 "connectivity".into(),
                 serde_json::json!({"connected": p.connected, "timestamp": p.last_seen_ms}),
@@ -921,7 +1055,7 @@ impl<'a> ThingRef<'a> {
         };
         let named: Map<String, Value> = self
             .slot
-            .named
+            .named()
             .iter()
             .filter_map(|(name, _)| Some((name.to_string(), self.shadow(Some(name))?.to_json())))
             .collect();
@@ -982,7 +1116,11 @@ mod tests {
     }
 
     fn shadow(index: &FleetIndex, thing: &str, name: Option<&str>) -> Option<ShadowView> {
-        index.thing(thing, |t| t.shadow(name)).ok().flatten().flatten()
+        index
+            .thing(thing, |t| t.shadow(name))
+            .ok()
+            .flatten()
+            .flatten()
     }
 
     fn temp(index: &FleetIndex, thing: &str) -> Option<i64> {
@@ -1083,9 +1221,10 @@ mod tests {
             .collect();
         let index = loaded(parts, 0);
         assert_eq!(index.size().map(|s| s.shadows).ok(), Some(10_000));
-        assert_eq!(names(&index, "shadow.reported.n:[4998 TO 5001]"), [
-            "t04998", "t04999", "t05000", "t05001"
-        ]);
+        assert_eq!(
+            names(&index, "shadow.reported.n:[4998 TO 5001]"),
+            ["t04998", "t04999", "t05000", "t05001"]
+        );
         let page = index.search(None, Some("t09997"), 10, |t| t.name().to_string());
         assert_eq!(
             page.ok(),
@@ -1115,22 +1254,57 @@ mod tests {
             change.document = serde_json::json!({"state": state}).to_string();
             index.apply(change);
         };
-        put(1, "lamp-1", None, serde_json::json!({"desired": {"on": true}, "reported": {"on": false, "fw": {"version": "1.3.0"}}}));
-        put(2, "lamp-2", None, serde_json::json!({"desired": {"on": true}, "reported": {"on": true, "tags": ["a", "b"]}}));
-        put(3, "meter-1", None, serde_json::json!({"reported": {"kwh": 12.5, "fw": {"version": "1.2.0"}}}));
-        put(4, "meter-1", Some("cfg"), serde_json::json!({"desired": {"rate": 60}}));
+        put(
+            1,
+            "lamp-1",
+            None,
+            serde_json::json!({"desired": {"on": true}, "reported": {"on": false, "fw": {"version": "1.3.0"}}}),
+        );
+        put(
+            2,
+            "lamp-2",
+            None,
+            serde_json::json!({"desired": {"on": true}, "reported": {"on": true, "tags": ["a", "b"]}}),
+        );
+        put(
+            3,
+            "meter-1",
+            None,
+            serde_json::json!({"reported": {"kwh": 12.5, "fw": {"version": "1.2.0"}}}),
+        );
+        put(
+            4,
+            "meter-1",
+            Some("cfg"),
+            serde_json::json!({"desired": {"rate": 60}}),
+        );
         index.apply(presence(5, "lamp-2", true, 1000));
         index.apply(presence(6, "meter-1", false, 2000));
         assert_eq!(names(&index, "shadow.hasDelta:true"), ["lamp-1"]);
         assert_eq!(names(&index, "shadow.name.cfg.hasDelta:true"), ["meter-1"]);
-        assert_eq!(names(&index, "shadow.reported.fw.version:1.3.0"), ["lamp-1"]);
+        assert_eq!(
+            names(&index, "shadow.reported.fw.version:1.3.0"),
+            ["lamp-1"]
+        );
         assert_eq!(names(&index, "shadow.reported.fw:*"), ["lamp-1", "meter-1"]);
         assert_eq!(names(&index, "shadow.reported.kwh>12"), ["meter-1"]);
         assert_eq!(names(&index, "shadow.reported.tags:b"), ["lamp-2"]);
-        assert_eq!(names(&index, "shadow.name.cfg.desired.rate:60"), ["meter-1"]);
+        assert_eq!(
+            names(&index, "shadow.name.cfg.desired.rate:60"),
+            ["meter-1"]
+        );
         assert_eq!(names(&index, "connectivity.connected:true"), ["lamp-2"]);
-        assert_eq!(names(&index, "NOT thingName:lamp-* OR shadow.desired.on:true AND shadow.reported.on:true"), ["lamp-2", "meter-1"]);
-        assert_eq!(names(&index, "shadow.reported.nothing:*"), Vec::<String>::new());
+        assert_eq!(
+            names(
+                &index,
+                "NOT thingName:lamp-* OR shadow.desired.on:true AND shadow.reported.on:true"
+            ),
+            ["lamp-2", "meter-1"]
+        );
+        assert_eq!(
+            names(&index, "shadow.reported.nothing:*"),
+            Vec::<String>::new()
+        );
         let versions = index
             .thing("meter-1", |t| {
                 t.versions()
@@ -1193,7 +1367,10 @@ mod tests {
             state: None,
         });
         assert_eq!(index.thing("a", |_| ()).ok(), Some(None));
-        assert_eq!(index.size().map(|s| (s.things, s.shadows)).ok(), Some((0, 0)));
+        assert_eq!(
+            index.size().map(|s| (s.things, s.shadows)).ok(),
+            Some((0, 0))
+        );
     }
 
     #[test]
@@ -1206,7 +1383,7 @@ mod tests {
             change.document = format!(r#"{{"state":{{"reported":{{"k{seq}":1}}}}}}"#);
             index.apply(change);
         }
-        let size = index.size().ok().expect("ready");
+        let size = index.size().expect("ready");
         assert_eq!((size.things, size.shadows), (10, 10));
         let table = index.table.read().expect("lock");
         assert_eq!(table.shapes.ids.len(), 10);
