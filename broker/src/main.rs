@@ -13,7 +13,9 @@ use umbra_broker::cli::{
     self, ApiArgs, CertsCommand, ChangesArgs, PasswdArgs, ShadowCommand, ThingCommand,
 };
 use umbra_broker::embedded::ListenerSettings;
+use umbra_broker::server::StartError;
 use umbra_broker::{Config, CursorJumpLayer, Overrides, Server};
+use umbra_shadow::store::StoreError;
 
 /// jemalloc, not glibc's malloc: allocation was the largest single part of
 /// the CPU profile, and jemalloc also keeps less resident per idle device
@@ -85,6 +87,10 @@ enum Command {
     /// consistent as of one commit, while the server runs (see the README's
     /// "Backup and restore").
     Backup { file: PathBuf },
+    /// Load shadows from FILE (JSON lines of {"thing","name","state"}; - for
+    /// stdin) into the data directory, as updates through the shadow rules
+    /// and group commit. Umbra must not be running on that data directory.
+    Import { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -138,7 +144,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("umbra: {}", describe(&err));
-            ExitCode::FAILURE
+            // Another process on the data directory: a usage error, like a bad config.
+            let locked = matches!(
+                err.downcast_ref::<StartError>(),
+                Some(StartError::Store(StoreError::Locked { .. }))
+            );
+            ExitCode::from(if locked { EX_USAGE } else { 1 })
         }
     }
 }
@@ -158,6 +169,106 @@ fn describe(err: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// Exit code for input data with errors (sysexits.h EX_DATAERR).
+const EX_DATAERR: u8 = 65;
+
+/// Jobs an import keeps queued for the writer, and the most it commits at once.
+const IMPORT_QUEUE: usize = 16_384;
+const IMPORT_BATCH: usize = 4096;
+
+/// `umbra import FILE`.
+fn import(
+    config: Option<&std::path::Path>,
+    overrides: &Overrides,
+    file: &std::path::Path,
+) -> ExitCode {
+    use std::io::BufRead;
+    let config = match Config::load(config, overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("umbra: invalid configuration: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let input: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+            Err(err) => {
+                eprintln!("umbra: cannot open {}: {err}", file.display());
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    };
+    if let Err(err) = std::fs::create_dir_all(&config.data_dir) {
+        eprintln!("umbra: cannot create {}: {err}", config.data_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let store_config = umbra_shadow::StoreConfig {
+        max_batch: IMPORT_BATCH,
+        queue_capacity: IMPORT_QUEUE,
+        ..config.store.store_config(&config.database_path())
+    };
+    let (store, mut committed) =
+        match umbra_shadow::SqliteStore::open(store_config, config.shadow.clone()) {
+            Ok(opened) => opened,
+            Err(err @ umbra_shadow::store::StoreError::Locked { .. }) => {
+                eprintln!("umbra: {err}");
+                return ExitCode::from(EX_USAGE);
+            }
+            Err(err) => {
+                eprintln!("umbra: cannot open the shadow store: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let started = std::time::Instant::now();
+    let rate = |n: u64| n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let result = umbra_shadow::import::import(
+        input,
+        &store,
+        &mut committed,
+        &config.shadow,
+        IMPORT_QUEUE,
+        |line, reason| eprintln!("umbra: line {line}: {reason}"),
+        |p| {
+            eprintln!(
+                "umbra: {} imported, {} refused ({:.0}/s)",
+                p.imported,
+                p.refused,
+                rate(p.imported)
+            )
+        },
+    );
+    let closed = umbra_shadow::store::ShadowStore::close(&store);
+    match (result, closed) {
+        (Ok(done), Ok(())) => {
+            println!(
+                "umbra: imported {} shadows from {} lines in {:.1} s ({:.0}/s) into {}; {} lines refused",
+                done.imported,
+                done.lines,
+                started.elapsed().as_secs_f64(),
+                rate(done.imported),
+                config.database_path().display(),
+                done.refused
+            );
+            if done.refused > 0 {
+                ExitCode::from(EX_DATAERR)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        (Err(err), _) => {
+            eprintln!("umbra: import failed: {err}");
+            ExitCode::FAILURE
+        }
+        (_, Err(err)) => {
+            eprintln!("umbra: import failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `umbra backup FILE`.
@@ -210,6 +321,7 @@ fn run_command(
         Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),
         Command::Backup { file } => return backup(config, overrides, &file),
+        Command::Import { file } => return import(config, overrides, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -562,3 +562,100 @@ async fn a_backup_without_a_database_is_refused() {
     assert_eq!(code, 64);
     assert!(err.contains("no database"), "{err}");
 }
+
+/// `umbra import` loads the good lines through the shadow rules, names each
+/// bad line with its number and reason, and exits 65; a server started on
+/// the data directory then serves, lists and searches what was imported.
+#[tokio::test]
+async fn import_loads_good_lines_and_names_each_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let file = dir.path().join("fleet.jsonl");
+    let mut lines: Vec<String> = (0..50)
+        .map(|n| {
+            json!({"thing": format!("imp-{n:02}"), "state": {"desired": {"n": n}, "reported": {"n": n % 7}}})
+                .to_string()
+        })
+        .collect();
+    lines.insert(10, "{not json".into());
+    lines.insert(
+        20,
+        json!({"thing": "imp-x", "state": {"bad": 1}}).to_string(),
+    );
+    lines.push(
+        json!({"thing": "imp-01", "name": "cfg", "state": {"reported": {"rate": 5}}}).to_string(),
+    );
+    std::fs::write(&file, lines.join("\n")).expect("write");
+    let (code, out, err) = run_to_exit(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "import",
+        file.to_str().expect("utf-8"),
+    ])
+    .await;
+    assert_eq!(code, 65, "{out}{err}");
+    assert!(err.contains("line 11: not an import line"), "{err}");
+    assert!(
+        err.contains("line 21: State contains an invalid node"),
+        "{err}"
+    );
+    assert!(out.contains("imported 51 shadows from 53 lines"), "{out}");
+    assert!(out.contains("2 lines refused"), "{out}");
+
+    let umbra = spawn(&data).await;
+    let api = format!("http://{}", umbra.http);
+    let shadows = tokio::task::spawn_blocking(move || {
+        let get = |path: &str| -> Value {
+            ureq::get(&format!("{api}{path}"))
+                .call()
+                .expect("answered")
+                .into_json()
+                .expect("JSON")
+        };
+        let shadow = get("/things/imp-07/shadow");
+        assert_eq!(shadow["state"]["delta"], json!({"n": 7}));
+        assert_eq!(shadow["version"], 1);
+        let cfg = get("/things/imp-01/shadow?name=cfg");
+        assert_eq!(cfg["state"]["reported"]["rate"], 5);
+        // Searched once the fleet index has loaded what was imported.
+        while ureq::get(&format!("{api}/readyz")).call().is_err() {
+            std::thread::yield_now();
+        }
+        let found = get("/v1/search?q=shadow.reported.n:3&pageSize=100");
+        found["things"].as_array().map_or(0, Vec::len)
+    })
+    .await
+    .expect("checked");
+    // n % 7 == 3 for n in 0..50: 3, 10, 17, 24, 31, 38, 45.
+    assert_eq!(shadows, 7);
+}
+
+/// A second `umbra` (server or import) on a data directory in use is
+/// refused with exit 64 naming the process, and loses nothing.
+#[tokio::test]
+async fn a_second_umbra_on_one_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let umbra = spawn(dir.path()).await;
+    let data = dir.path().to_str().expect("utf-8");
+    let (code, _, err) = run_to_exit(&[
+        "--mqtt-addr",
+        "127.0.0.1:0",
+        "--ws-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ])
+    .await;
+    assert_eq!(code, 64, "{err}");
+    let pid = umbra.child.id().expect("running");
+    assert!(
+        err.contains(&format!("is in use by another umbra process (pid {pid})")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = run_to_exit(&["--data-dir", data, "import", "-"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("in use by another umbra process"), "{err}");
+}

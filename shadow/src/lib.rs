@@ -18,6 +18,7 @@
 //! - [`search`]: fleet search queries (AWS fleet-indexing syntax subset).
 //! - [`fleet`]: the in-memory fleet index that listing and search read.
 //! - [`http`]: the operator API (axum): shadows, fleet, change stream, metrics.
+//! - [`import`]: bulk loading of shadows from JSON lines (`umbra import`).
 //! - [`tasks`]: the one panic policy of every task and thread.
 //! - [`fuzzing`]: what the fuzz targets in `fuzz/` call (update parsing,
 //!   merge and delta, search queries, change-stream fields).
@@ -30,6 +31,7 @@ pub mod error;
 pub mod fleet;
 pub mod fuzzing;
 pub mod http;
+pub mod import;
 pub mod json;
 pub mod limits;
 pub mod metrics;

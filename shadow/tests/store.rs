@@ -6,8 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use umbra_shadow::store::ChangeKind;
-use umbra_shadow::{Limits, Message, Operation, Request, ShadowKey, ShadowService, StoreConfig};
+use umbra_shadow::store::{ChangeKind, ShadowStore, StoreError};
+use umbra_shadow::{
+    Limits, Message, Operation, Request, ShadowKey, ShadowService, SqliteStore, StoreConfig,
+};
 
 mod support;
 
@@ -450,4 +452,23 @@ async fn deleting_a_thing_is_not_held_to_its_request_rate() {
     assert_eq!(deleted.shadows.len(), 5, "{deleted:?}");
     assert!(!deleted.connectivity);
     service.close().await;
+}
+
+#[test]
+fn a_second_store_on_one_database_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("shadows.db");
+    let config = || StoreConfig::new(&path);
+    let (first, _committed) = SqliteStore::open(config(), Limits::default()).expect("first");
+    match SqliteStore::open(config(), Limits::default()) {
+        Err(StoreError::Locked { path: locked, pid }) => {
+            assert_eq!(locked, path);
+            assert_eq!(pid, Some(std::process::id().to_string()));
+        }
+        other => panic!("second store opened: {:?}", other.map(|_| ())),
+    }
+    first.close().expect("close");
+    drop(first);
+    let (second, _committed) = SqliteStore::open(config(), Limits::default()).expect("reopen");
+    second.close().expect("close");
 }

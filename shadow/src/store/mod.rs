@@ -196,6 +196,11 @@ pub enum StoreError {
     WriterFailed,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{} is in use by another umbra process{}; stop it first (one process per data directory)", path.display(), pid.as_deref().map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        path: std::path::PathBuf,
+        pid: Option<String>,
+    },
 }
 
 /// A shadow store. The SQLite store is the one implementation today; the trait

@@ -103,6 +103,8 @@ CREATE TABLE IF NOT EXISTS things (
 
 /// The SQLite implementation of [`ShadowStore`].
 pub struct SqliteStore {
+    /// The database's lock, held until the store is closed.
+    lock: Mutex<Option<std::fs::File>>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
@@ -169,6 +171,7 @@ impl SqliteStore {
         limits: Limits,
         metrics: Option<ShadowMetrics>,
     ) -> Result<(SqliteStore, mpsc::Receiver<CommittedBatch>), StoreError> {
+        let lock = lock_database(&config.path)?;
         let conn = Connection::open(&config.path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match config.synchronous {
@@ -212,6 +215,7 @@ impl SqliteStore {
             .map_err(|_| StoreError::WriterFailed)?;
         Ok((
             SqliteStore {
+                lock: Mutex::new(Some(lock)),
                 queue: Mutex::new(Some(queue_tx)),
                 writer: Mutex::new(Some(handle)),
                 readers: Mutex::new(Vec::new()),
@@ -394,11 +398,16 @@ impl ShadowStore for SqliteStore {
             .lock()
             .map_err(|_| StoreError::WriterFailed)?
             .take();
-        match handle {
+        let stopped = match handle {
             Some(handle) => crate::tasks::joined_thread("store writer", handle.join())
                 .ok_or(StoreError::WriterFailed),
             None => Ok(()),
+        };
+        // The writer is gone: another process may have the database now.
+        if let Ok(mut lock) = self.lock.lock() {
+            lock.take();
         }
+        stopped
     }
 }
 
@@ -689,6 +698,38 @@ fn log_change(
         document,
         state: None,
     })
+}
+
+/// Takes the database's lock file (`<database>.lock`, holding the pid), for
+/// as long as the returned file is open. The service assumes it is the only
+/// writer (its cache, versions and fleet index); two processes on one
+/// database would lose acknowledged updates, so the second is refused.
+fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::Write;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: path.to_path_buf(),
+            pid: std::fs::read_to_string(&lock_path)
+                .ok()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty()),
+        }),
+        Err(std::fs::TryLockError::Error(err)) => Err(err.into()),
+    }
 }
 
 /// Hands the rows of `sql` to `each` as they are read, in parts of
