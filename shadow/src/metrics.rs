@@ -27,6 +27,10 @@ pub struct ShadowMetrics {
     pub change_log_entries: IntGauge,
     /// HTTP requests by `route` template, `method` and `status`.
     pub http_requests: IntCounterVec,
+    /// Shadows in the fleet index (set when metrics are read).
+    pub fleet_index_shadows: IntGauge,
+    /// Estimated heap bytes of the fleet index (set when metrics are read).
+    pub fleet_index_bytes: IntGauge,
 }
 
 impl ShadowMetrics {
@@ -83,6 +87,14 @@ impl ShadowMetrics {
                 ),
                 &["route", "method", "status"],
             )?,
+            fleet_index_shadows: IntGauge::new(
+                "umbra_fleet_index_shadows",
+                "Shadows in the fleet index",
+            )?,
+            fleet_index_bytes: IntGauge::new(
+                "umbra_fleet_index_bytes",
+                "Estimated heap bytes of the fleet index",
+            )?,
         };
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.request_seconds.clone()))?;
@@ -92,6 +104,8 @@ impl ShadowMetrics {
         registry.register(Box::new(metrics.stream_subscribers.clone()))?;
         registry.register(Box::new(metrics.change_log_entries.clone()))?;
         registry.register(Box::new(metrics.http_requests.clone()))?;
+        registry.register(Box::new(metrics.fleet_index_shadows.clone()))?;
+        registry.register(Box::new(metrics.fleet_index_bytes.clone()))?;
         Ok(metrics)
     }
 }

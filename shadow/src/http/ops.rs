@@ -15,6 +15,10 @@ use super::{ApiError, ApiState};
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    if let (Some(metrics), Ok(size)) = (&state.metrics, state.service.fleet().size()) {
+        metrics.fleet_index_shadows.set(size.shadows as i64);
+        metrics.fleet_index_bytes.set(size.bytes as i64);
+    }
     let encoder = TextEncoder::new();
     let mut text = Vec::new();
     encoder.encode(&state.registry.gather(), &mut text)?;
