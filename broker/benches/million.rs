@@ -99,8 +99,8 @@ fn until_ok(node: &Node, path: &str, since: Instant) -> Duration {
 }
 
 fn rss_mib(node: &Node) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id()))
-        .expect("proc status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).expect("proc status");
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -194,7 +194,12 @@ fn main() {
             found = page["things"].as_array().map_or(0, Vec::len);
         }
         times.sort();
-        rows.push((query, found, percentile(&times, 0.5), percentile(&times, 0.99)));
+        rows.push((
+            query,
+            found,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+        ));
     }
     drop(node);
 

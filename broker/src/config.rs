@@ -57,6 +57,8 @@ pub struct StoreSettings {
     pub queue_capacity: usize,
     /// Hours the change log is kept.
     pub change_retention_hours: u64,
+    /// The most bytes the change log keeps (oldest entries dropped first).
+    pub change_retention_bytes: u64,
     /// Shadows kept decoded in the writer's memory.
     pub cache_shadows: usize,
 }
@@ -69,6 +71,7 @@ impl Default for StoreSettings {
             max_batch: d.max_batch,
             queue_capacity: d.queue_capacity,
             change_retention_hours: d.change_retention.as_secs() / 3600,
+            change_retention_bytes: d.change_retention_bytes,
             cache_shadows: d.cache_shadows,
         }
     }
@@ -82,6 +85,7 @@ impl StoreSettings {
             max_batch: self.max_batch,
             queue_capacity: self.queue_capacity,
             change_retention: Duration::from_secs(self.change_retention_hours * 3600),
+            change_retention_bytes: self.change_retention_bytes,
             cache_shadows: self.cache_shadows,
         }
     }

@@ -25,6 +25,8 @@ pub struct ShadowMetrics {
     pub stream_subscribers: IntGauge,
     /// Entries in the change log (within the retention window).
     pub change_log_entries: IntGauge,
+    /// Bytes of the change log as its size limit counts them.
+    pub change_log_bytes: IntGauge,
     /// HTTP requests by `route` template, `method` and `status`.
     pub http_requests: IntCounterVec,
     /// Shadows in the fleet index (set when metrics are read).
@@ -80,6 +82,10 @@ impl ShadowMetrics {
                 "umbra_change_log_entries",
                 "Entries in the change log",
             )?,
+            change_log_bytes: IntGauge::new(
+                "umbra_change_log_bytes",
+                "Bytes of the change log as its size limit counts them",
+            )?,
             http_requests: IntCounterVec::new(
                 Opts::new(
                     "umbra_http_requests_total",
@@ -103,6 +109,7 @@ impl ShadowMetrics {
         registry.register(Box::new(metrics.deltas_published.clone()))?;
         registry.register(Box::new(metrics.stream_subscribers.clone()))?;
         registry.register(Box::new(metrics.change_log_entries.clone()))?;
+        registry.register(Box::new(metrics.change_log_bytes.clone()))?;
         registry.register(Box::new(metrics.http_requests.clone()))?;
         registry.register(Box::new(metrics.fleet_index_shadows.clone()))?;
         registry.register(Box::new(metrics.fleet_index_bytes.clone()))?;

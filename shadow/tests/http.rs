@@ -34,12 +34,20 @@ mod support;
 use support::unlimited;
 
 fn harness(config: ApiConfig) -> Harness {
+    harness_with(config, |store| store)
+}
+
+/// [`harness`] with the store's settings changed by `store`.
+fn harness_with(config: ApiConfig, store: impl FnOnce(StoreConfig) -> StoreConfig) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("shadows.db");
     let registry = Registry::new();
     let metrics = ShadowMetrics::register(&registry).expect("register metrics");
-    let (service, outbox) =
-        support::start(StoreConfig::new(&db), unlimited(), Some(metrics.clone()));
+    let (service, outbox) = support::start(
+        store(StoreConfig::new(&db)),
+        unlimited(),
+        Some(metrics.clone()),
+    );
     let (ready, ready_rx) = watch::channel(false);
     let state =
         ApiState::new(Arc::clone(&service), config, registry, ready_rx).with_metrics(metrics);
@@ -1000,5 +1008,70 @@ async fn deleting_a_thing_deletes_its_shadows_and_connectivity() {
     let (status, body) = call(&h.app, Method::DELETE, "/v1/things/lamp-9", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["message"], "No thing exists with name: 'lamp-9'");
+    h.service.close().await;
+}
+
+/// A change log over its size drops its oldest entries (in steps, between
+/// batches), keeps its byte count in step, and answers 410 for what it
+/// dropped, as for entries past the time window.
+#[tokio::test]
+async fn a_change_log_over_its_size_drops_the_oldest_and_answers_410_for_them() {
+    const LIMIT: u64 = 3000;
+    let h = harness_with(ApiConfig::default(), |store| StoreConfig {
+        change_retention_bytes: LIMIT,
+        ..store
+    });
+    let key = ShadowKey::classic("chatty");
+    for n in 0..40 {
+        let padding = "x".repeat(100);
+        update(
+            &h.service,
+            &key,
+            json!({"state":{"reported":{"n": n, "pad": padding}}}),
+        )
+        .await;
+    }
+    // The writer prunes after each batch: once this answer is in, the
+    // pruning after the batches before it is done.
+    update(&h.service, &key, json!({"state":{"reported":{"n": 40}}})).await;
+    let conn = rusqlite::Connection::open(&h.db).expect("open db");
+    // One read transaction: the writer may still be pruning.
+    let snapshot = conn.unchecked_transaction().expect("read");
+    let (oldest, entries, bytes): (u64, u64, u64) = snapshot
+        .query_row(
+            "SELECT min(seq), count(*), sum(length(CAST(thing AS BLOB)) + length(CAST(name AS BLOB))
+                 + length(CAST(document AS BLOB)) + 64) FROM changes",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("log");
+    let counted: u64 = snapshot
+        .query_row(
+            "SELECT value FROM store_meta WHERE key = 'change_log_bytes'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("counter");
+    drop(snapshot);
+    assert_eq!(counted, bytes, "the counter matches the log");
+    assert!(oldest > 20, "oldest kept is {oldest}");
+    assert_eq!(oldest + entries - 1, 41, "the newest are kept");
+    // Within the limit, but for the last batch's entry, whose pruning may still run.
+    assert!(bytes <= LIMIT + 400, "{bytes} bytes kept");
+
+    let (status, _) = open_stream(&h.app, "/v1/changes?since=0", None).await;
+    assert_eq!(status, StatusCode::GONE);
+    let since = format!("/v1/changes?since={}", oldest - 1);
+    let (status, body) = open_stream(&h.app, &since, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut reader = EventReader::new(body);
+    assert_eq!(reader.next_event().await.and_then(|e| e.id), Some(oldest));
+    let (_, metrics) = call_raw(&h.app, request(Method::GET, "/metrics", None, "")).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("umbra_change_log_bytes "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(gauge.is_some_and(|g| g <= counted + 400), "{gauge:?}");
     h.service.close().await;
 }

@@ -47,6 +47,9 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// How long change log entries are kept.
     pub change_retention: Duration,
+    /// The most bytes the change log keeps (its entries as
+    /// [`change_entry_bytes`] counts them); the oldest go first.
+    pub change_retention_bytes: u64,
     /// Shadows the writer keeps decoded in memory, so that an update does not
     /// read and parse its shadow back from SQLite.
     pub cache_shadows: usize,
@@ -60,6 +63,7 @@ impl StoreConfig {
             max_batch: 256,
             queue_capacity: 16_384,
             change_retention: Duration::from_secs(24 * 3600),
+            change_retention_bytes: 1 << 30,
             cache_shadows: 100_000,
         }
     }
@@ -67,8 +71,24 @@ impl StoreConfig {
 
 /// How many committed batches may wait for the publisher before the writer waits.
 const COMMITTED_BACKLOG: usize = 64;
-/// How often the writer trims the change log to the retention window.
+/// How often the writer looks for change log entries past the retention window.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Most change log entries dropped in one step (one short transaction
+/// between two batches, so pruning never stalls the writer for long).
+const PRUNE_STEP: usize = 1024;
+/// What an entry costs beyond its names and document (row header, sequence,
+/// version, kind, time, index entry), roughly.
+const CHANGE_ENTRY_OVERHEAD: u64 = 64;
+
+/// The bytes a change log entry counts for retention: its thing and shadow
+/// names, its document and a fixed overhead.
+pub fn change_entry_bytes(thing: &str, name: Option<&str>, document: &str) -> u64 {
+    (thing.len() + name.map_or(0, str::len) + document.len()) as u64 + CHANGE_ENTRY_OVERHEAD
+}
+
+/// [`change_entry_bytes`] in SQL, over a `changes` row.
+const CHANGE_ENTRY_BYTES_SQL: &str = "length(CAST(thing AS BLOB)) + length(CAST(name AS BLOB)) \
+     + length(CAST(document AS BLOB)) + 64";
 
 const SCHEMA: &str = "
 -- A rowid table, not WITHOUT ROWID: rows carry whole documents (up to a few
@@ -94,6 +114,11 @@ CREATE TABLE IF NOT EXISTS changes (
     document TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_shadow ON changes (thing, name, version);
+-- Counters kept in step with the tables they describe.
+CREATE TABLE IF NOT EXISTS store_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS things (
     thing        TEXT PRIMARY KEY,
     connected    INTEGER NOT NULL,
@@ -197,6 +222,10 @@ impl SqliteStore {
             )?;
             metrics.change_log_entries.set(entries);
         }
+        let log_bytes = change_log_bytes(&conn)?;
+        if let Some(metrics) = &metrics {
+            metrics.change_log_bytes.set(log_bytes as i64);
+        }
 
         let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
         let (committed_tx, committed_rx) = mpsc::channel(COMMITTED_BACKLOG);
@@ -205,6 +234,8 @@ impl SqliteStore {
             limits,
             max_batch: config.max_batch.max(1),
             retention: config.change_retention,
+            retention_bytes: config.change_retention_bytes,
+            log_bytes,
             cache: HashMap::new(),
             cache_capacity: config.cache_shadows,
             metrics,
@@ -428,6 +459,9 @@ struct Writer {
     limits: Limits,
     max_batch: usize,
     retention: Duration,
+    retention_bytes: u64,
+    /// The change log's bytes as committed (also in `store_meta`).
+    log_bytes: u64,
     /// Shadows as the writer last wrote them; cleared whenever a transaction
     /// fails, so it never holds what SQLite does not.
     cache: HashMap<ShadowKey, StoredShadow>,
@@ -438,8 +472,26 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut queue: mpsc::Receiver<Job>, committed: mpsc::Sender<CommittedBatch>) {
         let mut batch = Vec::with_capacity(self.max_batch);
-        let mut last_trim = std::time::Instant::now();
-        while let Some(job) = queue.blocking_recv() {
+        let mut last_check = std::time::Instant::now();
+        // Whether the change log may hold entries to drop: then the writer
+        // drops one step of them after each batch, and while it has no work.
+        let mut pruning = true;
+        loop {
+            let job = if pruning {
+                match queue.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        pruning = self.prune_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match queue.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                }
+            };
             batch.push(job);
             while batch.len() < self.max_batch {
                 match queue.try_recv() {
@@ -451,11 +503,12 @@ impl Writer {
             if committed.blocking_send(results).is_err() {
                 warn!("nobody takes committed answers any more");
             }
-            if last_trim.elapsed() >= RETENTION_EVERY {
-                last_trim = std::time::Instant::now();
-                if let Err(err) = self.trim() {
-                    error!(cause = %err, "could not trim the change log");
-                }
+            if self.log_bytes > self.retention_bytes || last_check.elapsed() >= RETENTION_EVERY {
+                last_check = std::time::Instant::now();
+                pruning = true;
+            }
+            if pruning {
+                pruning = self.prune_step();
             }
         }
     }
@@ -569,25 +622,103 @@ impl Writer {
                 }
             });
         }
+        let logged: u64 = outcomes
+            .iter()
+            .filter_map(|(_, change)| change.as_ref())
+            .map(|c| change_entry_bytes(&c.thing, c.name.as_deref(), &c.document))
+            .sum();
+        let log_bytes = self.log_bytes + logged;
+        if logged > 0 {
+            set_change_log_bytes(&tx, log_bytes)?;
+        }
         tx.commit()?;
+        self.log_bytes = log_bytes;
+        if let Some(metrics) = &self.metrics {
+            metrics.change_log_bytes.set(log_bytes as i64);
+        }
         Ok(outcomes)
     }
 
-    /// Drops change log entries older than the retention window. Times rise
-    /// with the sequence, so the first entry inside the window marks the cut.
-    fn trim(&self) -> Result<(), StoreError> {
-        let cutoff = now_ms() / 1000 - self.retention.as_secs() as i64;
-        let removed = self.conn.execute(
-            "DELETE FROM changes WHERE seq < coalesce(
-                (SELECT seq FROM changes WHERE time >= ?1 ORDER BY seq LIMIT 1),
-                (SELECT max(seq) + 1 FROM changes))",
-            params![cutoff],
-        )?;
-        if let Some(metrics) = &self.metrics {
-            metrics.change_log_entries.sub(removed as i64);
+    /// Drops up to [`PRUNE_STEP`] of the oldest change log entries: as many
+    /// as bring the log within its size, and those older than the window
+    /// (times rise with the sequence). Returns whether more may be due.
+    fn prune_step(&mut self) -> bool {
+        match self.prune() {
+            Ok(more) => more,
+            Err(err) => {
+                error!(cause = %err, "could not prune the change log");
+                false
+            }
         }
-        Ok(())
     }
+
+    fn prune(&mut self) -> Result<bool, StoreError> {
+        let cutoff = now_ms() / 1000 - self.retention.as_secs() as i64;
+        let excess = self.log_bytes.saturating_sub(self.retention_bytes);
+        let tx = self.conn.transaction()?;
+        let oldest: Vec<(i64, i64, u64)> = tx
+            .prepare_cached(&format!(
+                "SELECT seq, time, {CHANGE_ENTRY_BYTES_SQL} FROM changes ORDER BY seq LIMIT ?1"
+            ))?
+            .query_map(params![PRUNE_STEP as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })?
+            .collect::<Result<_, _>>()?;
+        let (mut freed, mut last, mut dropped) = (0u64, None, 0usize);
+        for (seq, time, bytes) in &oldest {
+            if freed >= excess && *time >= cutoff {
+                break;
+            }
+            freed += bytes;
+            last = Some(*seq);
+            dropped += 1;
+        }
+        let Some(last) = last else {
+            return Ok(false);
+        };
+        tx.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
+            .execute(params![last])?;
+        let log_bytes = self.log_bytes.saturating_sub(freed);
+        set_change_log_bytes(&tx, log_bytes)?;
+        tx.commit()?;
+        self.log_bytes = log_bytes;
+        if let Some(metrics) = &self.metrics {
+            metrics.change_log_entries.sub(dropped as i64);
+            metrics.change_log_bytes.set(log_bytes as i64);
+        }
+        Ok(dropped == PRUNE_STEP)
+    }
+}
+
+/// The change log's bytes as `store_meta` keeps them; counted once from the
+/// log itself for a database from before the counter.
+fn change_log_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let kept: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM store_meta WHERE key = 'change_log_bytes'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(bytes) = kept {
+        return Ok(bytes as u64);
+    }
+    let bytes: i64 = conn.query_row(
+        &format!("SELECT coalesce(sum({CHANGE_ENTRY_BYTES_SQL}), 0) FROM changes"),
+        [],
+        |r| r.get(0),
+    )?;
+    set_change_log_bytes(conn, bytes as u64)?;
+    Ok(bytes as u64)
+}
+
+fn set_change_log_bytes(conn: &Connection, bytes: u64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO store_meta (key, value) VALUES ('change_log_bytes', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![bytes as i64])?;
+    Ok(())
 }
 
 fn apply_shadow(
