@@ -352,3 +352,140 @@ async fn search_matches_brute_force_live_and_after_restart() {
     check_against_brute_force(&app(&service), &models).await;
     service.close().await;
 }
+
+/// A store whose fleet read waits until the test opens its gate: the index
+/// stays loading for as long as the test needs.
+struct GatedStore {
+    inner: umbra_shadow::SqliteStore,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl umbra_shadow::store::ShadowStore for GatedStore {
+    fn submit(&self, job: umbra_shadow::store::Job) -> Result<(), umbra_shadow::store::StoreError> {
+        self.inner.submit(job)
+    }
+    fn load(
+        &self,
+        key: &ShadowKey,
+    ) -> Result<Option<umbra_shadow::engine::StoredShadow>, umbra_shadow::store::StoreError> {
+        self.inner.load(key)
+    }
+    fn named_shadows(
+        &self,
+        thing: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, umbra_shadow::store::StoreError> {
+        self.inner.named_shadows(thing, after, limit)
+    }
+    fn connectivity(
+        &self,
+        thing: &str,
+    ) -> Result<Option<umbra_shadow::store::Connectivity>, umbra_shadow::store::StoreError> {
+        self.inner.connectivity(thing)
+    }
+    fn changes_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<umbra_shadow::store::Change>, umbra_shadow::store::StoreError> {
+        self.inner.changes_since(after, limit)
+    }
+    fn change_log_bounds(
+        &self,
+    ) -> Result<umbra_shadow::store::ChangeLogBounds, umbra_shadow::store::StoreError> {
+        self.inner.change_log_bounds()
+    }
+    fn shadow_changes(
+        &self,
+        key: &ShadowKey,
+        since_version: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<umbra_shadow::store::Change>, umbra_shadow::store::StoreError> {
+        self.inner
+            .shadow_changes(key, since_version, after_seq, limit)
+    }
+    fn fleet_snapshot(
+        &self,
+        each: &mut dyn FnMut(umbra_shadow::store::SnapshotPart),
+    ) -> Result<u64, umbra_shadow::store::StoreError> {
+        // Waits for the test (or for it to drop the gate).
+        let _ = self.gate.lock().map(|gate| gate.recv());
+        self.inner.fleet_snapshot(each)
+    }
+    fn close(&self) -> Result<(), umbra_shadow::store::StoreError> {
+        self.inner.close()
+    }
+}
+
+/// While the fleet index loads, device requests are answered at once, and
+/// search and listing answer 503 with Retry-After; once loaded, search
+/// finds what was stored before and during the load.
+#[tokio::test]
+async fn requests_are_answered_while_the_index_loads_and_search_says_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleet.db");
+    let service = start(&path);
+    update(&service, "before", json!({"state": {"reported": {"t": 1}}})).await;
+    service.close().await;
+    drop(service);
+
+    let limits = support::unlimited();
+    let (inner, committed) =
+        umbra_shadow::SqliteStore::open(StoreConfig::new(&path), limits.clone()).expect("open");
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let store = Arc::new(GatedStore {
+        inner,
+        gate: std::sync::Mutex::new(gate),
+    });
+    let config = umbra_shadow::ServiceConfig {
+        limits,
+        ..umbra_shadow::ServiceConfig::default()
+    };
+    let (service, outbox) = ShadowService::start(config, store, committed);
+    drop(outbox);
+    let app = app(&service);
+    assert_eq!(service.fleet().status(), IndexStatus::Loading);
+
+    // A device's update and get are answered while the index loads.
+    update(&service, "during", json!({"state": {"reported": {"t": 2}}})).await;
+    let (status, shadow) = get(&app, "/things/before/shadow").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shadow["state"]["reported"]["t"], 1);
+    for uri in ["/v1/search?q=shadow.reported.t:*", "/v1/things"] {
+        let response = app
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{uri}"
+        );
+    }
+    assert_eq!(service.fleet().status(), IndexStatus::Loading);
+
+    open_gate.send(()).expect("gate");
+    assert_eq!(service.fleet().wait_loaded().await, IndexStatus::Ready);
+    let (status, found) = get(&app, "/v1/search?q=shadow.reported.t:*").await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = found["things"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["thingName"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["before", "during"]);
+    service.close().await;
+}
+
+async fn update(service: &ShadowService, thing: &str, body: Value) {
+    let answer = service
+        .handle(req(ShadowKey::classic(thing), Operation::Update, body))
+        .await;
+    assert!(answer.result.is_ok(), "{thing}: {:?}", answer.result);
+}

@@ -128,6 +128,7 @@ impl FleetIndex {
     /// arrived meanwhile. Rows are parsed and packed on every core while
     /// `read` goes on.
     pub fn load(&self, read: impl FnOnce(&mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError>) {
+        let started = std::time::Instant::now();
         let (read, table) = build(read);
         let through = match read {
             Ok(through) => through,
@@ -138,6 +139,13 @@ impl FleetIndex {
             }
         };
         self.fail_if_full(&table);
+        let size = table.size();
+        tracing::info!(
+            things = size.things,
+            shadows = size.shadows,
+            seconds = started.elapsed().as_secs_f64(),
+            "fleet index loaded"
+        );
         if let Ok(mut current) = self.table.write() {
             *current = table;
         }
@@ -319,6 +327,7 @@ fn build(
         });
         drop(rows_tx);
         drop(packed_tx);
+        eprintln!("TIMING read done {:?}", std::time::SystemTime::now());
         let table =
             crate::tasks::joined_thread("fleet index builder", builder.join()).unwrap_or_default();
         (result, table)
