@@ -327,7 +327,6 @@ fn build(
         });
         drop(rows_tx);
         drop(packed_tx);
-        eprintln!("TIMING read done {:?}", std::time::SystemTime::now());
         let table =
             crate::tasks::joined_thread("fleet index builder", builder.join()).unwrap_or_default();
         (result, table)
