@@ -389,12 +389,23 @@ impl Entry {
 
 impl PackedShadow {
     fn from_row(row: ShadowRow) -> PackedShadow {
-        let state = serde_json::from_str::<Value>(&row.state).unwrap_or_else(|err| {
-            warn!(thing = %row.key.thing, cause = %err, "unreadable stored shadow state");
-            Value::Null
-        });
+        let entry = match compact::pack_state_text(&row.state) {
+            Some((packed, has_delta)) => Entry {
+                version: row.version,
+                has_delta,
+                packed,
+            },
+            // Not as Umbra writes it: through a tree of values.
+            None => {
+                let state = serde_json::from_str::<Value>(&row.state).unwrap_or_else(|err| {
+                    warn!(thing = %row.key.thing, cause = %err, "unreadable stored shadow state");
+                    Value::Null
+                });
+                Entry::from_state(row.version, &state)
+            }
+        };
         PackedShadow {
-            entry: Entry::from_state(row.version, &state),
+            entry,
             thing: row.key.thing,
             name: row.key.name,
         }
@@ -518,10 +529,25 @@ struct Shapes {
     /// By id: the shape and how many shadows have it (0: a free id).
     list: Vec<(Box<[u8]>, u32)>,
     free: Vec<u32>,
+    /// The shape taken last.
+    last: u32,
 }
 
 impl Shapes {
     fn take(&mut self, shape: &[u8]) -> u32 {
+        // Shadows stored one after another mostly share their shape.
+        if let Some((last, refs)) = self.list.get_mut(self.last as usize) {
+            if *refs > 0 && **last == *shape {
+                *refs += 1;
+                return self.last;
+            }
+        }
+        let id = self.take_looked_up(shape);
+        self.last = id;
+        id
+    }
+
+    fn take_looked_up(&mut self, shape: &[u8]) -> u32 {
         if let Some(&id) = self.ids.get(shape) {
             self.list[id as usize].1 += 1;
             return id;
@@ -619,9 +645,14 @@ impl Table {
     }
 
     fn thing_id(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.names.get(name) {
-            return id;
+        match self.names.get(name) {
+            Some(&id) => id,
+            None => self.new_thing(name.into()),
         }
+    }
+
+    /// A thing not in `names` yet.
+    fn new_thing(&mut self, name: Box<str>) -> u32 {
         let slot = ThingSlot {
             name: self.text.put(name.as_bytes()).unwrap_or_else(|| {
                 self.full = true;
@@ -640,7 +671,7 @@ impl Table {
                 (self.things.len() - 1) as u32
             }
         };
-        self.names.insert(name.into(), id);
+        self.names.insert(name, id);
         self.order_changed();
         id
     }

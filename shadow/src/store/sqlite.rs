@@ -69,6 +69,10 @@ impl StoreConfig {
     }
 }
 
+/// Most of the database a fleet read maps into memory at once (SQLite's
+/// own ceiling is about 2 GiB); beyond it, pages are read.
+const SNAPSHOT_MMAP_BYTES: i64 = 1 << 40;
+
 /// How many committed batches may wait for the publisher before the writer waits.
 const COMMITTED_BACKLOG: usize = 64;
 /// How often the writer looks for change log entries past the retention window.
@@ -387,7 +391,16 @@ impl ShadowStore for SqliteStore {
     }
 
     fn fleet_snapshot(&self, each: &mut dyn FnMut(SnapshotPart)) -> Result<u64, StoreError> {
-        self.with_reader(|conn| {
+        // A connection of its own that reads the file through a memory map
+        // (no copy of every page into SQLite's cache), closed afterwards so
+        // that the mapping does not stay resident.
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "mmap_size", SNAPSHOT_MMAP_BYTES)?;
+        {
             // One read transaction: the rows and the sequence are of one instant.
             let tx = conn.unchecked_transaction()?;
             let through_seq = change_log_bounds(&tx)?.last;
@@ -413,7 +426,7 @@ impl ShadowStore for SqliteStore {
             })?;
             tx.commit()?;
             Ok(through_seq)
-        })
+        }
     }
 
     fn close(&self) -> Result<(), StoreError> {
