@@ -299,7 +299,8 @@ fn build(
                 match part {
                     PackedPart::Shadows(shadows) => {
                         for shadow in shadows {
-                            table.set_shadow(&shadow.thing, shadow.name.as_deref(), shadow.entry);
+                            let id = table.thing_id_owned(shadow.thing);
+                            table.set_shadow(id, shadow.name.as_deref(), shadow.entry);
                         }
                     }
                     PackedPart::Things(things) => {
@@ -647,12 +648,30 @@ impl Table {
     fn thing_id(&mut self, name: &str) -> u32 {
         match self.names.get(name) {
             Some(&id) => id,
-            None => self.new_thing(name.into()),
+            None => self.thing_id_owned(name.to_string()),
         }
     }
 
-    /// A thing not in `names` yet.
-    fn new_thing(&mut self, name: Box<str>) -> u32 {
+    /// [`thing_id`](Self::thing_id) of a name the caller owns: one walk of
+    /// the name tree for a new thing (loading's common case), not two.
+    fn thing_id_owned(&mut self, name: String) -> u32 {
+        // Taking the tree out is a move of its root; it frees `self`.
+        let mut names = std::mem::take(&mut self.names);
+        let id = match names.entry(name.into_boxed_str()) {
+            std::collections::btree_map::Entry::Occupied(known) => *known.get(),
+            std::collections::btree_map::Entry::Vacant(new) => {
+                let id = self.new_slot(new.key());
+                new.insert(id);
+                self.order_changed();
+                id
+            }
+        };
+        self.names = names;
+        id
+    }
+
+    /// A slot for a thing about to enter `names`.
+    fn new_slot(&mut self, name: &str) -> u32 {
         let slot = ThingSlot {
             name: self.text.put(name.as_bytes()).unwrap_or_else(|| {
                 self.full = true;
@@ -671,8 +690,6 @@ impl Table {
                 (self.things.len() - 1) as u32
             }
         };
-        self.names.insert(name, id);
-        self.order_changed();
         id
     }
 
@@ -728,8 +745,7 @@ impl Table {
         }
     }
 
-    fn set_shadow(&mut self, thing: &str, name: Option<&str>, entry: Entry) {
-        let id = self.thing_id(thing);
+    fn set_shadow(&mut self, id: u32, name: Option<&str>, entry: Entry) {
         let new = self.new_shadow(entry);
         let slot = &mut self.things[id as usize];
         let old = match name {
@@ -771,7 +787,10 @@ impl Table {
     fn apply(&mut self, change: Change) {
         match change.kind {
             ChangeKind::Update => match Entry::from_change(&change) {
-                Some(entry) => self.set_shadow(&change.thing, change.name.as_deref(), entry),
+                Some(entry) => {
+                    let id = self.thing_id(&change.thing);
+                    self.set_shadow(id, change.name.as_deref(), entry)
+                }
                 None => {
                     warn!(thing = %change.thing, seq = change.seq, "unreadable change document")
                 }
