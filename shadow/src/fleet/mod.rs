@@ -680,7 +680,7 @@ impl Table {
             ..ThingSlot::default()
         };
         self.heap_bytes += allocation(name.len());
-        let id = match self.free_things.pop() {
+        match self.free_things.pop() {
             Some(id) => {
                 self.things[id as usize] = slot;
                 id
@@ -689,8 +689,7 @@ impl Table {
                 self.things.push(slot);
                 (self.things.len() - 1) as u32
             }
-        };
-        id
+        }
     }
 
     /// Drops a thing with neither shadows nor connectivity.
