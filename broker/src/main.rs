@@ -185,12 +185,9 @@ fn import(
     file: &std::path::Path,
 ) -> ExitCode {
     use std::io::BufRead;
-    let config = match Config::load(config, overrides) {
+    let config = match load_config(config, overrides) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("umbra: invalid configuration: {err}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(code) => return code,
     };
     let input: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -271,18 +268,26 @@ fn import(
     }
 }
 
+/// The configuration a local command works with; exit 64 when it is invalid.
+fn load_config(
+    config: Option<&std::path::Path>,
+    overrides: &Overrides,
+) -> Result<Config, ExitCode> {
+    Config::load(config, overrides).map_err(|err| {
+        eprintln!("umbra: invalid configuration: {err}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
 /// `umbra backup FILE`.
 fn backup(
     config: Option<&std::path::Path>,
     overrides: &Overrides,
     file: &std::path::Path,
 ) -> ExitCode {
-    let config = match Config::load(config, overrides) {
+    let config = match load_config(config, overrides) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("umbra: invalid configuration: {err}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(code) => return code,
     };
     let database = config.database_path();
     if !database.exists() {
