@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::document::{self, Object};
-use crate::search::{Field, Query, Scalar, ShadowPart, Term};
+use crate::search::{Field, Query, Scalar, ShadowPart, Term, Test};
 use crate::store::{Change, ChangeKind, Connectivity, ShadowRow, SnapshotPart, StoreError};
 use arena::{Arena, Span};
 use compact::Packed;
@@ -139,6 +139,8 @@ impl FleetIndex {
             }
         };
         self.fail_if_full(&table);
+        // The name order too, here rather than in the first search.
+        table.name_order();
         let size = table.size();
         tracing::info!(
             things = size.things,
@@ -819,10 +821,35 @@ impl Table {
         })
     }
 
-    /// The slots of the things `query` matches, evaluated in slot order,
-    /// the slots split over the cores when there are many.
+    /// The slots of the things `query` matches. A query that asks for a
+    /// name prefix is evaluated over that range of the name order only;
+    /// any other over every slot, in slot order, split over the cores when
+    /// there are many.
     fn matching(&self, query: &Query) -> SlotSet {
         let terms = query.terms();
+        if let Some(prefix) = name_prefix(query) {
+            let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
+            let mut set = vec![0u64; self.things.len().div_ceil(64)];
+            let order = self.name_order();
+            let first = order.partition_point(|&id| self.name(id) < prefix);
+            for &id in order[first..]
+                .iter()
+                .take_while(|&&id| self.name(id).starts_with(prefix))
+            {
+                let slot = &self.things[id as usize];
+                let holds = query.matches_with(&mut |term| {
+                    let index = terms
+                        .iter()
+                        .position(|t| std::ptr::eq(*t, term))
+                        .unwrap_or(0);
+                    self.term_holds(slot, term, index, &mut fields)
+                });
+                if holds {
+                    set[id as usize / 64] |= 1 << (id % 64);
+                }
+            }
+            return SlotSet(set);
+        }
         let threads = match self.things.len() {
             0..PARALLEL_FROM => 1,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -959,6 +986,25 @@ impl Table {
             Err(poisoned) => poisoned.into_inner(),
         };
         Arc::clone(cached.get_or_insert_with(|| self.names.values().copied().collect()))
+    }
+}
+
+/// The name prefix every match of `query` has, when a term ANDed at its
+/// top says so: `thingName:abc*`, or an exact `thingName:abc`.
+fn name_prefix(query: &Query) -> Option<&str> {
+    match query {
+        Query::And(a, b) => name_prefix(a).or_else(|| name_prefix(b)),
+        Query::Term(Term {
+            field: Field::ThingName,
+            test: Test::Equals(literal),
+        }) => match literal.wildcard {
+            false => Some(&literal.text),
+            true => literal
+                .text
+                .strip_suffix('*')
+                .filter(|prefix| !prefix.contains('*')),
+        },
+        _ => None,
     }
 }
 
@@ -1362,6 +1408,20 @@ mod tests {
             names(&index, "shadow.reported.nothing:*"),
             Vec::<String>::new()
         );
+        // A name prefix at the top: only that range of names is evaluated.
+        assert_eq!(names(&index, "thingName:lamp-*"), ["lamp-1", "lamp-2"]);
+        assert_eq!(
+            names(&index, "shadow.reported.on:true AND thingName:lamp*"),
+            ["lamp-2"]
+        );
+        assert_eq!(
+            names(&index, "thingName:meter-1 AND shadow.reported.kwh:*"),
+            ["meter-1"]
+        );
+        assert_eq!(names(&index, "thingName:meter-1*"), ["meter-1"]);
+        assert_eq!(names(&index, "thingName:meter"), Vec::<String>::new());
+        assert_eq!(names(&index, "thingName:zzz*"), Vec::<String>::new());
+        assert_eq!(names(&index, "thingName:l*-2"), ["lamp-2"]);
         let versions = index
             .thing("meter-1", |t| {
                 t.versions()
