@@ -600,8 +600,9 @@ struct Table {
     text: Arena,
     /// Packed shadow values, by slot.
     values: Arena,
-    /// Bytes of the names in `names` and of named shadows, for [`Table::size`].
-    heap_bytes: usize,
+    /// Heap bytes of the keys of `names`, for [`Table::size`] (which leaves
+    /// out the lists of named shadows: most things have none).
+    name_key_bytes: usize,
     /// An arena ran out of room (4 GiB): the table is incomplete.
     full: bool,
     /// `names`' slots in order, built by the first page that needs it.
@@ -637,7 +638,7 @@ impl Table {
                 + shapes
                 + self.text.capacity()
                 + self.values.capacity()
-                + self.heap_bytes,
+                + self.name_key_bytes,
         }
     }
 
@@ -681,7 +682,7 @@ impl Table {
             }),
             ..ThingSlot::default()
         };
-        self.heap_bytes += allocation(name.len());
+        self.name_key_bytes += allocation(name.len());
         match self.free_things.pop() {
             Some(id) => {
                 self.things[id as usize] = slot;
@@ -703,7 +704,7 @@ impl Table {
         let span = std::mem::take(&mut slot.name);
         let name = String::from_utf8_lossy(self.text.get(span)).into_owned();
         self.text.free(span);
-        self.heap_bytes -= allocation(name.len());
+        self.name_key_bytes -= allocation(name.len());
         self.names.remove(name.as_str());
         self.order_changed();
         self.free_things.push(id);
