@@ -90,14 +90,23 @@ pub fn import(
             }
         }
     };
-    for text in input.lines() {
-        let text = text?;
+    for bytes in input.split(b'\n') {
+        let bytes = bytes?;
         done.lines += 1;
         let line = done.lines;
+        // A line that is not UTF-8 is refused like any other bad line.
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(text) => text.trim_end_matches('\r'),
+            Err(err) => {
+                done.refused += 1;
+                refused(line, &format!("not UTF-8: {err}"));
+                continue;
+            }
+        };
         if text.trim().is_empty() {
             continue;
         }
-        let job = match job(&text, limits) {
+        let job = match job(text, limits) {
             Ok(job) => job,
             Err(reason) => {
                 done.refused += 1;
@@ -173,10 +182,19 @@ mod tests {
             r#"{"thing":"lamp-4","state":{"reported":{"on":true}},"extra":1}"#,
             r#"{"thing":"lamp-1","state":{"reported":{"on":true}}}"#,
         ]
-        .join("\n");
+        .join("\n")
+        .into_bytes();
+        // Line 9: not UTF-8; line 10: a good line after it, ending in CRLF.
+        let input = [
+            input,
+            b"\n{\"thing\":\"caf\xe9\"}\n".to_vec(),
+            br#"{"thing":"lamp-5","state":{"reported":{"on":true}}}"#.to_vec(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
         let mut bad = Vec::new();
         let done = import(
-            input.as_bytes(),
+            input.as_slice(),
             &store,
             &mut committed,
             &limits,
@@ -188,17 +206,18 @@ mod tests {
         assert_eq!(
             done,
             ImportProgress {
-                lines: 8,
-                imported: 3,
-                refused: 4
+                lines: 10,
+                imported: 4,
+                refused: 5
             }
         );
         let lines: Vec<u64> = bad.iter().map(|(l, _)| *l).collect();
-        assert_eq!(lines, [4, 5, 6, 7]);
+        assert_eq!(lines, [4, 5, 6, 7, 9]);
         assert!(bad[0].1.starts_with("not an import line"), "{}", bad[0].1);
         assert!(bad[1].1.contains("Invalid thing name"), "{}", bad[1].1);
         assert!(bad[2].1.contains("invalid node"), "{}", bad[2].1);
         assert!(bad[3].1.contains("unknown field"), "{}", bad[3].1);
+        assert!(bad[4].1.starts_with("not UTF-8"), "{}", bad[4].1);
         // The rules ran: the second update of lamp-1 merged into version 2.
         let lamp = store
             .load(&ShadowKey::classic("lamp-1"))
