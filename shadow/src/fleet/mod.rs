@@ -555,16 +555,7 @@ impl Shapes {
             self.list[id as usize].1 += 1;
             return id;
         }
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.list[id as usize] = (shape.into(), 1);
-                id
-            }
-            None => {
-                self.list.push((shape.into(), 1));
-                (self.list.len() - 1) as u32
-            }
-        };
+        let id = place(&mut self.list, &mut self.free, (shape.into(), 1));
         self.ids.insert(shape.into(), id);
         id
     }
@@ -607,6 +598,30 @@ struct Table {
     full: bool,
     /// `names`' slots in order, built by the first page that needs it.
     order: Mutex<Option<Arc<[u32]>>>,
+}
+
+/// Puts `item` in a free slot of `slots` (one `free` lists) or at the end;
+/// its index.
+fn place<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, item: T) -> u32 {
+    match free.pop() {
+        Some(id) => {
+            slots[id as usize] = item;
+            id
+        }
+        None => {
+            slots.push(item);
+            (slots.len() - 1) as u32
+        }
+    }
+}
+
+/// Stores `bytes` in `arena`; when it is full, sets `full` (see
+/// [`Table::full`]) and returns an empty span.
+fn put(arena: &mut Arena, bytes: &[u8], full: &mut bool) -> Span {
+    arena.put(bytes).unwrap_or_else(|| {
+        *full = true;
+        Span::default()
+    })
 }
 
 /// Heap bytes an allocation of `len` takes (allocators round up).
@@ -676,23 +691,11 @@ impl Table {
     /// A slot for a thing about to enter `names`.
     fn new_slot(&mut self, name: &str) -> u32 {
         let slot = ThingSlot {
-            name: self.text.put(name.as_bytes()).unwrap_or_else(|| {
-                self.full = true;
-                Span::default()
-            }),
+            name: put(&mut self.text, name.as_bytes(), &mut self.full),
             ..ThingSlot::default()
         };
         self.name_key_bytes += allocation(name.len());
-        match self.free_things.pop() {
-            Some(id) => {
-                self.things[id as usize] = slot;
-                id
-            }
-            None => {
-                self.things.push(slot);
-                (self.things.len() - 1) as u32
-            }
-        }
+        place(&mut self.things, &mut self.free_things, slot)
     }
 
     /// Drops a thing with neither shadows nor connectivity.
@@ -717,23 +720,11 @@ impl Table {
     fn new_shadow(&mut self, entry: Entry) -> u32 {
         let slot = ShadowSlot {
             version: entry.version,
-            values: self.values.put(&entry.packed.values).unwrap_or_else(|| {
-                self.full = true;
-                Span::default()
-            }),
+            values: put(&mut self.values, &entry.packed.values, &mut self.full),
             shape: self.shapes.take(&entry.packed.shape),
             has_delta: entry.has_delta,
         };
-        match self.free_shadows.pop() {
-            Some(id) => {
-                self.shadows[id as usize] = slot;
-                id
-            }
-            None => {
-                self.shadows.push(slot);
-                (self.shadows.len() - 1) as u32
-            }
-        }
+        place(&mut self.shadows, &mut self.free_shadows, slot)
     }
 
     fn free_shadow(&mut self, id: u32) {
