@@ -4,8 +4,8 @@
 //! one byte string in shape order.
 //!
 //! A fleet's shadows mostly share a handful of shapes, so a shadow costs its
-//! values and little else: a 6-field shadow packs into ~60 bytes, against
-//! ~2 KB as a tree of JSON maps.
+//! values and little else: a 6-field shadow's values pack into about 30
+//! bytes, against ~2 KB as a tree of JSON maps.
 //!
 //! Values are packed as a tag byte and a payload: integers as varints,
 //! floats as 8 bytes, strings as a length and their bytes, an object as the
@@ -33,8 +33,8 @@ pub const REPORTED: u8 = 2;
 /// A shadow's packed state, before its shape is interned.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Packed {
-    /// The shape: a section byte, then each path as
-    /// `[section][segments]` + `[len][bytes]` per segment.
+    /// The shape: a byte of the sections present, then each path as its
+    /// section, its depth, and each segment's length (a varint) and bytes.
     pub shape: Vec<u8>,
     pub values: Vec<u8>,
 }
