@@ -829,13 +829,7 @@ impl Table {
                 .take_while(|&&id| self.name(id).starts_with(prefix))
             {
                 let slot = &self.things[id as usize];
-                let holds = query.matches_with(&mut |term| {
-                    let index = terms
-                        .iter()
-                        .position(|t| std::ptr::eq(*t, term))
-                        .unwrap_or(0);
-                    self.term_holds(slot, term, index, &mut fields)
-                });
+                let holds = self.holds(query, &terms, slot, &mut fields);
                 if holds {
                     set[id as usize / 64] |= 1 << (id % 64);
                 }
@@ -859,13 +853,7 @@ impl Table {
                 if slot.name.is_empty() {
                     continue;
                 }
-                let holds = query.matches_with(&mut |term| {
-                    let index = terms
-                        .iter()
-                        .position(|t| std::ptr::eq(*t, term))
-                        .unwrap_or(0);
-                    self.term_holds(slot, term, index, &mut fields)
-                });
+                let holds = self.holds(query, &terms, slot, &mut fields);
                 if holds {
                     out[id / 64 - first_word] |= 1 << (id % 64);
                 }
@@ -886,6 +874,23 @@ impl Table {
                 .collect()
         });
         SlotSet(parts.concat())
+    }
+
+    /// Whether the thing in `slot` matches `query` (whose terms are `terms`).
+    fn holds(
+        &self,
+        query: &Query,
+        terms: &[&Term],
+        slot: &ThingSlot,
+        fields: &mut FieldPositions,
+    ) -> bool {
+        query.matches_with(&mut |term| {
+            let index = terms
+                .iter()
+                .position(|t| std::ptr::eq(*t, term))
+                .unwrap_or(0);
+            self.term_holds(slot, term, index, fields)
+        })
     }
 
     fn term_holds(
