@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 mod support;
 
-use support::{spawn, UMBRA, WAIT};
+use support::{spawn, FREE_PORTS, UMBRA, WAIT};
 
 async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(UMBRA)
@@ -637,17 +637,7 @@ async fn a_second_umbra_on_one_data_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let umbra = spawn(dir.path()).await;
     let data = dir.path().to_str().expect("utf-8");
-    let (code, _, err) = run_to_exit(&[
-        "--mqtt-addr",
-        "127.0.0.1:0",
-        "--ws-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        data,
-    ])
-    .await;
+    let (code, _, err) = run_to_exit(&[&FREE_PORTS[..], &["--data-dir", data]].concat()).await;
     assert_eq!(code, 64, "{err}");
     let pid = umbra.child.id().expect("running");
     assert!(

@@ -12,6 +12,15 @@ use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 pub const UMBRA: &str = env!("CARGO_BIN_EXE_umbra");
+/// Every listener on a free loopback port.
+pub const FREE_PORTS: [&str; 6] = [
+    "--mqtt-addr",
+    "127.0.0.1:0",
+    "--ws-addr",
+    "127.0.0.1:0",
+    "--http-addr",
+    "127.0.0.1:0",
+];
 
 /// A running `umbra` process and the MQTT address it printed.
 pub struct Umbra {
@@ -29,15 +38,8 @@ pub async fn spawn(data_dir: &Path) -> Umbra {
 pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
     let mut child = Command::new(UMBRA)
         .args(args)
-        .args([
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--ws-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(FREE_PORTS)
+        .arg("--data-dir")
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -230,8 +230,10 @@ impl FleetIndex {
         self.read(Table::size)
     }
 
-    /// One thing, if indexed.
-    pub fn thing<T>(
+    /// One thing, if indexed (the tests' view of the index; the API reads
+    /// shadows from the store).
+    #[cfg(test)]
+    fn thing<T>(
         &self,
         name: &str,
         render: impl FnOnce(ThingRef<'_>) -> T,
@@ -705,10 +707,10 @@ impl Table {
             return;
         }
         let span = std::mem::take(&mut slot.name);
-        let name = String::from_utf8_lossy(self.text.get(span)).into_owned();
-        self.text.free(span);
+        let name = std::str::from_utf8(self.text.get(span)).unwrap_or_default();
         self.name_key_bytes -= allocation(name.len());
-        self.names.remove(name.as_str());
+        self.names.remove(name);
+        self.text.free(span);
         self.order_changed();
         self.free_things.push(id);
         if self.text.wants_compaction() {
@@ -804,6 +806,7 @@ impl Table {
         }
     }
 
+    #[cfg(test)]
     fn thing_ref(&self, name: &str) -> Option<ThingRef<'_>> {
         let (name, &id) = self.names.get_key_value(name)?;
         Some(ThingRef {
