@@ -17,10 +17,6 @@ impl Span {
     pub fn len(self) -> usize {
         self.len as usize
     }
-
-    pub fn is_empty(self) -> bool {
-        self.len == 0
-    }
 }
 
 /// The buffer.

@@ -18,6 +18,7 @@ mod arena;
 pub mod compact;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use serde::Deserialize;
@@ -248,12 +249,20 @@ impl FleetIndex {
         query: Option<&Query>,
         after: Option<&str>,
         limit: usize,
-        render: impl FnMut(ThingRef<'_>) -> T,
+        mut render: impl FnMut(ThingRef<'_>) -> T,
     ) -> Result<(Vec<T>, bool), IndexError> {
         self.read(|table| {
-            let matching = query.map(|q| table.matching(q));
-            let keep = |id: u32| matching.as_ref().is_none_or(|m| m.contains(id));
-            table.page(keep, after, limit, render)
+            let Some(query) = query else {
+                return table.page(|_| true, after, limit, render);
+            };
+            let mut found = table.first_matches(query, after, limit + 1);
+            let more = found.len() > limit;
+            found.truncate(limit);
+            let things = found
+                .into_iter()
+                .map(|id| render(table.thing_at(id)))
+                .collect();
+            (things, more)
         })
     }
 
@@ -420,8 +429,12 @@ impl PackedShadow {
 /// No slot.
 const NONE: u32 = u32::MAX;
 
-/// Things from which a search scans on every core.
+/// Things from which a search reads on every core.
 const PARALLEL_FROM: usize = 65_536;
+
+/// Things a search reads at a time (on one core) before it looks whether
+/// it has found enough.
+const SEARCH_CHUNK: usize = 4096;
 
 /// One thing. A free slot has an empty name. Small (32 bytes): a search
 /// reads every slot, so their size is its memory traffic.
@@ -816,67 +829,101 @@ impl Table {
         })
     }
 
-    /// The slots of the things `query` matches. A query that asks for a
-    /// name prefix is evaluated over that range of the name order only;
-    /// any other over every slot, in slot order, split over the cores when
-    /// there are many.
-    fn matching(&self, query: &Query) -> SlotSet {
+    /// The first `need` things `query` matches, in name order after
+    /// `after`. Only the name ranges the query allows are read (see
+    /// [`name_prefixes`]); they are read a chunk at a time, on every core
+    /// when there are many things, and reading stops as soon as the chunks
+    /// finished in order hold `need` matches: a frequent match is found
+    /// near the start, a rare one costs a read of every thing.
+    fn first_matches(&self, query: &Query, after: Option<&str>, need: usize) -> Vec<u32> {
         let terms = query.terms();
-        if let Some(prefix) = name_prefix(query) {
-            let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
-            let mut set = vec![0u64; self.things.len().div_ceil(64)];
-            let order = self.name_order();
-            let first = order.partition_point(|&id| self.name(id) < prefix);
-            for &id in order[first..]
-                .iter()
-                .take_while(|&&id| self.name(id).starts_with(prefix))
-            {
-                let slot = &self.things[id as usize];
-                let holds = self.holds(query, &terms, slot, &mut fields);
-                if holds {
-                    set[id as usize / 64] |= 1 << (id % 64);
-                }
-            }
-            return SlotSet(set);
-        }
-        let threads = match self.things.len() {
+        let order = self.name_order();
+        let start = after.map_or(0, |after| {
+            order.partition_point(|&id| self.name(id) <= after)
+        });
+        let ranges = match name_prefixes(query) {
+            Some(prefixes) => prefixes
+                .into_iter()
+                .map(|prefix| {
+                    let first = order.partition_point(|&id| self.name(id) < prefix);
+                    let end = first
+                        + order[first..].partition_point(|&id| self.name(id).starts_with(prefix));
+                    &order[first.max(start)..end.max(start)]
+                })
+                .collect(),
+            None => vec![&order[start..]],
+        };
+        let chunks: Vec<&[u32]> = ranges
+            .into_iter()
+            .flat_map(|range| range.chunks(SEARCH_CHUNK))
+            .collect();
+        let threads = match chunks.len() * SEARCH_CHUNK {
             0..PARALLEL_FROM => 1,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-        // Ranges of whole 64-slot words, so each thread fills its own words.
-        let words = self.things.len().div_ceil(64);
-        let per_thread = words.div_ceil(threads).max(1);
-        let scan = |first_word: usize| {
+        // Matches by chunk, and how many chunks from the first are done.
+        struct Progress {
+            chunks: Vec<Option<Vec<u32>>>,
+            done: usize,
+            found: usize,
+        }
+        let progress = Mutex::new(Progress {
+            chunks: vec![None; chunks.len()],
+            done: 0,
+            found: 0,
+        });
+        let next = AtomicUsize::new(0);
+        let enough = AtomicBool::new(false);
+        let work = || {
             let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
-            let last = (first_word + per_thread).min(words);
-            let mut out = vec![0u64; last - first_word];
-            let slots = (first_word * 64)..(last * 64).min(self.things.len());
-            for id in slots {
-                let slot = &self.things[id];
-                if slot.name.is_empty() {
-                    continue;
+            while !enough.load(Ordering::Relaxed) {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(ids) = chunks.get(k) else {
+                    break;
+                };
+                let found: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| self.holds(query, &terms, &self.things[id as usize], &mut fields))
+                    .collect();
+                let mut progress = match progress.lock() {
+                    Ok(progress) => progress,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                progress.chunks[k] = Some(found);
+                while let Some(Some(part)) = progress.chunks.get(progress.done) {
+                    let len = part.len();
+                    progress.found += len;
+                    progress.done += 1;
                 }
-                let holds = self.holds(query, &terms, slot, &mut fields);
-                if holds {
-                    out[id / 64 - first_word] |= 1 << (id % 64);
+                if progress.found >= need {
+                    enough.store(true, Ordering::Relaxed);
                 }
             }
-            out
         };
         if threads == 1 {
-            return SlotSet(scan(0));
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+                work();
+                for helper in helpers {
+                    crate::tasks::joined_thread("fleet search", helper.join());
+                }
+            });
         }
-        let parts: Vec<Vec<u64>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..words)
-                .step_by(per_thread)
-                .map(|first| scope.spawn(move || scan(first)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| crate::tasks::joined_thread("fleet search", h.join()).unwrap_or_default())
-                .collect()
-        });
-        SlotSet(parts.concat())
+        let progress = match progress.into_inner() {
+            Ok(progress) => progress,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        progress
+            .chunks
+            .into_iter()
+            .take(progress.done)
+            .flatten()
+            .flatten()
+            .take(need)
+            .collect()
     }
 
     /// Whether the thing in `slot` matches `query` (whose terms are `terms`).
@@ -964,13 +1011,17 @@ impl Table {
             if out.len() == limit {
                 return (out, true);
             }
-            out.push(render(ThingRef {
-                name: self.name(id),
-                slot: &self.things[id as usize],
-                table: self,
-            }));
+            out.push(render(self.thing_at(id)));
         }
         (out, false)
+    }
+
+    fn thing_at(&self, id: u32) -> ThingRef<'_> {
+        ThingRef {
+            name: self.name(id),
+            slot: &self.things[id as usize],
+            table: self,
+        }
     }
 
     fn name(&self, id: u32) -> &str {
@@ -989,20 +1040,35 @@ impl Table {
     }
 }
 
-/// The name prefix every match of `query` has, when a term ANDed at its
-/// top says so: `thingName:abc*`, or an exact `thingName:abc`.
-fn name_prefix(query: &Query) -> Option<&str> {
+/// Name prefixes one of which every match of `query` has, when its terms
+/// say so: a `thingName:abc*` (or an exact `thingName:abc`) ANDed at its
+/// top, or an OR of such. Sorted, none the prefix of another, so their
+/// ranges of the name order are apart and in order.
+fn name_prefixes(query: &Query) -> Option<Vec<&str>> {
+    let mut prefixes = name_prefixes_of(query)?;
+    prefixes.sort_unstable();
+    prefixes.dedup_by(|later, earlier| later.starts_with(*earlier));
+    Some(prefixes)
+}
+
+fn name_prefixes_of(query: &Query) -> Option<Vec<&str>> {
     match query {
-        Query::And(a, b) => name_prefix(a).or_else(|| name_prefix(b)),
+        Query::And(a, b) => name_prefixes_of(a).or_else(|| name_prefixes_of(b)),
+        Query::Or(a, b) => {
+            let mut prefixes = name_prefixes_of(a)?;
+            prefixes.extend(name_prefixes_of(b)?);
+            Some(prefixes)
+        }
         Query::Term(Term {
             field: Field::ThingName,
             test: Test::Equals(literal),
         }) => match literal.wildcard {
-            false => Some(&literal.text),
+            false => Some(vec![&literal.text]),
             true => literal
                 .text
                 .strip_suffix('*')
-                .filter(|prefix| !prefix.contains('*')),
+                .filter(|prefix| !prefix.contains('*'))
+                .map(|prefix| vec![prefix]),
         },
         _ => None,
     }
@@ -1051,17 +1117,6 @@ impl<'q> FieldPositions<'q> {
                 .collect()
         });
         positions.get(term).copied().flatten()
-    }
-}
-
-/// A set of thing slots.
-struct SlotSet(Vec<u64>);
-
-impl SlotSet {
-    fn contains(&self, id: u32) -> bool {
-        self.0
-            .get(id as usize / 64)
-            .is_some_and(|w| w & (1 << (id % 64)) != 0)
     }
 }
 
@@ -1333,6 +1388,65 @@ mod tests {
             page.ok(),
             Some((vec!["t09998".to_string(), "t09999".to_string()], false))
         );
+    }
+
+    /// Enough things for a search on every core, stored in the reverse of
+    /// name order: each query's pages, followed to the end, are exactly the
+    /// things a brute-force check finds, in name order.
+    #[test]
+    fn pages_of_a_large_search_are_every_match_in_name_order() {
+        const THINGS: u64 = PARALLEL_FROM as u64 + 5_000;
+        let parts = (0..THINGS)
+            .rev()
+            .collect::<Vec<_>>()
+            .chunks(4096)
+            .map(|ns| {
+                SnapshotPart::Shadows(
+                    ns.iter()
+                        .map(|&n| {
+                            let state = serde_json::json!({"reported": {"n": n, "k": n % 7}});
+                            row(&format!("t{n:05}"), None, 1, state)
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let index = loaded(parts, 0);
+        let cases: [(&str, &dyn Fn(u64) -> bool); 5] = [
+            ("shadow.reported.k:3", &|n| n % 7 == 3),
+            ("shadow.reported.n>=70000", &|n| n >= 70_000),
+            ("shadow.reported.n:12345", &|n| n == 12_345),
+            (
+                "thingName:t123* OR thingName:t0001* OR thingName:t5* OR thingName:t12345",
+                &|n| n / 100 == 123 || n / 10 == 1 || n / 10_000 == 5,
+            ),
+            (
+                "(thingName:t2* OR thingName:t04*) AND shadow.reported.k:0",
+                &|n| (n / 10_000 == 2 || n / 1_000 == 4) && n % 7 == 0,
+            ),
+        ];
+        for ((query, holds), size) in cases.into_iter().flat_map(|c| [(c, 1000), (c, 5000)]) {
+            let query = Query::parse(query).expect("query");
+            let mut found = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let (page, more) = index
+                    .search(Some(&query), after.as_deref(), size, |t| {
+                        t.name().to_string()
+                    })
+                    .expect("search");
+                after = page.last().cloned();
+                found.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            let expected: Vec<String> = (0..THINGS)
+                .filter(|&n| holds(n))
+                .map(|n| format!("t{n:05}"))
+                .collect();
+            assert_eq!(found, expected, "{query:?}");
+        }
     }
 
     #[test]
