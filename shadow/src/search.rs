@@ -197,7 +197,7 @@ impl Query {
 
     /// A rough cost of evaluating the query on one thing: the name is at
     /// hand, connectivity a field away, a state path several map lookups.
-    fn cost(&self) -> usize {
+    pub fn cost(&self) -> usize {
         match self {
             Query::And(a, b) | Query::Or(a, b) => a.cost() + b.cost(),
             Query::Not(q) => q.cost(),
