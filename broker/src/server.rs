@@ -93,6 +93,11 @@ impl Server {
             source,
         })?;
         let registry = prometheus::Registry::new();
+        // process_*: resident memory, CPU, open files (and their limit).
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let metrics = ShadowMetrics::register(&registry)?;
         let store_config = config.store.store_config(&config.database_path());
         let (store, committed) = SqliteStore::open_with_metrics(
