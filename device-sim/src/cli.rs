@@ -21,8 +21,9 @@ pub struct Cli {
     /// Print the summary as JSON on stdout (the table then goes to stderr).
     #[arg(long, global = true)]
     pub json: bool,
-    /// Write latency-over-time and latency-distribution charts to this SVG file.
-    #[arg(long, global = true, value_name = "FILE.svg")]
+    /// Write charts of the run (latency over time, errors and rejections over time, latency
+    /// distribution) to this file: SVG, or PNG when it ends in .png.
+    #[arg(long, global = true, value_name = "FILE.svg|FILE.png")]
     pub plot: Option<PathBuf>,
     /// No live progress line.
     #[arg(long, short, global = true)]

@@ -15,7 +15,7 @@
 //! - [`relay`]: `bench relay`: broker throughput and end-to-end latency.
 //! - [`shadow_bench`]: `bench shadow`: durable shadow updates per second.
 //! - [`stats`], [`report`], [`plot`]: counters and HDR histograms, the live line and summary
-//!   (table or JSON), the SVG charts.
+//!   (table or JSON), the charts (SVG or PNG).
 //!
 //! Every mode takes a [`CancellationToken`](tokio_util::sync::CancellationToken) for shutdown
 //! (Ctrl-C in the binary), stops at the end of its `--duration`, disconnects its clients and

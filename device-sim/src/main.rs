@@ -58,8 +58,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         };
         if let Some(path) = &cli.plot {
-            std::fs::write(path, plot::render_svg(&summary))
-                .with_context(|| format!("writing {}", path.display()))?;
+            if let Some(note) = plot::write(path, &summary)? {
+                eprintln!("device-sim: {note}");
+            }
         }
         if cli.json {
             eprint!("{}", summary.table());

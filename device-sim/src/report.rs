@@ -1,7 +1,7 @@
 //! Reporting: the live progress line (stderr, once per second), the end-of-run summary as a text
 //! table or JSON.
 
-use crate::stats::{IntervalPoint, LatencySummary, RunStats};
+use crate::stats::{FailurePoint, IntervalPoint, LatencySummary, RunStats};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -42,6 +42,9 @@ pub struct Summary {
     /// (latency ms, quantile) per series, for the distribution chart.
     #[serde(skip)]
     pub distributions: Vec<(String, Vec<(f64, f64)>)>,
+    /// Errors and rejections per second, for the failures chart.
+    #[serde(skip)]
+    pub failures: Vec<FailurePoint>,
 }
 
 impl Summary {
@@ -83,6 +86,7 @@ impl Summary {
                 .iter()
                 .map(|s| (s.name().to_owned(), s.distribution()))
                 .collect(),
+            failures: stats.failures.points(),
         }
     }
 
@@ -205,6 +209,7 @@ async fn progress(
             stats.connects.get(),
         );
         let t = now.saturating_duration_since(measure_from).as_secs_f64();
+        stats.tick_failures(t);
         let mut latency = String::new();
         for series in &stats.latencies {
             let point = series.tick(t);

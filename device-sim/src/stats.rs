@@ -81,6 +81,29 @@ pub struct IntervalPoint {
     pub max_ms: f64,
 }
 
+/// Failures over one reporting interval (one point of the failures-over-time chart).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FailurePoint {
+    /// Seconds since the run started, at the end of the interval.
+    pub t_s: f64,
+    /// Errors (connection errors, dropped requests, ...) in the interval.
+    pub errors: u64,
+    /// Shadow rejections with code 429 (throttled) in the interval.
+    pub throttled: u64,
+    /// Other shadow rejections in the interval.
+    pub rejected: u64,
+}
+
+/// The per-interval failure counts of a run, and the totals at the last tick.
+#[derive(Debug, Default)]
+pub struct FailureTimeline(Mutex<(FailurePoint, Vec<FailurePoint>)>);
+
+impl FailureTimeline {
+    pub fn points(&self) -> Vec<FailurePoint> {
+        lock(&self.0).1.clone()
+    }
+}
+
 struct LatencyInner {
     total: Histogram<u64>,
     interval: Histogram<u64>,
@@ -218,6 +241,8 @@ pub struct RunStats {
     /// counted apart from errors and rejections.
     pub expected: Tally,
     pub latencies: Vec<Arc<LatencySeries>>,
+    /// Errors and rejections per interval, for plots.
+    pub failures: FailureTimeline,
 }
 
 impl RunStats {
@@ -235,7 +260,32 @@ impl RunStats {
                 .iter()
                 .map(|name| Arc::new(LatencySeries::new(name)))
                 .collect(),
+            failures: FailureTimeline::default(),
         })
+    }
+
+    /// Closes a failure interval at `t_s` seconds: what was counted since
+    /// the last one becomes a point of [`RunStats::failures`].
+    pub fn tick_failures(&self, t_s: f64) -> FailurePoint {
+        let rejected = self.rejected.snapshot();
+        let throttled = rejected.get("429").copied().unwrap_or(0);
+        let totals = FailurePoint {
+            t_s,
+            errors: self.errors.total(),
+            throttled,
+            rejected: rejected.values().sum::<u64>() - throttled,
+        };
+        let mut timeline = lock(&self.failures.0);
+        let (last, points) = &mut *timeline;
+        let point = FailurePoint {
+            t_s,
+            errors: totals.errors.saturating_sub(last.errors),
+            throttled: totals.throttled.saturating_sub(last.throttled),
+            rejected: totals.rejected.saturating_sub(last.rejected),
+        };
+        *last = totals;
+        points.push(point);
+        point
     }
 
     /// The latency series registered under `name` at construction.
