@@ -33,6 +33,11 @@ pub struct ShadowMetrics {
     pub fleet_index_shadows: IntGauge,
     /// Estimated heap bytes of the fleet index (set when metrics are read).
     pub fleet_index_bytes: IntGauge,
+    /// Things in the fleet, and those connected now (set when metrics are read).
+    pub fleet_things: IntGauge,
+    pub fleet_things_connected: IntGauge,
+    /// Shadows with an outstanding delta (set when metrics are read).
+    pub fleet_shadows_with_delta: IntGauge,
 }
 
 impl ShadowMetrics {
@@ -101,6 +106,18 @@ impl ShadowMetrics {
                 "umbra_fleet_index_bytes",
                 "Estimated heap bytes of the fleet index",
             )?,
+            fleet_things: IntGauge::new(
+                "umbra_fleet_things",
+                "Things in the fleet index (with a shadow or a known connectivity)",
+            )?,
+            fleet_things_connected: IntGauge::new(
+                "umbra_fleet_things_connected",
+                "Things whose device is connected now",
+            )?,
+            fleet_shadows_with_delta: IntGauge::new(
+                "umbra_fleet_shadows_with_delta",
+                "Shadows whose desired state differs from their reported state",
+            )?,
         };
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.request_seconds.clone()))?;
@@ -113,6 +130,9 @@ impl ShadowMetrics {
         registry.register(Box::new(metrics.http_requests.clone()))?;
         registry.register(Box::new(metrics.fleet_index_shadows.clone()))?;
         registry.register(Box::new(metrics.fleet_index_bytes.clone()))?;
+        registry.register(Box::new(metrics.fleet_things.clone()))?;
+        registry.register(Box::new(metrics.fleet_things_connected.clone()))?;
+        registry.register(Box::new(metrics.fleet_shadows_with_delta.clone()))?;
         Ok(metrics)
     }
 }

@@ -66,6 +66,10 @@ pub enum IndexError {
 pub struct IndexSize {
     pub things: usize,
     pub shadows: usize,
+    /// Things whose device is connected now.
+    pub connected: usize,
+    /// Shadows whose desired state differs from their reported state.
+    pub with_delta: usize,
     /// Heap bytes of the index, estimated from its parts.
     pub bytes: usize,
 }
@@ -616,6 +620,9 @@ struct Table {
     name_key_bytes: usize,
     /// An arena ran out of room (4 GiB): the table is incomplete.
     full: bool,
+    /// Things connected now, and shadows with a delta: kept as slots change.
+    connected: usize,
+    with_delta: usize,
     /// `names`' slots in order, built by the first page that needs it.
     order: Mutex<Option<Arc<[u32]>>>,
 }
@@ -667,6 +674,8 @@ impl Table {
         IndexSize {
             things: self.names.len(),
             shadows: self.shadows.len() - self.free_shadows.len(),
+            connected: self.connected,
+            with_delta: self.with_delta,
             bytes: names
                 + self.things.capacity() * std::mem::size_of::<ThingSlot>()
                 + self.shadows.capacity() * std::mem::size_of::<ShadowSlot>()
@@ -744,11 +753,13 @@ impl Table {
             shape: self.shapes.take(&entry.packed.shape),
             has_delta: entry.has_delta,
         };
+        self.with_delta += usize::from(slot.has_delta);
         place(&mut self.shadows, &mut self.free_shadows, slot)
     }
 
     fn free_shadow(&mut self, id: u32) {
         let slot = std::mem::take(&mut self.shadows[id as usize]);
+        self.with_delta -= usize::from(slot.has_delta);
         self.values.free(slot.values);
         self.shapes.release(slot.shape);
         self.free_shadows.push(id);
@@ -787,12 +798,21 @@ impl Table {
 
     fn set_presence(&mut self, thing: &str, presence: Presence) {
         let id = self.thing_id(thing);
-        self.things[id as usize].set_presence(Some(presence));
+        self.set_thing_presence(id, Some(presence));
+    }
+
+    /// Sets a thing's connectivity, keeping the count of things connected.
+    fn set_thing_presence(&mut self, id: u32, presence: Option<Presence>) {
+        let slot = &mut self.things[id as usize];
+        let was = slot.connectivity == CONNECTED;
+        slot.set_presence(presence);
+        let is = slot.connectivity == CONNECTED;
+        self.connected = self.connected + usize::from(is) - usize::from(was);
     }
 
     fn forget(&mut self, thing: &str) {
         if let Some(&id) = self.names.get(thing) {
-            self.things[id as usize].set_presence(None);
+            self.set_thing_presence(id, None);
             self.drop_if_empty(id);
         }
     }
@@ -1547,6 +1567,63 @@ mod tests {
                            "name": {"cfg": {"desired": {"rate": 60}, "hasDelta": true, "version": 4}}}
             }))
         );
+    }
+
+    /// The counts of connected things and shadows with a delta, kept as
+    /// changes come, match a model of the fleet through a random run of
+    /// updates, deletes, connects, disconnects and forgets.
+    #[test]
+    fn connected_and_delta_counts_follow_every_change() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let index = loaded(vec![], 0);
+        let mut deltas: HashMap<(String, Option<String>), bool> = HashMap::new();
+        let mut connected: HashMap<String, bool> = HashMap::new();
+        for seq in 1..=3000u64 {
+            let thing = format!("t{}", rng.gen_range(0..20));
+            let name = rng.gen_bool(0.3).then(|| "cfg".to_string());
+            let change = match rng.gen_range(0..10) {
+                0..=4 => {
+                    let (desired, reported) = (rng.gen_range(0..2), rng.gen_range(0..2));
+                    deltas.insert((thing.clone(), name.clone()), desired != reported);
+                    let mut change = update(seq, &thing, name.as_deref(), seq, 0);
+                    change.document = format!(
+                        r#"{{"state":{{"desired":{{"x":{desired}}},"reported":{{"x":{reported}}}}},"metadata":{{}},"version":{seq}}}"#
+                    );
+                    change
+                }
+                5 => {
+                    deltas.remove(&(thing.clone(), name.clone()));
+                    Change {
+                        kind: ChangeKind::Delete,
+                        ..update(seq, &thing, name.as_deref(), seq, 0)
+                    }
+                }
+                6..=7 => {
+                    let up = rng.gen_bool(0.5);
+                    connected.insert(thing.clone(), up);
+                    presence(seq, &thing, up, seq as i64)
+                }
+                _ => {
+                    connected.remove(&thing);
+                    Change {
+                        kind: ChangeKind::Forget,
+                        ..presence(seq, &thing, false, 0)
+                    }
+                }
+            };
+            index.apply(change);
+            let size = index.size().expect("size");
+            assert_eq!(
+                (size.connected, size.with_delta, size.shadows),
+                (
+                    connected.values().filter(|&&c| c).count(),
+                    deltas.values().filter(|&&d| d).count(),
+                    deltas.len()
+                ),
+                "after change {seq}"
+            );
+        }
     }
 
     #[test]

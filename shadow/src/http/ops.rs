@@ -18,6 +18,9 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
     if let (Some(metrics), Ok(size)) = (&state.metrics, state.service.fleet().size()) {
         metrics.fleet_index_shadows.set(size.shadows as i64);
         metrics.fleet_index_bytes.set(size.bytes as i64);
+        metrics.fleet_things.set(size.things as i64);
+        metrics.fleet_things_connected.set(size.connected as i64);
+        metrics.fleet_shadows_with_delta.set(size.with_delta as i64);
     }
     let encoder = TextEncoder::new();
     let mut text = Vec::new();
