@@ -1,5 +1,6 @@
 //! The command line (clap derive) and its translation into each mode's configuration.
 
+use crate::demo::{DemoConfig, External};
 use crate::fleet::FleetConfig;
 use crate::mqtt::{BrokerAddr, CaFile, ClientSettings};
 use crate::operator::{OperatorConfig, OperatorPlan, TargetOrder};
@@ -38,6 +39,8 @@ pub enum Command {
     Fleet(FleetArgs),
     /// Change desired state of random devices at a fixed rate.
     Operator(OperatorArgs),
+    /// The monitoring demo: Umbra, a fleet with telemetry and an operator, until Ctrl-C.
+    Demo(DemoArgs),
     /// Broker and shadow-service benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -449,5 +452,56 @@ mod tests {
         assert!(Cli::try_parse_from(["device-sim", "bench", "relay", "--qos", "3"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "fleet", "--broker", "http://x"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "fleet", "--ca-file", "/no/such.pem"]).is_err());
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 300)]
+    pub devices: usize,
+    /// Desired-state changes per second by the operator (over the HTTP API).
+    #[arg(long, default_value = "2/s")]
+    pub operator_rate: Rate,
+    /// Telemetry from each device (`0s`: none).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub telemetry_interval: Duration,
+    /// Use the Umbra at this MQTT URL instead of starting one (needs `--api` too).
+    #[arg(long, requires = "api")]
+    pub broker: Option<BrokerAddr>,
+    /// That Umbra's HTTP API (`http://host:port`; needs `--broker` too).
+    #[arg(long, requires = "broker")]
+    pub api: Option<String>,
+    /// The started Umbra's data directory (a temporary one, removed at the end, by default).
+    #[arg(long, conflicts_with = "broker")]
+    pub data_dir: Option<PathBuf>,
+    /// End once this many operator changes have converged (until Ctrl-C by default).
+    #[arg(long)]
+    pub changes: Option<u64>,
+    /// End after this long (until Ctrl-C by default).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+impl DemoArgs {
+    pub fn config(&self, quiet: bool) -> DemoConfig {
+        DemoConfig {
+            umbra: self
+                .broker
+                .clone()
+                .zip(self.api.clone())
+                .map(|(broker, api)| External { broker, api }),
+            data_dir: self.data_dir.clone(),
+            devices: self.devices,
+            telemetry_interval: (!self.telemetry_interval.is_zero())
+                .then_some(self.telemetry_interval),
+            operator_rate: self.operator_rate,
+            changes: self.changes,
+            // "Until Ctrl-C": a year.
+            duration: self
+                .duration
+                .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
+            quiet,
+        }
     }
 }

@@ -24,6 +24,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod convergence;
+pub mod demo;
 pub mod fleet;
 pub mod mqtt;
 pub mod operator;
@@ -46,4 +47,6 @@ pub enum Error {
     Http(#[from] operator::HttpError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("starting Umbra: {0}")]
+    Umbra(String),
 }

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use device_sim::cli::{BenchCommand, Cli, Command};
-use device_sim::{fleet, operator, plot, relay, shadow_bench};
+use device_sim::{demo, fleet, operator, plot, relay, shadow_bench};
 use std::io::Write as _;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let summary = match &cli.command {
             Command::Fleet(args) => fleet::run(args.config(cli.quiet), shutdown).await?,
             Command::Operator(args) => operator::run(args.config(cli.quiet), shutdown).await?,
+            Command::Demo(args) => demo::run(args.config(cli.quiet), shutdown).await?,
             Command::Bench(BenchCommand::Relay(args)) => {
                 relay::run(args.config(cli.quiet), shutdown).await?
             }
