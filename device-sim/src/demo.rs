@@ -54,7 +54,7 @@ pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> Result<Summ
                 .mqtt
                 .ok_or(Error::Config("the embedded Umbra has no MQTT listener"))?;
             let external = External {
-                broker: BrokerAddr::tcp(&mqtt.ip().to_string(), mqtt.port()),
+                broker: BrokerAddr::tcp(mqtt.ip().to_string(), mqtt.port()),
                 api: format!("http://{}", addrs.http),
             };
             (Some(server), external)
