@@ -14,8 +14,8 @@
 //! at a time on every core, and stops once it has its page: a frequent
 //! match costs a few chunks, a rare one a read of every thing (a few
 //! dozen bytes each, which is what makes a million take milliseconds).
-//! The `plan` module narrows the read to the name ranges a query allows and checks
-//! first the operand that rejects most.
+//! The `plan` module narrows the read to the name ranges a query allows
+//! and checks first the operand that rejects most.
 
 mod arena;
 pub mod compact;
@@ -855,8 +855,8 @@ impl Table {
     }
 
     /// The first `need` things `query` matches, in name order after
-    /// `after`. Only the name ranges the query allows are read (see
-    /// [`name_prefixes`]); they are read a chunk at a time, on every core
+    /// `after`. Only the name ranges the query allows are read (see the
+    /// `plan` module); they are read a chunk at a time, on every core
     /// when there are many things, and reading stops as soon as the chunks
     /// finished in order hold `need` matches: a frequent match is found
     /// near the start, a rare one costs a read of every thing.
