@@ -366,6 +366,57 @@ impl ShadowArgs {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 300)]
+    pub devices: usize,
+    /// Desired-state changes per second by the operator (over the HTTP API).
+    #[arg(long, default_value = "2/s")]
+    pub operator_rate: Rate,
+    /// Telemetry from each device (`0s`: none).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub telemetry_interval: Duration,
+    /// Use the Umbra at this MQTT URL instead of starting one (needs `--api` too).
+    #[arg(long, requires = "api")]
+    pub broker: Option<BrokerAddr>,
+    /// That Umbra's HTTP API (`http://host:port`; needs `--broker` too).
+    #[arg(long, requires = "broker")]
+    pub api: Option<String>,
+    /// The started Umbra's data directory (a temporary one, removed at the end, by default).
+    #[arg(long, conflicts_with = "broker")]
+    pub data_dir: Option<PathBuf>,
+    /// End once this many operator changes have converged (until Ctrl-C by default).
+    #[arg(long)]
+    pub changes: Option<u64>,
+    /// End after this long (until Ctrl-C by default).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+impl DemoArgs {
+    pub fn config(&self, quiet: bool) -> DemoConfig {
+        DemoConfig {
+            umbra: self
+                .broker
+                .clone()
+                .zip(self.api.clone())
+                .map(|(broker, api)| External { broker, api }),
+            data_dir: self.data_dir.clone(),
+            devices: self.devices,
+            telemetry_interval: (!self.telemetry_interval.is_zero())
+                .then_some(self.telemetry_interval),
+            operator_rate: self.operator_rate,
+            changes: self.changes,
+            // "Until Ctrl-C": a year.
+            duration: self
+                .duration
+                .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
+            quiet,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,55 +504,41 @@ mod tests {
         assert!(Cli::try_parse_from(["device-sim", "fleet", "--broker", "http://x"]).is_err());
         assert!(Cli::try_parse_from(["device-sim", "fleet", "--ca-file", "/no/such.pem"]).is_err());
     }
-}
 
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Devices in the fleet.
-    #[arg(long, default_value_t = 300)]
-    pub devices: usize,
-    /// Desired-state changes per second by the operator (over the HTTP API).
-    #[arg(long, default_value = "2/s")]
-    pub operator_rate: Rate,
-    /// Telemetry from each device (`0s`: none).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub telemetry_interval: Duration,
-    /// Use the Umbra at this MQTT URL instead of starting one (needs `--api` too).
-    #[arg(long, requires = "api")]
-    pub broker: Option<BrokerAddr>,
-    /// That Umbra's HTTP API (`http://host:port`; needs `--broker` too).
-    #[arg(long, requires = "broker")]
-    pub api: Option<String>,
-    /// The started Umbra's data directory (a temporary one, removed at the end, by default).
-    #[arg(long, conflicts_with = "broker")]
-    pub data_dir: Option<PathBuf>,
-    /// End once this many operator changes have converged (until Ctrl-C by default).
-    #[arg(long)]
-    pub changes: Option<u64>,
-    /// End after this long (until Ctrl-C by default).
-    #[arg(long, value_parser = parse_duration)]
-    pub duration: Option<Duration>,
-}
-
-impl DemoArgs {
-    pub fn config(&self, quiet: bool) -> DemoConfig {
-        DemoConfig {
-            umbra: self
-                .broker
-                .clone()
-                .zip(self.api.clone())
-                .map(|(broker, api)| External { broker, api }),
-            data_dir: self.data_dir.clone(),
-            devices: self.devices,
-            telemetry_interval: (!self.telemetry_interval.is_zero())
-                .then_some(self.telemetry_interval),
-            operator_rate: self.operator_rate,
-            changes: self.changes,
-            // "Until Ctrl-C": a year.
-            duration: self
-                .duration
-                .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
-            quiet,
-        }
+    #[test]
+    fn demo_takes_an_umbra_as_both_its_addresses_or_none() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["device-sim", "demo"], args].concat());
+        assert!(parse(&["--broker", "mqtt://h:1883"]).is_err());
+        assert!(parse(&["--api", "http://h:8080"]).is_err());
+        assert!(parse(&[
+            "--broker",
+            "mqtt://h:1883",
+            "--api",
+            "http://h:8080",
+            "--data-dir",
+            "d"
+        ])
+        .is_err());
+        let Ok(Cli {
+            command: Command::Demo(demo),
+            ..
+        }) = parse(&["--broker", "mqtt://h:1883", "--api", "http://h:8080"])
+        else {
+            panic!("demo with both addresses parses");
+        };
+        let config = demo.config(true);
+        assert_eq!(
+            config.umbra.map(|u| u.api),
+            Some("http://h:8080".to_string())
+        );
+        assert_eq!(config.devices, 300);
+        let Ok(Cli {
+            command: Command::Demo(demo),
+            ..
+        }) = parse(&[])
+        else {
+            panic!("demo parses");
+        };
+        assert!(demo.config(true).umbra.is_none());
     }
 }
