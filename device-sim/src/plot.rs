@@ -95,8 +95,9 @@ impl Panel {
     }
 }
 
-/// A "nice" upper bound for an axis (1, 2 or 5 times a power of ten).
-fn nice_max(value: f64) -> f64 {
+/// The smallest "nice" number (1, 2 or 5 times a power of ten) at or above `value`: an axis's
+/// upper bound, or (of a fifth of its span) the step between its ticks.
+fn nice(value: f64) -> f64 {
     if !(value.is_finite() && value > 0.0) {
         return 1.0;
     }
@@ -105,20 +106,6 @@ fn nice_max(value: f64) -> f64 {
         .iter()
         .map(|m| m * magnitude)
         .find(|&m| m >= value)
-        .unwrap_or(10.0 * magnitude)
-}
-
-/// A "nice" step for about five ticks up to `span`.
-fn nice_step(span: f64) -> f64 {
-    let rough = span / 5.0;
-    if !(rough.is_finite() && rough > 0.0) {
-        return 1.0;
-    }
-    let magnitude = 10f64.powf(rough.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * magnitude)
-        .find(|&m| m >= rough)
         .unwrap_or(10.0 * magnitude)
 }
 
@@ -188,7 +175,7 @@ impl Chart {
 
     /// Labels the x axis with seconds, from 0 to the run's end.
     fn time_axis(&mut self, panel: &Panel) {
-        let step = nice_step(panel.x_max);
+        let step = nice(panel.x_max / 5.0);
         let mut t = 0.0;
         while t <= panel.x_max + 1e-9 {
             self.x_label(panel, panel.x(t), &format!("{}s", format_number(t)));
@@ -336,7 +323,7 @@ pub fn render_svg(summary: &Summary) -> String {
         top: over_time.bottom() + PANEL_GAP,
         x_max: t_end,
         y: Scale::Linear {
-            max: nice_max(most.max(1) as f64),
+            max: nice(most.max(1) as f64),
         },
     };
     chart.axes(&failures, "errors and rejections over time", "per second");
@@ -470,12 +457,12 @@ mod tests {
 
     #[test]
     fn nice_bounds() {
-        assert_eq!(nice_max(0.0), 1.0);
-        assert_eq!(nice_max(3.2), 5.0);
-        assert_eq!(nice_max(12.0), 20.0);
-        assert_eq!(nice_max(100.0), 100.0);
-        assert_eq!(nice_step(30.0), 10.0);
-        assert_eq!(nice_step(7.0), 2.0);
+        assert_eq!(nice(0.0), 1.0);
+        assert_eq!(nice(3.2), 5.0);
+        assert_eq!(nice(12.0), 20.0);
+        assert_eq!(nice(100.0), 100.0);
+        assert_eq!(nice(30.0 / 5.0), 10.0);
+        assert_eq!(nice(7.0 / 5.0), 2.0);
     }
 
     /// The y coordinates of the first polyline drawn with `color` and `dashed`.
