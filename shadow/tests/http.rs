@@ -408,6 +408,7 @@ async fn openapi_lists_every_route() {
         "/api/things/shadow/ListNamedShadowsForThing/{thing}",
         "/v1/changes",
         "/v1/things/{thing}/shadow/changes",
+        "/v1/fleet",
         "/v1/things",
         "/v1/things/{thing}",
         "/v1/search",
@@ -1008,6 +1009,63 @@ async fn deleting_a_thing_deletes_its_shadows_and_connectivity() {
     let (status, body) = call(&h.app, Method::DELETE, "/v1/things/lamp-9", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["message"], "No thing exists with name: 'lamp-9'");
+    h.service.close().await;
+}
+
+/// `/v1/fleet` counts things, connected things and shadows in and out of
+/// sync, as updates, presence and deletes change them.
+#[tokio::test]
+async fn the_fleet_summary_counts_things_connections_and_deltas() {
+    let h = harness(ApiConfig::default());
+    let summary = |body: &Value| {
+        [
+            "things",
+            "connected",
+            "shadows",
+            "shadowsInSync",
+            "shadowsWithDelta",
+        ]
+        .map(|k| body[k].as_u64().unwrap_or(u64::MAX))
+    };
+    h.service.fleet().wait_loaded().await;
+    let (status, body) = call(&h.app, Method::GET, "/v1/fleet", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(summary(&body), [0, 0, 0, 0, 0]);
+    // Presence is committed like an update; each update below is answered
+    // after its commit, so after the presence recorded before it.
+    assert!(h.service.record_presence("lamp-1", true, 1_000, None));
+    assert!(h.service.record_presence("gw-1", true, 1_000, None));
+    let lamp = ShadowKey::classic("lamp-1");
+    update(
+        &h.service,
+        &lamp,
+        json!({"state": {"desired": {"on": true}}}),
+    )
+    .await;
+    update(
+        &h.service,
+        &ShadowKey::named("lamp-1", "cfg"),
+        json!({"state": {"desired": {"x": 1}, "reported": {"x": 1}}}),
+    )
+    .await;
+    update(
+        &h.service,
+        &ShadowKey::classic("meter-1"),
+        json!({"state": {"reported": {"kwh": 2}}}),
+    )
+    .await;
+    let (_, body) = call(&h.app, Method::GET, "/v1/fleet", "").await;
+    assert_eq!(summary(&body), [3, 2, 3, 2, 1], "{body}");
+    // The gateway goes away, the lamp reaches its desired state.
+    assert!(h.service.record_presence("gw-1", false, 2_000, None));
+    update(
+        &h.service,
+        &lamp,
+        json!({"state": {"reported": {"on": true}}}),
+    )
+    .await;
+    let (_, body) = call(&h.app, Method::GET, "/v1/fleet", "").await;
+    assert_eq!(summary(&body), [3, 1, 3, 3, 0], "{body}");
     h.service.close().await;
 }
 

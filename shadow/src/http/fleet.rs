@@ -60,6 +60,38 @@ pub struct SearchPage {
     pub next_token: Option<String>,
 }
 
+/// The fleet at a glance, from the fleet index.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetSummary {
+    /// Things known: with a shadow, or a connectivity on record.
+    pub things: usize,
+    /// Things whose device is connected now.
+    pub connected: usize,
+    /// Shadows (classic and named).
+    pub shadows: usize,
+    /// Shadows whose reported state matches their desired state.
+    pub shadows_in_sync: usize,
+    /// Shadows with a delta: desired state the device has not reached yet.
+    pub shadows_with_delta: usize,
+}
+
+#[utoipa::path(get, path = "/v1/fleet", tag = "fleet",
+    responses(
+        (status = 200, description = "Counts of things and shadows", body = FleetSummary),
+        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+    ))]
+pub async fn fleet_summary(State(state): State<ApiState>) -> Result<Json<FleetSummary>, ApiError> {
+    let size = state.service.fleet().size()?;
+    Ok(Json(FleetSummary {
+        things: size.things,
+        connected: size.connected,
+        shadows: size.shadows,
+        shadows_in_sync: size.shadows - size.with_delta,
+        shadows_with_delta: size.with_delta,
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/things", tag = "fleet",
     params(PageParams),
     responses(

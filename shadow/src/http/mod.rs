@@ -126,6 +126,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/things/:thing/shadow/changes",
             get(changes::shadow_changes),
         )
+        .route("/v1/fleet", get(fleet::fleet_summary))
         .route("/v1/things", get(fleet::list_things))
         .route("/v1/things/:thing", delete(fleet::delete_thing))
         .route("/v1/search", get(fleet::search));

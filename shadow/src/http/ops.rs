@@ -66,6 +66,7 @@ pub async fn readyz(State(state): State<ApiState>) -> Result<(StatusCode, &'stat
         super::shadow::list_named_shadows,
         super::changes::stream,
         super::changes::shadow_changes,
+        super::fleet::fleet_summary,
         super::fleet::list_things,
         super::fleet::delete_thing,
         super::fleet::search,
