@@ -718,6 +718,21 @@ pub async fn run(config: FleetConfig, shutdown: CancellationToken) -> Result<Sum
         summary
             .counts
             .insert("operator_changes_confirmed".to_owned(), outcome.confirmed);
+        let operator_dropped = summary
+            .errors
+            .iter()
+            .any(|(kind, n)| kind.starts_with("operator ") && *n > 0);
+        if let Some(plan) = config.operator.as_ref().filter(|p| p.http.is_none()) {
+            if outcome.sent > 0 && outcome.confirmed == 0 && operator_dropped {
+                notes.push(format!(
+                    "no operator change was confirmed and the operator's connection kept \
+                     closing: a broker that keeps each client to its own thing's topics (Umbra \
+                     by default) refuses it; allow it (Umbra: [mqtt.edge] privileged_clients = \
+                     [\"{}\"]) or use --operator-http",
+                    plan.client_id
+                ));
+            }
+        }
         let synced = synced_at_start.load(Ordering::Relaxed);
         if synced < config.devices as u64 {
             notes.push(format!(

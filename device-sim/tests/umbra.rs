@@ -318,3 +318,31 @@ async fn fleets_run_over_websocket_and_tls() {
     converges_over(&server, settings, "tls-").await;
     server.shutdown().await;
 }
+
+/// An MQTT operator that the broker keeps to its own topics (Umbra's default) gets no change
+/// through; the summary says why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_refused_by_the_broker_is_explained() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Not privileged.
+    let server = umbra_tests::start(umbra_tests::test_config(dir.path())).await;
+    let mut config = converging_fleet(client_settings(&server), 3, "refused-");
+    // The changes never converge: the run ends at its duration.
+    config.duration = Duration::from_secs(8);
+    let summary = fleet::run(config, CancellationToken::new())
+        .await
+        .expect("fleet runs");
+    let table = summary.table();
+    assert_eq!(
+        summary.counts.get("operator_changes_confirmed"),
+        Some(&0),
+        "{table}"
+    );
+    assert!(
+        summary.notes.iter().any(|n| n.contains(&format!(
+            "privileged_clients = [\"{OPERATOR}\"]) or use --operator-http"
+        ))),
+        "{table}"
+    );
+    server.shutdown().await;
+}
