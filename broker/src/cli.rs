@@ -1,4 +1,4 @@
-//! The operator command line: `umbra shadow ...` and `umbra changes`, talking
+//! The operator command line: `umbra shadow ...`, `umbra fleet` and `umbra changes`, talking
 //! to a running server's HTTP API, and `umbra passwd`, which edits a
 //! password file.
 
@@ -428,6 +428,26 @@ pub fn run_thing(
         false => format!("shadows {}", shadows.join(", ")),
     };
     writeln!(out, "deleted {thing}: {shadows} {connectivity}")?;
+    Ok(())
+}
+
+/// `umbra fleet`: the fleet at a glance (`GET /v1/fleet`).
+pub fn run_fleet(args: &ApiArgs, out: &mut impl Write) -> Result<(), CliError> {
+    let value = Api::new(args).json("GET", "/v1/fleet", &[], None)?;
+    if args.json {
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    let n = |key: &str| value[key].as_u64().unwrap_or(0);
+    writeln!(out, "things     {}", n("things"))?;
+    writeln!(out, "connected  {}", n("connected"))?;
+    writeln!(
+        out,
+        "shadows    {} ({} in sync, {} with a delta)",
+        n("shadows"),
+        n("shadowsInSync"),
+        n("shadowsWithDelta")
+    )?;
     Ok(())
 }
 

@@ -66,6 +66,9 @@ enum Command {
         #[command(subcommand)]
         command: ShadowCommand,
     },
+    /// The fleet at a glance: things, connected, shadows in sync and with a
+    /// delta (a running server's `GET /v1/fleet`).
+    Fleet,
     /// Delete things through a running server's HTTP API.
     Thing {
         #[command(subcommand)]
@@ -322,6 +325,7 @@ fn run_command(
     let result = match command {
         Command::Shadow { command } => cli::run_shadow(api, &command, &mut out),
         Command::Thing { command } => cli::run_thing(api, &command, &mut out),
+        Command::Fleet => cli::run_fleet(api, &mut out),
         Command::Changes { changes } => cli::run_changes(api, &changes, &mut out),
         Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),

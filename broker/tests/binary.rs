@@ -252,6 +252,14 @@ async fn operator_cli_reads_and_changes_shadows() {
     assert_eq!(code, 0);
     assert!(out.contains("cli-1"), "{out}");
 
+    // The fleet at a glance: cli-1 has a desired state nobody reported.
+    let (code, out, err) = cli(&["fleet"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("things     1") && out.contains("shadows    1 (0 in sync, 1 with a delta)"),
+        "{out}"
+    );
+
     // Paging: one thing a page, a hint to the next, --all for every page;
     // columns line up under the header whatever the names' lengths.
     let long = "cli-2-with-a-name-longer-than-thirty-two-characters";
