@@ -338,6 +338,7 @@ fn build(
                     }
                 }
             }
+            table.lay_out_in_name_order();
             table
         });
         let result = read(&mut |part| {
@@ -715,6 +716,48 @@ impl Table {
         };
         self.names = names;
         id
+    }
+
+    /// Lays the slots out in name order: things, their shadows, their
+    /// names and packed values. A search reads in name order, so it then
+    /// reads memory in order, whatever order the store held the fleet in
+    /// (a fleet of random names, say). Done once a load has built the
+    /// table; things that come later go at the end.
+    fn lay_out_in_name_order(&mut self) {
+        let mut old_things = std::mem::take(&mut self.things);
+        let mut old_shadows = std::mem::take(&mut self.shadows);
+        let mut things = Vec::with_capacity(self.names.len());
+        let mut shadows = Vec::with_capacity(old_shadows.len() - self.free_shadows.len());
+        let mut move_shadow = |id: u32| {
+            shadows.push(std::mem::take(&mut old_shadows[id as usize]));
+            (shadows.len() - 1) as u32
+        };
+        for id in self.names.values_mut() {
+            let mut slot = std::mem::take(&mut old_things[*id as usize]);
+            if slot.classic != NONE {
+                slot.classic = move_shadow(slot.classic);
+            }
+            for (_, shadow) in slot.named.iter_mut().flat_map(|named| named.iter_mut()) {
+                *shadow = move_shadow(*shadow);
+            }
+            *id = things.len() as u32;
+            things.push(slot);
+        }
+        self.things = things;
+        self.shadows = shadows;
+        self.free_things.clear();
+        self.free_shadows.clear();
+        // The names and the values side by side.
+        let (text, things) = (&mut self.text, &mut self.things);
+        let (values, shadows) = (&mut self.values, &mut self.shadows);
+        std::thread::scope(|scope| {
+            scope.spawn(|| text.compact(things.iter_mut().map(|slot| &mut slot.name)));
+            values.compact(shadows.iter_mut().map(|slot| &mut slot.values));
+        });
+        let order = (0..self.things.len() as u32).collect();
+        if let Ok(cached) = self.order.get_mut() {
+            *cached = Some(order);
+        }
     }
 
     /// A slot for a thing about to enter `names`.
@@ -1395,6 +1438,80 @@ mod tests {
         assert_eq!(
             page.ok(),
             Some((vec!["t09998".to_string(), "t09999".to_string()], false))
+        );
+    }
+
+    /// A fleet stored in the reverse of name order is laid out in name
+    /// order once loaded: things, then each thing's shadows, and every
+    /// value still where it belongs.
+    #[test]
+    fn a_loaded_table_is_laid_out_in_name_order() {
+        let rows = (0..300u64)
+            .rev()
+            .flat_map(|n| {
+                let thing = format!("t{n:03}");
+                [
+                    row(&thing, None, n, serde_json::json!({"reported": {"n": n}})),
+                    row(
+                        &thing,
+                        Some("cfg"),
+                        n + 1,
+                        serde_json::json!({"desired": {"m": n}}),
+                    ),
+                ]
+            })
+            .collect();
+        let presence = Connectivity {
+            thing: "t007".into(),
+            connected: true,
+            last_seen_ms: 7,
+        };
+        let index = loaded(
+            vec![
+                SnapshotPart::Shadows(rows),
+                SnapshotPart::Things(vec![presence]),
+            ],
+            0,
+        );
+        {
+            let table = index.table.read().expect("table");
+            let names: Vec<&str> = (0..table.things.len() as u32)
+                .map(|id| table.name(id))
+                .collect();
+            let expected: Vec<String> = (0..300).map(|n| format!("t{n:03}")).collect();
+            assert_eq!(names, expected);
+            let shadows: Vec<(u32, Vec<u32>)> = table
+                .things
+                .iter()
+                .map(|t| (t.classic, t.named().iter().map(|(_, id)| *id).collect()))
+                .collect();
+            let in_order: Vec<(u32, Vec<u32>)> =
+                (0..300).map(|i| (2 * i, vec![2 * i + 1])).collect();
+            assert_eq!(shadows, in_order);
+        }
+        for n in [0u64, 7, 150, 299] {
+            let json = index
+                .thing(&format!("t{n:03}"), |t| t.to_json())
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            assert_eq!(json["shadow"]["reported"]["n"], n, "{json}");
+            assert_eq!(json["shadow"]["version"], n, "{json}");
+            assert_eq!(json["shadow"]["name"]["cfg"]["desired"]["m"], n, "{json}");
+            assert_eq!(json["shadow"]["name"]["cfg"]["version"], n + 1, "{json}");
+            let connected = (n == 7).then_some(true);
+            assert_eq!(
+                json["connectivity"]["connected"].as_bool(),
+                connected,
+                "{json}"
+            );
+        }
+        // New things after the load go at the end, found as before.
+        index.apply(update(1, "s-new", None, 1, 5));
+        assert_eq!(temp(&index, "s-new"), Some(5));
+        assert_eq!(
+            names(&index, "thingName:s-new OR thingName:t299"),
+            ["s-new", "t299"]
         );
     }
 
