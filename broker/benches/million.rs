@@ -139,8 +139,15 @@ fn main() {
     let data = dir.path().join("data");
     let file = dir.path().join("fleet.jsonl");
 
+    // In the order of `i` (four name prefixes interleaved), or with
+    // `UMBRA_BENCH_ORDER=random` shuffled, as a fleet of random names is stored.
+    let mut order: Vec<u64> = (0..shadows).collect();
+    if std::env::var("UMBRA_BENCH_ORDER").is_ok_and(|o| o == "random") {
+        use rand::{seq::SliceRandom, SeedableRng};
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(14));
+    }
     let mut out = std::io::BufWriter::new(std::fs::File::create(&file).expect("create"));
-    for i in 0..shadows {
+    for i in order {
         writeln!(out, "{}", line(i)).expect("write");
     }
     drop(out);
