@@ -5,7 +5,8 @@
 //! of its size, and the latency of the README's search queries over HTTP.
 //!
 //! `cargo bench -p umbra-broker --bench million` (about three minutes;
-//! `UMBRA_BENCH_SHADOWS=N` for another count). Prints a Markdown table.
+//! `UMBRA_BENCH_SHADOWS=N` for another count, `UMBRA_BENCH_ORDER=random` to
+//! store the fleet shuffled). Prints a Markdown table.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
