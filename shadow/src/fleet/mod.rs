@@ -16,6 +16,8 @@
 //! dozen bytes each, which is what makes a million take milliseconds).
 //! The `plan` module narrows the read to the name ranges a query allows
 //! and checks first the operand that rejects most.
+//! A load lays the index out in name order, so that those reads go through
+//! memory in order however the store held the fleet.
 
 mod arena;
 pub mod compact;
