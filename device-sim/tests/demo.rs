@@ -65,7 +65,15 @@ fn count(summary: &str, name: &str) -> u64 {
 
 #[test]
 fn the_demo_runs_until_its_changes_converge() {
-    let mut child = demo(&["--operator-rate", "20/s", "--changes", "10"]);
+    // The duration only bounds a run that fails to converge.
+    let mut child = demo(&[
+        "--operator-rate",
+        "20/s",
+        "--changes",
+        "10",
+        "--duration",
+        "120s",
+    ]);
     let (api, lines) = api_url(&mut child);
     assert!(api.starts_with("http://127.0.0.1:"), "{api}");
     let (out, err, ok) = finish(child, lines);
