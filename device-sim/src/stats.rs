@@ -266,7 +266,7 @@ impl RunStats {
 
     /// Closes a failure interval at `t_s` seconds: what was counted since
     /// the last one becomes a point of [`RunStats::failures`].
-    pub fn tick_failures(&self, t_s: f64) -> FailurePoint {
+    pub fn tick_failures(&self, t_s: f64) {
         let rejected = self.rejected.snapshot();
         let throttled = rejected.get("429").copied().unwrap_or(0);
         let totals = FailurePoint {
@@ -285,7 +285,6 @@ impl RunStats {
         };
         *last = totals;
         points.push(point);
-        point
     }
 
     /// The latency series registered under `name` at construction.

@@ -151,8 +151,6 @@ impl FleetIndex {
             }
         };
         self.fail_if_full(&table);
-        // The name order too, here rather than in the first search.
-        table.name_order();
         let size = table.size();
         tracing::info!(
             things = size.things,
@@ -924,15 +922,8 @@ impl Table {
                 .collect(),
             None => vec![&order[start..]],
         };
-        let candidates: usize = ranges.iter().map(|range| range.len()).sum();
-        let step = (candidates / plan::SAMPLES).max(1);
-        let samples: Vec<u32> = ranges
-            .iter()
-            .flat_map(|range| range.iter().step_by(step))
-            .copied()
-            .collect();
         let mut fields = FieldPositions::new(&terms, self.shapes.list.len());
-        plan.order(&samples, |operand, id| {
+        plan.order(&ranges, |operand, id| {
             self.holds(operand, &terms, &self.things[id as usize], &mut fields)
         });
         let chunks: Vec<&[u32]> = ranges

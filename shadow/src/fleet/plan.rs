@@ -9,7 +9,7 @@
 use crate::search::{Field, Query, Term, Test};
 
 /// Things a plan samples to order its operands.
-pub(super) const SAMPLES: usize = 256;
+const SAMPLES: usize = 256;
 
 pub(super) struct Plan<'q> {
     /// Name prefixes one of which every match has, when the query says so:
@@ -40,11 +40,21 @@ impl<'q> Plan<'q> {
         }
     }
 
-    /// Orders the operands by their cost over the share of `samples` they
-    /// reject (`holds` says whether an operand holds on a sample), least
-    /// first. Ties keep the query's order.
-    pub fn order(&mut self, samples: &[u32], mut holds: impl FnMut(&Query, u32) -> bool) {
-        if self.operands.len() < 2 || samples.is_empty() {
+    /// Orders the operands by their cost over the share they reject of
+    /// [`SAMPLES`] things spread over `ranges` (`holds` says whether an
+    /// operand holds on a thing), least first. Ties keep the query's order.
+    pub fn order(&mut self, ranges: &[&[u32]], mut holds: impl FnMut(&Query, u32) -> bool) {
+        if self.operands.len() < 2 {
+            return;
+        }
+        let candidates: usize = ranges.iter().map(|range| range.len()).sum();
+        let step = (candidates / SAMPLES).max(1);
+        let samples: Vec<u32> = ranges
+            .iter()
+            .flat_map(|range| range.iter().step_by(step))
+            .copied()
+            .collect();
+        if samples.is_empty() {
             return;
         }
         let mut keyed: Vec<(f64, &'q Query)> = self
@@ -164,7 +174,8 @@ mod tests {
         let texts: Vec<String> = plan.operands.iter().map(|q| format!("{q:?}")).collect();
         // mode holds for half the samples, battery for one in a hundred,
         // x for every one.
-        plan.order(&(0..100).collect::<Vec<_>>(), |q, s| {
+        let things: Vec<u32> = (0..100).collect();
+        plan.order(&[&things], |q, s| {
             let text = format!("{q:?}");
             match () {
                 _ if text.contains("mode") => s % 2 == 0,
