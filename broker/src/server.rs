@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use umbra_shadow::http::ApiState;
+use umbra_shadow::http::{ApiState, MqttWebSocket};
 use umbra_shadow::store::ShadowStore;
 use umbra_shadow::tasks;
 use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
@@ -153,13 +153,19 @@ impl Server {
         )?))?;
 
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-        let api = ApiState::new(
+        let mut api = ApiState::new(
             Arc::clone(&service),
             config.http.clone(),
             registry,
             ready_rx,
         )
         .with_metrics(metrics);
+        if let (Some(addr), Some(listener)) = (broker.addrs().websocket, &config.mqtt.websocket) {
+            api = api.with_mqtt_web_socket(MqttWebSocket {
+                port: addr.port(),
+                tls: listener.tls.is_some(),
+            });
+        }
         let http_stop = CancellationToken::new();
         let stopped = http_stop.clone();
         let http = tokio::spawn(umbra_shadow::http::serve(http_listener, api, async move {

@@ -65,10 +65,11 @@ pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> Result<Summ
         "device-sim demo: {} devices, an operator changing desired state {}",
         config.devices, config.operator_rate
     );
+    println!("  dashboard      {api}/");
+    println!("  a device       {api}/#/thing/demo-00000");
     println!("  fleet          {api}/v1/things");
     println!("  change stream  {api}/v1/changes");
     println!("  metrics        {api}/metrics (Grafana: dashboards/umbra.json)");
-    println!("  a device       {api}/things/demo-00000/shadow");
     println!("  Ctrl-C stops everything");
     let fleet = FleetConfig {
         clients: vec![ClientSettings::new(external.broker.clone())],

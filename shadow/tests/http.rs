@@ -1143,3 +1143,62 @@ async fn a_change_log_over_its_size_drops_the_oldest_and_answers_410_for_them() 
     assert_eq!(gauge, Some(counted));
     h.service.close().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_is_served_without_a_token_and_its_data_is_not() {
+    let h = harness(tokens());
+    let response = respond(&h.app, request(Method::GET, "/", None, "")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    let csp = headers[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .expect("ascii");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    let page = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let page = String::from_utf8_lossy(&page);
+    // Nothing from another origin, and no inline script the policy would block.
+    assert!(!page.contains("http://") && !page.contains("https://"));
+    assert!(page.contains(r#"<script type="module" src="/ui/app.js"></script>"#));
+    assert!(!page.contains("<script>"));
+
+    for (path, content_type) in [
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/app.css", "text/css; charset=utf-8"),
+    ] {
+        let response = respond(&h.app, request(Method::GET, path, None, "")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], content_type);
+    }
+    let (status, body) = call_raw(&h.app, request(Method::GET, "/ui/config.json", None, "")).await;
+    assert_eq!(status, StatusCode::OK);
+    let config: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(
+        config,
+        json!({"tokens": true, "mqttWebSocket": null, "telemetryTopic": "devices/{thing}/telemetry"})
+    );
+    // The page's data still needs the token.
+    let (status, _) = call_raw(&h.app, request(Method::GET, "/v1/fleet", None, "")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    h.service.close().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_can_be_turned_off() {
+    let h = harness(ApiConfig {
+        dashboard: false,
+        ..ApiConfig::default()
+    });
+    for path in ["/", "/ui/app.js", "/ui/config.json"] {
+        let (status, _) = call_raw(&h.app, request(Method::GET, path, None, "")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    h.service.close().await;
+}

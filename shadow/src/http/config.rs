@@ -41,6 +41,11 @@ pub struct ApiConfig {
     pub cors_origins: Vec<String>,
     /// How long a browser may cache a CORS preflight answer, in seconds.
     pub cors_max_age_secs: u64,
+    /// Serve the web dashboard at `/`.
+    pub dashboard: bool,
+    /// The topic the dashboard charts a device's telemetry from; `{thing}`
+    /// is replaced by the device's thing name.
+    pub dashboard_telemetry_topic: String,
 }
 
 impl Default for ApiConfig {
@@ -59,6 +64,8 @@ impl Default for ApiConfig {
             max_page_size: 250,
             cors_origins: Vec::new(),
             cors_max_age_secs: 600,
+            dashboard: true,
+            dashboard_telemetry_topic: "devices/{thing}/telemetry".into(),
         }
     }
 }
@@ -113,6 +120,8 @@ pub enum ListenError {
     BadTokenHash { name: String },
     #[error("cors_origins: {0:?} is not an origin (scheme://host[:port], or \"*\")")]
     BadCorsOrigin(String),
+    #[error("dashboard_telemetry_topic: {0:?} is not a topic name (not empty, no + or #)")]
+    BadTelemetryTopic(String),
 }
 
 /// Checks the config before the listener is bound: without tokens the API
@@ -120,6 +129,10 @@ pub enum ListenError {
 pub fn check_listen_addr(config: &ApiConfig, addr: SocketAddr) -> Result<(), ListenError> {
     if let Some(origin) = config.cors_origins.iter().find(|o| !valid_origin(o)) {
         return Err(ListenError::BadCorsOrigin(origin.clone()));
+    }
+    let topic = &config.dashboard_telemetry_topic;
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        return Err(ListenError::BadTelemetryTopic(topic.clone()));
     }
     if let Some(t) = config.tokens.iter().find(|t| t.token.is_empty()) {
         return Err(ListenError::EmptyToken {

@@ -14,10 +14,12 @@
 //! - [`changes`]: `/v1/changes` (SSE) and per-shadow catch-up by version.
 //! - [`fleet`]: `/v1/things` and `/v1/search`.
 //! - [`ops`]: `/metrics`, `/healthz`, `/readyz`, `/openapi.json`.
+//! - [`dashboard`]: the web dashboard at `/` and its assets under `/ui/`.
 
 pub mod auth;
 pub mod changes;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod fleet;
 pub mod ops;
@@ -47,6 +49,7 @@ use crate::service::ShadowService;
 
 pub use auth::{Caller, Role};
 pub use config::{check_listen_addr, ApiConfig, ListenError, TokenConfig};
+pub use dashboard::MqttWebSocket;
 pub use error::ApiError;
 
 /// Everything the handlers share. Cheap to clone.
@@ -59,6 +62,7 @@ pub struct ApiState {
     pub(crate) ready: watch::Receiver<bool>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) subscribers: Arc<Semaphore>,
+    pub(crate) mqtt_web_socket: Option<MqttWebSocket>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -86,12 +90,20 @@ impl ApiState {
             metrics: None,
             ready,
             shutdown: CancellationToken::new(),
+            mqtt_web_socket: None,
         }
     }
 
     /// Records HTTP requests and stream subscribers on `metrics`.
     pub fn with_metrics(mut self, metrics: ShadowMetrics) -> ApiState {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Tells the dashboard where the broker's MQTT-over-WebSocket listener
+    /// is, for live telemetry.
+    pub fn with_mqtt_web_socket(mut self, listener: MqttWebSocket) -> ApiState {
+        self.mqtt_web_socket = Some(listener);
         self
     }
 
@@ -109,7 +121,8 @@ pub fn router(state: ApiState) -> Router {
     let mut open = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/openapi.json", get(ops::openapi));
+        .route("/openapi.json", get(ops::openapi))
+        .merge(dashboard::routes(config.dashboard));
     let mut protected = Router::new()
         .route(
             "/things/:thing/shadow",
