@@ -89,6 +89,13 @@ fn the_demo_runs_until_its_changes_converge() {
 fn ctrl_c_stops_the_demo_cleanly() {
     let mut child = demo(&["--operator-rate", "5/s"]);
     let (api, lines) = api_url(&mut child);
+    // The dashboard it points at is served.
+    let page = ureq::get(&format!("{api}/"))
+        .call()
+        .expect("dashboard")
+        .into_string()
+        .expect("html");
+    assert!(page.contains("<title>Umbra</title>"), "{page}");
     // Once the fleet is in the API's listing, the demo is running.
     let deadline = Instant::now() + WAIT;
     loop {

@@ -189,11 +189,9 @@ function number(n) {
   return n == null ? '–' : n.toLocaleString('en-US');
 }
 
-function duration(seconds) {
-  if (seconds == null) return '–';
-  if (seconds < 1e-3) return `${(seconds * 1e6).toFixed(0)} µs`;
-  if (seconds < 1) return `${(seconds * 1e3).toFixed(seconds < 0.01 ? 2 : 1)} ms`;
-  return `${seconds.toFixed(2)} s`;
+function millis(seconds) {
+  const ms = seconds * 1e3;
+  return ms < 10 ? ms.toFixed(1) : ms.toFixed(0);
 }
 
 function clock(epochSeconds) {
@@ -245,7 +243,7 @@ function showOverview() {
         text($('update-rate'), ((scrape.count - previous.count) / seconds).toFixed(1));
         const p50 = quantile(0.5, previous.buckets, scrape.buckets);
         const p99 = quantile(0.99, previous.buckets, scrape.buckets);
-        text($('latency'), p50 == null ? 'idle' : `${duration(p50)} / ${duration(p99)}`);
+        text($('latency'), p50 == null ? 'idle' : `${millis(p50)} / ${millis(p99)} ms`);
       }
       previous = scrape;
       setStatus(`updated ${new Date().toLocaleTimeString('en-GB')}`);
