@@ -306,6 +306,22 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
     .await;
     wait_text(&browser, "#thing-changes", |t| t.contains("23.5")).await;
     screenshot(&browser, "thing.png").await;
+
+    // A named shadow gets a tab of its own.
+    ureq::post(&format!("{api}/things/dash-3/shadow?name=config"))
+        .set("Authorization", &format!("Bearer {WRITE_TOKEN}"))
+        .send_json(json!({"state":{"desired":{"mode": "eco"}}}))
+        .expect("named shadow over HTTP");
+    wait_element(&browser, "#shadow-tabs a[href='#/thing/dash-3/config']")
+        .await
+        .click()
+        .await
+        .expect("open the named shadow");
+    wait_text(&browser, "#desired tr[data-path='mode'] td.value", |t| {
+        t == "\"eco\""
+    })
+    .await;
+    wait_text(&browser, "#sync-state", |t| t == "delta: mode").await;
     let shadow: Value = ureq::get(&format!("{api}/things/dash-3/shadow"))
         .set("Authorization", &format!("Bearer {READ_TOKEN}"))
         .call()
