@@ -93,7 +93,13 @@ enum Command {
     /// Load shadows from FILE (JSON lines of {"thing","name","state"}; - for
     /// stdin) into the data directory, as updates through the shadow rules
     /// and group commit. Umbra must not be running on that data directory.
-    Import { file: PathBuf },
+    Import {
+        file: PathBuf,
+        /// Lines read and submitted in the order of shadow names at a time
+        /// (fewer: less memory; more: faster for a file not in name order).
+        #[arg(long, default_value_t = umbra_shadow::import::SORT_CHUNK, value_parser = clap::value_parser!(usize))]
+        sort_chunk: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -186,6 +192,7 @@ fn import(
     config: Option<&std::path::Path>,
     overrides: &Overrides,
     file: &std::path::Path,
+    sort_chunk: usize,
 ) -> ExitCode {
     use std::io::BufRead;
     let config = match load_config(config, overrides) {
@@ -232,6 +239,7 @@ fn import(
         &mut committed,
         &config.shadow,
         IMPORT_QUEUE,
+        sort_chunk,
         |line, reason| eprintln!("umbra: line {line}: {reason}"),
         |p| {
             eprintln!(
@@ -330,7 +338,9 @@ fn run_command(
         Command::Certs { command } => cli::run_certs(&command, &mut out),
         Command::Passwd(args) => cli::run_passwd(&args, &mut std::io::stdin().lock(), &mut out),
         Command::Backup { file } => return backup(config, overrides, &file),
-        Command::Import { file } => return import(config, overrides, &file),
+        Command::Import { file, sort_chunk } => {
+            return import(config, overrides, &file, sort_chunk)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
