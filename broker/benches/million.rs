@@ -6,7 +6,10 @@
 //!
 //! `cargo bench -p umbra-broker --bench million` (about three minutes;
 //! `UMBRA_BENCH_SHADOWS=N` for another count, `UMBRA_BENCH_ORDER=random` to
-//! store the fleet shuffled). Prints a Markdown table.
+//! list the fleet shuffled in the import file, `UMBRA_BENCH_SORT_CHUNK=N`
+//! for `umbra import --sort-chunk N`: 1 stores the fleet in the file's
+//! order, as devices that created their shadows in random order would have).
+//! Prints a Markdown table.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -160,6 +163,11 @@ fn main() {
         .arg(&data)
         .arg("import")
         .arg(&file)
+        .args(
+            std::env::var("UMBRA_BENCH_SORT_CHUNK")
+                .map(|n| vec!["--sort-chunk".to_string(), n])
+                .unwrap_or_default(),
+        )
         .stderr(Stdio::inherit())
         .status()
         .expect("import runs");
