@@ -560,14 +560,29 @@ function mqttSubscribe(url, topic, credentials, onMessage, onState) {
       payload.push(...str(credentials.password));
     }
   }
-  const socket = new WebSocket(url, 'mqtt');
-  socket.binaryType = 'arraybuffer';
+  let socket = null;
   let buffer = new Uint8Array(0);
   let ping = null;
-  socket.onopen = () => {
-    socket.send(packet(0x10, [...str('MQTT'), 4, flags, 0, keepAlive, ...payload]));
+  let stopped = false;
+  let refused = false;
+  // A dropped connection is made again after 2 s; a refusal is final.
+  const connect = () => {
+    socket = new WebSocket(url, 'mqtt');
+    socket.binaryType = 'arraybuffer';
+    buffer = new Uint8Array(0);
+    socket.onopen = () => {
+      socket.send(packet(0x10, [...str('MQTT'), 4, flags, 0, keepAlive, ...payload]));
+    };
+    socket.onmessage = receive;
+    socket.onerror = () => onState(`cannot reach ${url}`);
+    socket.onclose = () => {
+      clearInterval(ping);
+      if (stopped || refused) return;
+      onState('disconnected, reconnecting');
+      setTimeout(() => stopped || connect(), 2000);
+    };
   };
-  socket.onmessage = (message) => {
+  const receive = (message) => {
     const incoming = new Uint8Array(message.data);
     const joined = new Uint8Array(buffer.length + incoming.length);
     joined.set(buffer);
@@ -599,6 +614,7 @@ function mqttSubscribe(url, topic, credentials, onMessage, onState) {
         if (body[1] !== 0) {
           const reasons = { 4: 'bad user name or password', 5: 'not authorized' };
           onState(`refused by the broker: ${reasons[body[1]] ?? `code ${body[1]}`}`);
+          refused = true;
           socket.close();
           return;
         }
@@ -619,12 +635,9 @@ function mqttSubscribe(url, topic, credentials, onMessage, onState) {
         break;
     }
   };
-  socket.onerror = () => onState(`cannot reach ${url}`);
-  socket.onclose = () => {
-    clearInterval(ping);
-    onState('disconnected');
-  };
+  connect();
   return () => {
+    stopped = true;
     clearInterval(ping);
     if (socket.readyState === WebSocket.OPEN) socket.send(packet(0xe0, []));
     socket.close();
