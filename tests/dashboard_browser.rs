@@ -7,7 +7,7 @@
 //! another device's telemetry arrive over MQTT over WebSocket. A read token
 //! may look but not change. Screenshots go to `target/dashboard/`.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use umbra_shadow::http::{Role, TokenConfig};
-use umbra_tests::{mqtt_addr, start, test_config};
+use umbra_tests::{free_port, mqtt_addr, start, test_config};
 
 const DEVICES: usize = 5;
 const WRITE_TOKEN: &str = "dashboard-write-token";
@@ -28,17 +28,18 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct ChromeDriver {
     child: Child,
     url: String,
+    /// Chromium's temporary files, removed with it.
+    _tmp: tempfile::TempDir,
 }
 
 impl ChromeDriver {
     fn start() -> ChromeDriver {
-        // A free port: chromedriver takes no port 0.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        // chromedriver takes no port 0.
+        let port = free_port();
+        let tmp = tempfile::tempdir().expect("tempdir");
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -46,6 +47,7 @@ impl ChromeDriver {
         ChromeDriver {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            _tmp: tmp,
         }
     }
 
@@ -161,6 +163,16 @@ async fn wait_element(browser: &Client, css: &str) -> fantoccini::elements::Elem
         .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("{css}: {e}"))
+}
+
+/// A thing's classic shadow over the API, with the read token.
+fn read_shadow(api: &str, thing: &str) -> Value {
+    ureq::get(&format!("{api}/things/{thing}/shadow"))
+        .set("Authorization", &format!("Bearer {READ_TOKEN}"))
+        .call()
+        .expect("get")
+        .into_json()
+        .expect("json")
 }
 
 async fn screenshot(browser: &Client, name: &str) {
@@ -322,12 +334,7 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
     })
     .await;
     wait_text(&browser, "#sync-state", |t| t == "delta: mode").await;
-    let shadow: Value = ureq::get(&format!("{api}/things/dash-3/shadow"))
-        .set("Authorization", &format!("Bearer {READ_TOKEN}"))
-        .call()
-        .expect("get")
-        .into_json()
-        .expect("json");
+    let shadow = read_shadow(&api, "dash-3");
     assert_eq!(shadow["state"]["desired"]["setpoint"], json!(23.5));
     assert_eq!(shadow["state"]["reported"]["setpoint"], json!(23.5));
     assert!(shadow["state"]["delta"].is_null(), "{shadow}");
@@ -366,20 +373,10 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
     .await;
     set_desired(&browser, r#"{"setpoint": 30}"#).await;
     wait_text(&browser, "#desired-status", |t| t.contains("write token")).await;
-    let shadow: Value = ureq::get(&format!("{api}/things/dash-0/shadow"))
-        .set("Authorization", &format!("Bearer {READ_TOKEN}"))
-        .call()
-        .expect("get")
-        .into_json()
-        .expect("json");
+    let shadow = read_shadow(&api, "dash-0");
     assert!(shadow["state"]["desired"].is_null(), "{shadow}");
     // The HTTP update made earlier is still the latest of dash-2.
-    let shadow: Value = ureq::get(&format!("{api}/things/dash-2/shadow"))
-        .set("Authorization", &format!("Bearer {READ_TOKEN}"))
-        .call()
-        .expect("get")
-        .into_json()
-        .expect("json");
+    let shadow = read_shadow(&api, "dash-2");
     assert!(shadow["version"].as_u64().expect("version") >= version);
 
     browser.close().await.expect("end the session");

@@ -2,12 +2,12 @@
 //! Prometheus scraping a running Umbra under load: every PromQL expression
 //! of every panel evaluates to data.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use umbra_tests::{mqtt_addr, start, test_config, Device, WAIT};
+use umbra_tests::{free_port, mqtt_addr, start, test_config, Device, WAIT};
 
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/umbra.json");
 
@@ -46,11 +46,8 @@ impl Prometheus {
             ),
         )
         .expect("write config");
-        // A free port: Prometheus takes no port 0.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        // Prometheus takes no port 0.
+        let port = free_port();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(

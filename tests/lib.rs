@@ -62,6 +62,14 @@ pub fn test_config(data_dir: &Path) -> Config {
     config
 }
 
+/// A free loopback port, for a program that cannot bind port 0 itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// Starts a server; panics with the cause if it cannot.
 pub async fn start(config: Config) -> Server {
     config.validate().expect("valid test config");
