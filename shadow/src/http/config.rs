@@ -231,4 +231,23 @@ mod tests {
         assert_eq!(check_listen_addr(&tokens, addr("10.0.0.1:80")), Ok(()));
         assert!(!format!("{tokens:?}").contains("s3cret"));
     }
+
+    #[test]
+    fn the_telemetry_topic_is_a_topic_name() {
+        for bad in ["", "devices/+/telemetry", "devices/#"] {
+            let config = ApiConfig {
+                dashboard_telemetry_topic: bad.into(),
+                ..ApiConfig::default()
+            };
+            assert_eq!(
+                check_listen_addr(&config, addr("127.0.0.1:8080")),
+                Err(ListenError::BadTelemetryTopic(bad.into()))
+            );
+        }
+        let good = ApiConfig {
+            dashboard_telemetry_topic: "things/{thing}/telemetry".into(),
+            ..ApiConfig::default()
+        };
+        assert_eq!(check_listen_addr(&good, addr("127.0.0.1:8080")), Ok(()));
+    }
 }
