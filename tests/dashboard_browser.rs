@@ -175,6 +175,15 @@ fn read_shadow(api: &str, thing: &str) -> Value {
         .expect("json")
 }
 
+/// Clicks the element at `css` once it exists.
+async fn click(browser: &Client, css: &str) {
+    wait_element(browser, css)
+        .await
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
 async fn screenshot(browser: &Client, name: &str) {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/dashboard"));
     std::fs::create_dir_all(&dir).expect("screenshot dir");
@@ -186,37 +195,19 @@ async fn screenshot(browser: &Client, name: &str) {
 async fn enter_token(browser: &Client, token: &str) {
     let dialog = wait_element(browser, "#settings").await;
     if !dialog.is_displayed().await.expect("displayed") {
-        browser
-            .find(Locator::Css("#settings-open"))
-            .await
-            .expect("access button")
-            .click()
-            .await
-            .expect("click");
+        click(browser, "#settings-open").await;
     }
     let input = wait_element(browser, "#token").await;
     input.clear().await.expect("clear");
     input.send_keys(token).await.expect("type");
-    browser
-        .find(Locator::Css("#settings-save"))
-        .await
-        .expect("save")
-        .click()
-        .await
-        .expect("click");
+    click(browser, "#settings-save").await;
 }
 
 async fn set_desired(browser: &Client, json: &str) {
     let editor = wait_element(browser, "#desired-editor").await;
     editor.clear().await.expect("clear");
     editor.send_keys(json).await.expect("type");
-    browser
-        .find(Locator::Css("#desired-save"))
-        .await
-        .expect("save button")
-        .click()
-        .await
-        .expect("click");
+    click(browser, "#desired-save").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,24 +260,14 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
     // Search narrows the list.
     let search = wait_element(&browser, "#search-q").await;
     search.send_keys("thingName:dash-3").await.expect("type");
-    browser
-        .find(Locator::Css("#search-form button"))
-        .await
-        .expect("search button")
-        .click()
-        .await
-        .expect("click");
+    click(&browser, "#search-form button").await;
     wait_text(&browser, "#things-list", |t| {
         t.contains("dash-3") && !t.contains("dash-1")
     })
     .await;
 
     // Open a thing from the list and change its desired state.
-    wait_element(&browser, "#things-list a[data-thing='dash-3']")
-        .await
-        .click()
-        .await
-        .expect("open dash-3");
+    click(&browser, "#things-list a[data-thing='dash-3']").await;
     wait_text(&browser, "#thing-name", |t| t == "dash-3").await;
     wait_text(&browser, "#thing-connectivity", |t| {
         t.starts_with("connected")
@@ -324,11 +305,7 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
         .set("Authorization", &format!("Bearer {WRITE_TOKEN}"))
         .send_json(json!({"state":{"desired":{"mode": "eco"}}}))
         .expect("named shadow over HTTP");
-    wait_element(&browser, "#shadow-tabs a[href='#/thing/dash-3/config']")
-        .await
-        .click()
-        .await
-        .expect("open the named shadow");
+    click(&browser, "#shadow-tabs a[href='#/thing/dash-3/config']").await;
     wait_text(&browser, "#desired tr[data-path='mode'] td.value", |t| {
         t == "\"eco\""
     })

@@ -244,13 +244,23 @@ mod tests {
     use super::*;
     use crate::store::{SqliteStore, StoreConfig};
 
-    #[test]
-    fn good_lines_load_and_each_bad_line_is_reported() {
+    fn open_store() -> (
+        tempfile::TempDir,
+        Limits,
+        SqliteStore,
+        mpsc::Receiver<CommittedBatch>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let limits = Limits::default();
-        let (store, mut committed) =
+        let (store, committed) =
             SqliteStore::open(StoreConfig::new(dir.path().join("s.db")), limits.clone())
                 .expect("open");
+        (dir, limits, store, committed)
+    }
+
+    #[test]
+    fn good_lines_load_and_each_bad_line_is_reported() {
+        let (_dir, limits, store, mut committed) = open_store();
         let input = [
             r#"{"thing":"lamp-1","state":{"desired":{"on":true}}}"#,
             r#"{"thing":"lamp-1","name":"cfg","state":{"reported":{"rate":5}}}"#,
@@ -320,11 +330,7 @@ mod tests {
 
     #[test]
     fn a_chunk_is_submitted_in_name_order_and_one_shadows_lines_keep_theirs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let limits = Limits::default();
-        let (store, mut committed) =
-            SqliteStore::open(StoreConfig::new(dir.path().join("s.db")), limits.clone())
-                .expect("open");
+        let (_dir, limits, store, mut committed) = open_store();
         let input = [
             r#"{"thing":"b","state":{"desired":{"x":1}}}"#,
             r#"{"thing":"c","state":{"desired":{"x":1}}}"#,
