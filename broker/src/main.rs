@@ -97,7 +97,7 @@ enum Command {
         file: PathBuf,
         /// Lines read and submitted in the order of shadow names at a time
         /// (fewer: less memory; more: faster for a file not in name order).
-        #[arg(long, default_value_t = umbra_shadow::import::SORT_CHUNK, value_parser = clap::value_parser!(usize))]
+        #[arg(long, default_value_t = umbra_shadow::import::SORT_CHUNK)]
         sort_chunk: usize,
     },
 }
