@@ -170,7 +170,15 @@ pub fn router(state: ApiState) -> Router {
         ))
         .layer(overload)
         .layer(tower::util::option_layer(cors(&config)))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx is logged by `ApiError` when it is a fault (500, with its
+        // cause); a 503 (not ready, overloaded, timed out) is an expected
+        // answer that `umbra_http_requests_total` counts, and must not
+        // write an ERROR line per readiness poll.
+        .layer(
+            TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 
