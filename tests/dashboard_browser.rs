@@ -155,6 +155,16 @@ async fn wait_text(browser: &Client, css: &str, want: impl Fn(&str) -> bool) -> 
     }
 }
 
+/// Polls until the page shows `want` as the reported setpoint.
+async fn wait_reported_setpoint(browser: &Client, want: &str) {
+    wait_text(
+        browser,
+        "#reported tr[data-path='setpoint'] td.value",
+        |t| t == want,
+    )
+    .await;
+}
+
 /// Polls until the element at `css` exists and returns it.
 async fn wait_element(browser: &Client, css: &str) -> fantoccini::elements::Element {
     browser
@@ -273,12 +283,7 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
         t.starts_with("connected")
     })
     .await;
-    wait_text(
-        &browser,
-        "#reported tr[data-path='setpoint'] td.value",
-        |t| t == "21",
-    )
-    .await;
+    wait_reported_setpoint(&browser, "21").await;
     set_desired(&browser, r#"{"setpoint": 23.5}"#).await;
     // Accepted (the device may already have answered by the time we look).
     wait_text(&browser, "#desired-status", |t| {
@@ -286,12 +291,7 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
     })
     .await;
     // The device gets the delta and reports it; the page follows.
-    wait_text(
-        &browser,
-        "#reported tr[data-path='setpoint'] td.value",
-        |t| t == "23.5",
-    )
-    .await;
+    wait_reported_setpoint(&browser, "23.5").await;
     wait_text(&browser, "#sync-state", |t| t == "in sync").await;
     wait_text(&browser, "#desired-status", |t| {
         t.starts_with("the device reported it")
@@ -342,12 +342,7 @@ async fn an_operator_watches_the_fleet_and_changes_a_device_in_the_browser() {
 
     // A read token shows the shadow but may not change it.
     enter_token(&browser, READ_TOKEN).await;
-    wait_text(
-        &browser,
-        "#reported tr[data-path='setpoint'] td.value",
-        |t| t == "21",
-    )
-    .await;
+    wait_reported_setpoint(&browser, "21").await;
     set_desired(&browser, r#"{"setpoint": 30}"#).await;
     wait_text(&browser, "#desired-status", |t| t.contains("write token")).await;
     let shadow = read_shadow(&api, "dash-0");

@@ -132,7 +132,9 @@ pub fn import(
     Ok(run.done)
 }
 
-/// A line read and not yet submitted.
+/// A line read and not yet submitted. It is kept as text and parsed again
+/// when submitted: a chunk of parsed jobs would hold every state as a JSON
+/// tree, several times the size of its line.
 struct Pending {
     /// Thing and shadow name, the order it is submitted in.
     key: (String, Option<String>),
@@ -373,21 +375,11 @@ mod tests {
                 entry("a", None, 2),
             ]
         );
-        let b = store
-            .load(&ShadowKey::classic("b"))
-            .expect("load")
-            .expect("b");
-        assert_eq!(
-            b.state.state_value(),
-            serde_json::json!({"desired": {"x": 2}})
-        );
-        let a = store
-            .load(&ShadowKey::classic("a"))
-            .expect("load")
-            .expect("a");
-        assert_eq!(
-            a.state.state_value(),
-            serde_json::json!({"desired": {"x": 3}})
-        );
+        let state = |thing: &str| {
+            let stored = store.load(&ShadowKey::classic(thing)).expect("load");
+            stored.expect("stored").state.state_value()
+        };
+        assert_eq!(state("b"), serde_json::json!({"desired": {"x": 2}}));
+        assert_eq!(state("a"), serde_json::json!({"desired": {"x": 3}}));
     }
 }
