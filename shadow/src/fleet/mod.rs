@@ -317,27 +317,28 @@ fn build(
         }
         let builder = scope.spawn(move || {
             let mut table = Table::default();
+            let mut members = Vec::new();
             for part in packed_rx {
                 match part {
                     PackedPart::Shadows(shadows) => {
-                        for shadow in shadows {
-                            let id = table.thing_id_owned(shadow.thing);
-                            table.set_shadow(id, shadow.name.as_deref(), shadow.entry);
-                        }
+                        members.extend(shadows.into_iter().map(|shadow| {
+                            let slot = table.new_shadow(shadow.entry);
+                            let member = Member::Shadow(shadow.name.map(Into::into), slot);
+                            (shadow.thing.into_boxed_str(), member)
+                        }));
                     }
                     PackedPart::Things(things) => {
-                        for c in things {
-                            table.set_presence(
-                                &c.thing,
-                                Presence {
-                                    connected: c.connected,
-                                    last_seen_ms: c.last_seen_ms,
-                                },
-                            );
-                        }
+                        members.extend(things.into_iter().map(|c| {
+                            let presence = Presence {
+                                connected: c.connected,
+                                last_seen_ms: c.last_seen_ms,
+                            };
+                            (c.thing.into_boxed_str(), Member::Presence(presence))
+                        }));
                     }
                 }
             }
+            table.add_things(members);
             table.lay_out_in_name_order();
             table
         });
@@ -360,6 +361,13 @@ fn build(
 enum PackedPart {
     Shadows(Vec<PackedShadow>),
     Things(Vec<Connectivity>),
+}
+
+/// What a load read of one thing: a shadow (its name, its slot) or its
+/// connectivity.
+enum Member {
+    Shadow(Option<Box<str>>, u32),
+    Presence(Presence),
 }
 
 /// One shadow packed off the index's lock.
@@ -694,28 +702,40 @@ impl Table {
     }
 
     fn thing_id(&mut self, name: &str) -> u32 {
-        match self.names.get(name) {
-            Some(&id) => id,
-            None => self.thing_id_owned(name.to_string()),
+        if let Some(&id) = self.names.get(name) {
+            return id;
         }
+        let id = self.new_slot(name);
+        self.names.insert(name.into(), id);
+        self.order_changed();
+        id
     }
 
-    /// [`thing_id`](Self::thing_id) of a name the caller owns: one walk of
-    /// the name tree for a new thing (loading's common case), not two.
-    fn thing_id_owned(&mut self, name: String) -> u32 {
-        // Taking the tree out is a move of its root; it frees `self`.
-        let mut names = std::mem::take(&mut self.names);
-        let id = match names.entry(name.into_boxed_str()) {
-            std::collections::btree_map::Entry::Occupied(known) => *known.get(),
-            std::collections::btree_map::Entry::Vacant(new) => {
-                let id = self.new_slot(new.key());
-                new.insert(id);
-                self.order_changed();
-                id
+    /// Adds the things a load read, in any order, to an empty table: sorts
+    /// them by name and builds the name tree from that order, which is
+    /// several times faster than inserting a fleet stored in random order
+    /// name by name.
+    fn add_things(&mut self, mut members: Vec<(Box<str>, Member)>) {
+        // On one core: two halves sorted on two and then merged took longer.
+        members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut names: Vec<(Box<str>, u32)> = Vec::new();
+        for (thing, member) in members {
+            let id = match names.last() {
+                Some((last, id)) if *last == thing => *id,
+                _ => {
+                    let id = self.new_slot(&thing);
+                    names.push((thing, id));
+                    id
+                }
+            };
+            match member {
+                Member::Shadow(name, shadow) => self.point_shadow(id, name.as_deref(), shadow),
+                Member::Presence(presence) => self.set_thing_presence(id, Some(presence)),
             }
-        };
-        self.names = names;
-        id
+        }
+        // In order and without repeats: built in one pass.
+        self.names = names.into_iter().collect();
+        self.order_changed();
     }
 
     /// Lays the slots out in name order: things, their shadows, their
@@ -814,6 +834,12 @@ impl Table {
 
     fn set_shadow(&mut self, id: u32, name: Option<&str>, entry: Entry) {
         let new = self.new_shadow(entry);
+        self.point_shadow(id, name, new);
+    }
+
+    /// Points thing `id`'s shadow `name` at shadow slot `new`, freeing the
+    /// slot it had.
+    fn point_shadow(&mut self, id: u32, name: Option<&str>, new: u32) {
         let slot = &mut self.things[id as usize];
         let old = match name {
             None => Some(std::mem::replace(&mut slot.classic, new)).filter(|&o| o != NONE),
