@@ -2,22 +2,16 @@
 //! updates, delete and recreate, and the shapes of every answer.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 use umbra_shadow::store::{ChangeKind, ShadowStore, StoreError};
-use umbra_shadow::{
-    Limits, Message, Operation, Request, ShadowKey, ShadowService, SqliteStore, StoreConfig,
-};
+use umbra_shadow::{Limits, Message, Operation, Request, ShadowKey, SqliteStore, StoreConfig};
 
+#[macro_use]
 mod support;
 
 use support::unlimited;
-
-fn open(path: &Path, limits: Limits) -> (Arc<ShadowService>, tokio::sync::mpsc::Receiver<Message>) {
-    support::start(StoreConfig::new(path), limits, None)
-}
 
 fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {
     Request {
@@ -29,429 +23,435 @@ fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {
     }
 }
 
-#[tokio::test]
-async fn shadows_survive_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("s.db");
-    let keys = [
-        ShadowKey::classic("a"),
-        ShadowKey::named("a", "cfg"),
-        ShadowKey::classic("b"),
-    ];
-    let mut before = Vec::new();
-    {
-        let (service, outbox) = open(&path, unlimited());
-        drop(outbox);
-        for (i, key) in keys.iter().enumerate() {
-            for n in 0..=i {
-                let body = json!({"state": {"desired": {"n": n, "l": [1, {"x": n}]}, "reported": {"n": 0}}});
-                assert!(service
-                    .handle(req(key, Operation::Update, body))
-                    .await
-                    .result
-                    .is_ok());
+on_both_stores! {
+    #[tokio::test]
+    async fn shadows_survive_reopen(store: TestStore) {
+        let keys = [
+            ShadowKey::classic("a"),
+            ShadowKey::named("a", "cfg"),
+            ShadowKey::classic("b"),
+        ];
+        let mut before = Vec::new();
+        {
+            let (service, outbox) = store.start(unlimited());
+            drop(outbox);
+            for (i, key) in keys.iter().enumerate() {
+                for n in 0..=i {
+                    let body = json!({"state": {"desired": {"n": n, "l": [1, {"x": n}]}, "reported": {"n": 0}}});
+                    assert!(service
+                        .handle(req(key, Operation::Update, body))
+                        .await
+                        .result
+                        .is_ok());
+                }
+                before.push(
+                    service
+                        .handle(req(key, Operation::Get, json!({})))
+                        .await
+                        .reply_json(),
+                );
             }
-            before.push(
-                service
-                    .handle(req(key, Operation::Get, json!({})))
-                    .await
-                    .reply_json(),
-            );
+            service.close().await;
         }
+        let (service, outbox) = store.start(unlimited());
+        drop(outbox);
+        for (key, want) in keys.iter().zip(&before) {
+            let mut got = service
+                .handle(req(key, Operation::Get, json!({})))
+                .await
+                .reply_json();
+            let mut want = want.clone();
+            // The answer's own timestamp is the time of the get, not stored state.
+            got["timestamp"] = Value::Null;
+            want["timestamp"] = Value::Null;
+            assert_eq!(got, want, "{key}");
+        }
+        assert_eq!(before[2]["version"], 3);
         service.close().await;
     }
-    let (service, outbox) = open(&path, unlimited());
-    drop(outbox);
-    for (key, want) in keys.iter().zip(&before) {
-        let mut got = service
-            .handle(req(key, Operation::Get, json!({})))
+}
+
+on_both_stores! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_updates_lose_nothing_and_versions_are_contiguous(store: TestStore) {
+        const TASKS: usize = 64;
+        const SHADOWS: usize = 1000;
+        const UPDATES_PER_TASK: usize = 100;
+        let (service, mut outbox) = store.start(unlimited());
+        // Everything published, in order, as the broker would see it.
+        let published = tokio::spawn(async move {
+            let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+            while let Some(m) = outbox.recv().await {
+                if m.topic.ends_with("/update/accepted") {
+                    let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                    let v = body["version"].as_u64().unwrap_or(0);
+                    seen.entry(m.topic).or_default().push(v);
+                }
+            }
+            seen
+        });
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let service = Arc::clone(&service);
+            tasks.push(tokio::spawn(async move {
+                let mut accepted: Vec<(usize, u64)> = Vec::new();
+                for i in 0..UPDATES_PER_TASK {
+                    let s = (t * 7919 + i * 104_729) % SHADOWS;
+                    let key = ShadowKey::classic(format!("dev-{s}"));
+                    let body = json!({"state": {"reported": {format!("t{t}"): i}}});
+                    let answer = service.handle(req(&key, Operation::Update, body)).await;
+                    let v = answer.result.expect("update accepted");
+                    accepted.push((s, v));
+                }
+                accepted
+            }));
+        }
+        let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
+        for task in tasks {
+            for (s, v) in task.await.expect("task") {
+                per_shadow.entry(s).or_default().push(v);
+            }
+        }
+        let total: usize = per_shadow.values().map(Vec::len).sum();
+        assert_eq!(total, TASKS * UPDATES_PER_TASK);
+        for (s, versions) in &mut per_shadow {
+            versions.sort_unstable();
+            let want: Vec<u64> = (1..=versions.len() as u64).collect();
+            assert_eq!(versions, &want, "versions of dev-{s} are not contiguous");
+            let key = ShadowKey::classic(format!("dev-{s}"));
+            let stored = service.store().load(&key).expect("load").expect("exists");
+            assert_eq!(stored.version, versions.len() as u64);
+        }
+        service.close().await;
+        drop(service);
+        let seen = published.await.expect("publisher");
+        for (topic, versions) in seen {
+            let mut sorted = versions.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                versions, sorted,
+                "answers on {topic} left out of version order"
+            );
+        }
+    }
+}
+
+on_both_stores! {
+    #[tokio::test]
+    async fn delete_then_get_is_404_and_recreate_continues_the_version(store: TestStore) {
+        let (service, outbox) = store.start(Limits::default());
+        drop(outbox);
+        let key = ShadowKey::named("lamp", "cfg");
+        for _ in 0..3 {
+            let a = service
+                .handle(req(
+                    &key,
+                    Operation::Update,
+                    json!({"state": {"desired": {"on": true}}}),
+                ))
+                .await;
+            assert!(a.result.is_ok());
+        }
+        let del = service
+            .handle(req(&key, Operation::Delete, json!({"clientToken": "d1"})))
+            .await;
+        assert_eq!(
+            del.reply().topic,
+            "$aws/things/lamp/shadow/name/cfg/delete/accepted"
+        );
+        let body = del.reply_json();
+        assert_eq!(body["version"], 3);
+        assert_eq!(body["clientToken"], "d1");
+
+        let get = service
+            .handle(req(&key, Operation::Get, json!({"clientToken": "g"})))
+            .await;
+        assert_eq!(
+            get.reply().topic,
+            "$aws/things/lamp/shadow/name/cfg/get/rejected"
+        );
+        let body = get.reply_json();
+        assert_eq!(body["code"], 404);
+        assert_eq!(body["message"], "No shadow exists with name: 'cfg'");
+        assert_eq!(body["clientToken"], "g");
+
+        let again = service
+            .handle(req(&key, Operation::Delete, json!({})))
+            .await;
+        assert_eq!(again.reply_json()["code"], 404);
+
+        let recreated = service
+            .handle(req(
+                &key,
+                Operation::Update,
+                json!({"state": {"reported": {"on": false}}}),
+            ))
+            .await;
+        assert_eq!(recreated.reply_json()["version"], 4);
+        let documents = recreated
+            .messages
+            .iter()
+            .find(|m| m.topic.ends_with("/update/documents"))
+            .expect("a documents message");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&documents.payload).expect("JSON")["previous"],
+            Value::Null,
+            "a recreated shadow has no previous document"
+        );
+        let get = service
+            .handle(req(&key, Operation::Get, json!({})))
             .await
             .reply_json();
-        let mut want = want.clone();
-        // The answer's own timestamp is the time of the get, not stored state.
-        got["timestamp"] = Value::Null;
-        want["timestamp"] = Value::Null;
-        assert_eq!(got, want, "{key}");
-    }
-    assert_eq!(before[2]["version"], 3);
-    service.close().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_updates_lose_nothing_and_versions_are_contiguous() {
-    const TASKS: usize = 64;
-    const SHADOWS: usize = 1000;
-    const UPDATES_PER_TASK: usize = 100;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (service, mut outbox) = open(&dir.path().join("c.db"), unlimited());
-    // Everything published, in order, as the broker would see it.
-    let published = tokio::spawn(async move {
-        let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
-        while let Some(m) = outbox.recv().await {
-            if m.topic.ends_with("/update/accepted") {
-                let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-                let v = body["version"].as_u64().unwrap_or(0);
-                seen.entry(m.topic).or_default().push(v);
-            }
-        }
-        seen
-    });
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let service = Arc::clone(&service);
-        tasks.push(tokio::spawn(async move {
-            let mut accepted: Vec<(usize, u64)> = Vec::new();
-            for i in 0..UPDATES_PER_TASK {
-                let s = (t * 7919 + i * 104_729) % SHADOWS;
-                let key = ShadowKey::classic(format!("dev-{s}"));
-                let body = json!({"state": {"reported": {format!("t{t}"): i}}});
-                let answer = service.handle(req(&key, Operation::Update, body)).await;
-                let v = answer.result.expect("update accepted");
-                accepted.push((s, v));
-            }
-            accepted
-        }));
-    }
-    let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
-    for task in tasks {
-        for (s, v) in task.await.expect("task") {
-            per_shadow.entry(s).or_default().push(v);
-        }
-    }
-    let total: usize = per_shadow.values().map(Vec::len).sum();
-    assert_eq!(total, TASKS * UPDATES_PER_TASK);
-    for (s, versions) in &mut per_shadow {
-        versions.sort_unstable();
-        let want: Vec<u64> = (1..=versions.len() as u64).collect();
-        assert_eq!(versions, &want, "versions of dev-{s} are not contiguous");
-        let key = ShadowKey::classic(format!("dev-{s}"));
-        let stored = service.store().load(&key).expect("load").expect("exists");
-        assert_eq!(stored.version, versions.len() as u64);
-    }
-    service.close().await;
-    drop(service);
-    let seen = published.await.expect("publisher");
-    for (topic, versions) in seen {
-        let mut sorted = versions.clone();
-        sorted.sort_unstable();
         assert_eq!(
-            versions, sorted,
-            "answers on {topic} left out of version order"
+            get["state"],
+            json!({"reported": {"on": false}}),
+            "delete cleared the old state"
         );
+
+        let classic = ShadowKey::classic("lamp");
+        let get = service
+            .handle(req(&classic, Operation::Get, json!({})))
+            .await
+            .reply_json();
+        assert_eq!(get["message"], "No shadow exists with name: 'lamp'");
+
+        let changes = service.store().changes_since(0, 100).expect("changes");
+        let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+        use ChangeKind::*;
+        assert_eq!(kinds, vec![Update, Update, Update, Delete, Update]);
+        assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+        service.close().await;
     }
 }
 
-#[tokio::test]
-async fn delete_then_get_is_404_and_recreate_continues_the_version() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (service, outbox) = open(&dir.path().join("d.db"), Limits::default());
-    drop(outbox);
-    let key = ShadowKey::named("lamp", "cfg");
-    for _ in 0..3 {
+on_both_stores! {
+    #[tokio::test]
+    async fn answer_shapes_match_aws(store: TestStore) {
+        let (service, mut outbox) = store.start(Limits::default());
+        let key = ShadowKey::classic("lamp");
+        let body = json!({"state": {"desired": {"color": "red", "l": [1, 2]}, "reported": {"color": "blue"}}, "clientToken": "tok"});
+        let answer = service.handle(req(&key, Operation::Update, body)).await;
+        let topics: Vec<&str> = answer.messages.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            vec![
+                "$aws/things/lamp/shadow/update/accepted",
+                "$aws/things/lamp/shadow/update/documents",
+                "$aws/things/lamp/shadow/update/delta",
+            ]
+        );
+        // The outbox carries the same messages, in the same order.
+        for m in &answer.messages {
+            assert_eq!(outbox.recv().await.as_ref(), Some(m));
+        }
+        let json = |m: &Message| serde_json::from_slice::<Value>(&m.payload).unwrap_or_default();
+        let accepted = json(&answer.messages[0]);
+        let ts = accepted["timestamp"].as_i64().expect("timestamp");
+        assert!(
+            ts > 1_600_000_000 && ts < 10_000_000_000,
+            "epoch seconds: {ts}"
+        );
+        assert_eq!(
+            accepted,
+            json!({
+                "state": {"desired": {"color": "red", "l": [1, 2]}, "reported": {"color": "blue"}},
+                "metadata": {
+                    "desired": {"color": {"timestamp": ts}, "l": [{"timestamp": ts}, {"timestamp": ts}]},
+                    "reported": {"color": {"timestamp": ts}}
+                },
+                "version": 1, "timestamp": ts, "clientToken": "tok"
+            })
+        );
+        let documents = json(&answer.messages[1]);
+        assert_eq!(documents["previous"], Value::Null, "a new shadow has none");
+        assert_eq!(documents["current"]["version"], 1);
+        assert_eq!(
+            documents["current"]["state"]["reported"],
+            json!({"color": "blue"})
+        );
+        assert_eq!(documents["clientToken"], "tok");
+        let delta = json(&answer.messages[2]);
+        assert_eq!(
+            delta,
+            json!({
+                "state": {"color": "red", "l": [1, 2]},
+                "metadata": {"color": {"timestamp": ts}, "l": [{"timestamp": ts}, {"timestamp": ts}]},
+                "version": 1, "timestamp": ts, "clientToken": "tok"
+            })
+        );
+        let get = service
+            .handle(req(&key, Operation::Get, json!({"clientToken": "g"})))
+            .await;
+        let get = get.reply_json();
+        assert_eq!(get["state"]["delta"], json!({"color": "red", "l": [1, 2]}));
+        assert_eq!(
+            get["state"]["desired"],
+            json!({"color": "red", "l": [1, 2]})
+        );
+        assert_eq!(
+            get["metadata"]["reported"],
+            json!({"color": {"timestamp": ts}})
+        );
+        assert_eq!(get["version"], 1);
+        assert_eq!(get["clientToken"], "g");
+
+        let conflict = service
+            .handle(req(
+                &key,
+                Operation::Update,
+                json!({"state": {"desired": {}}, "version": 7, "clientToken": "c"}),
+            ))
+            .await;
+        let c = conflict.reply_json();
+        assert_eq!(
+            conflict.reply().topic,
+            "$aws/things/lamp/shadow/update/rejected"
+        );
+        assert_eq!(
+            (
+                c["code"].clone(),
+                c["message"].clone(),
+                c["clientToken"].clone()
+            ),
+            (json!(409), json!("Version conflict"), json!("c"))
+        );
+        service.close().await;
+    }
+}
+
+on_both_stores! {
+    #[tokio::test]
+    async fn limits_are_enforced_with_aws_errors(store: TestStore) {
+        let limits = Limits {
+            max_state_bytes: 64,
+            ..Limits::default()
+        };
+        let (service, outbox) = store.start(limits);
+        drop(outbox);
+        let key = ShadowKey::classic("big");
+        let big = json!({"state": {"reported": {"blob": "x".repeat(100)}}});
+        let a = service
+            .handle(req(&key, Operation::Update, big))
+            .await
+            .reply_json();
+        assert_eq!(
+            (a["code"].clone(), a["message"].clone()),
+            (
+                json!(413),
+                json!("The payload exceeds the maximum size allowed")
+            )
+        );
+        assert!(
+            service.store().load(&key).expect("load").is_none(),
+            "nothing stored"
+        );
+
+        let bad = ShadowKey::classic("no/slash");
+        let a = service.handle(req(&bad, Operation::Get, json!({}))).await;
+        assert_eq!(a.reply_json()["code"], 400);
+        let long = ShadowKey::named("ok", "n".repeat(65));
+        assert_eq!(
+            service
+                .handle(req(&long, Operation::Get, json!({})))
+                .await
+                .reply_json()["code"],
+            400
+        );
+        service.close().await;
+    }
+}
+
+on_both_stores! {
+    #[tokio::test(start_paused = true)]
+    async fn a_thing_over_its_rate_gets_429_not_silence(store: TestStore) {
+        let (service, outbox) = store.start(Limits::default());
+        drop(outbox);
+        let key = ShadowKey::classic("chatty");
+        let mut codes = Vec::new();
+        for i in 0..25 {
+            let body = json!({"state": {"reported": {"i": i}}, "clientToken": format!("t{i}")});
+            let a = service.handle(req(&key, Operation::Update, body)).await;
+            codes.push(a.result.as_ref().map_or_else(|r| r.code(), |_| 200));
+            if i == 24 {
+                assert_eq!(a.reply_json()["message"], "Too Many Requests");
+                assert_eq!(
+                    a.reply_json()["clientToken"],
+                    "t24",
+                    "a 429 still echoes the token"
+                );
+            }
+        }
+        assert_eq!(codes.iter().filter(|c| **c == 200).count(), 20);
+        assert_eq!(codes.iter().filter(|c| **c == 429).count(), 5);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
         let a = service
             .handle(req(
                 &key,
                 Operation::Update,
-                json!({"state": {"desired": {"on": true}}}),
+                json!({"state": {"reported": {"i": 99}}}),
             ))
             .await;
-        assert!(a.result.is_ok());
-    }
-    let del = service
-        .handle(req(&key, Operation::Delete, json!({"clientToken": "d1"})))
-        .await;
-    assert_eq!(
-        del.reply().topic,
-        "$aws/things/lamp/shadow/name/cfg/delete/accepted"
-    );
-    let body = del.reply_json();
-    assert_eq!(body["version"], 3);
-    assert_eq!(body["clientToken"], "d1");
-
-    let get = service
-        .handle(req(&key, Operation::Get, json!({"clientToken": "g"})))
-        .await;
-    assert_eq!(
-        get.reply().topic,
-        "$aws/things/lamp/shadow/name/cfg/get/rejected"
-    );
-    let body = get.reply_json();
-    assert_eq!(body["code"], 404);
-    assert_eq!(body["message"], "No shadow exists with name: 'cfg'");
-    assert_eq!(body["clientToken"], "g");
-
-    let again = service
-        .handle(req(&key, Operation::Delete, json!({})))
-        .await;
-    assert_eq!(again.reply_json()["code"], 404);
-
-    let recreated = service
-        .handle(req(
-            &key,
-            Operation::Update,
-            json!({"state": {"reported": {"on": false}}}),
-        ))
-        .await;
-    assert_eq!(recreated.reply_json()["version"], 4);
-    let documents = recreated
-        .messages
-        .iter()
-        .find(|m| m.topic.ends_with("/update/documents"))
-        .expect("a documents message");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&documents.payload).expect("JSON")["previous"],
-        Value::Null,
-        "a recreated shadow has no previous document"
-    );
-    let get = service
-        .handle(req(&key, Operation::Get, json!({})))
-        .await
-        .reply_json();
-    assert_eq!(
-        get["state"],
-        json!({"reported": {"on": false}}),
-        "delete cleared the old state"
-    );
-
-    let classic = ShadowKey::classic("lamp");
-    let get = service
-        .handle(req(&classic, Operation::Get, json!({})))
-        .await
-        .reply_json();
-    assert_eq!(get["message"], "No shadow exists with name: 'lamp'");
-
-    let changes = service.store().changes_since(0, 100).expect("changes");
-    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
-    use ChangeKind::*;
-    assert_eq!(kinds, vec![Update, Update, Update, Delete, Update]);
-    assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
-    service.close().await;
-}
-
-#[tokio::test]
-async fn answer_shapes_match_aws() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (service, mut outbox) = open(&dir.path().join("a.db"), Limits::default());
-    let key = ShadowKey::classic("lamp");
-    let body = json!({"state": {"desired": {"color": "red", "l": [1, 2]}, "reported": {"color": "blue"}}, "clientToken": "tok"});
-    let answer = service.handle(req(&key, Operation::Update, body)).await;
-    let topics: Vec<&str> = answer.messages.iter().map(|m| m.topic.as_str()).collect();
-    assert_eq!(
-        topics,
-        vec![
-            "$aws/things/lamp/shadow/update/accepted",
-            "$aws/things/lamp/shadow/update/documents",
-            "$aws/things/lamp/shadow/update/delta",
-        ]
-    );
-    // The outbox carries the same messages, in the same order.
-    for m in &answer.messages {
-        assert_eq!(outbox.recv().await.as_ref(), Some(m));
-    }
-    let json = |m: &Message| serde_json::from_slice::<Value>(&m.payload).unwrap_or_default();
-    let accepted = json(&answer.messages[0]);
-    let ts = accepted["timestamp"].as_i64().expect("timestamp");
-    assert!(
-        ts > 1_600_000_000 && ts < 10_000_000_000,
-        "epoch seconds: {ts}"
-    );
-    assert_eq!(
-        accepted,
-        json!({
-            "state": {"desired": {"color": "red", "l": [1, 2]}, "reported": {"color": "blue"}},
-            "metadata": {
-                "desired": {"color": {"timestamp": ts}, "l": [{"timestamp": ts}, {"timestamp": ts}]},
-                "reported": {"color": {"timestamp": ts}}
-            },
-            "version": 1, "timestamp": ts, "clientToken": "tok"
-        })
-    );
-    let documents = json(&answer.messages[1]);
-    assert_eq!(documents["previous"], Value::Null, "a new shadow has none");
-    assert_eq!(documents["current"]["version"], 1);
-    assert_eq!(
-        documents["current"]["state"]["reported"],
-        json!({"color": "blue"})
-    );
-    assert_eq!(documents["clientToken"], "tok");
-    let delta = json(&answer.messages[2]);
-    assert_eq!(
-        delta,
-        json!({
-            "state": {"color": "red", "l": [1, 2]},
-            "metadata": {"color": {"timestamp": ts}, "l": [{"timestamp": ts}, {"timestamp": ts}]},
-            "version": 1, "timestamp": ts, "clientToken": "tok"
-        })
-    );
-    let get = service
-        .handle(req(&key, Operation::Get, json!({"clientToken": "g"})))
-        .await;
-    let get = get.reply_json();
-    assert_eq!(get["state"]["delta"], json!({"color": "red", "l": [1, 2]}));
-    assert_eq!(
-        get["state"]["desired"],
-        json!({"color": "red", "l": [1, 2]})
-    );
-    assert_eq!(
-        get["metadata"]["reported"],
-        json!({"color": {"timestamp": ts}})
-    );
-    assert_eq!(get["version"], 1);
-    assert_eq!(get["clientToken"], "g");
-
-    let conflict = service
-        .handle(req(
-            &key,
-            Operation::Update,
-            json!({"state": {"desired": {}}, "version": 7, "clientToken": "c"}),
-        ))
-        .await;
-    let c = conflict.reply_json();
-    assert_eq!(
-        conflict.reply().topic,
-        "$aws/things/lamp/shadow/update/rejected"
-    );
-    assert_eq!(
-        (
-            c["code"].clone(),
-            c["message"].clone(),
-            c["clientToken"].clone()
-        ),
-        (json!(409), json!("Version conflict"), json!("c"))
-    );
-    service.close().await;
-}
-
-#[tokio::test]
-async fn limits_are_enforced_with_aws_errors() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let limits = Limits {
-        max_state_bytes: 64,
-        ..Limits::default()
-    };
-    let (service, outbox) = open(&dir.path().join("l.db"), limits);
-    drop(outbox);
-    let key = ShadowKey::classic("big");
-    let big = json!({"state": {"reported": {"blob": "x".repeat(100)}}});
-    let a = service
-        .handle(req(&key, Operation::Update, big))
-        .await
-        .reply_json();
-    assert_eq!(
-        (a["code"].clone(), a["message"].clone()),
-        (
-            json!(413),
-            json!("The payload exceeds the maximum size allowed")
-        )
-    );
-    assert!(
-        service.store().load(&key).expect("load").is_none(),
-        "nothing stored"
-    );
-
-    let bad = ShadowKey::classic("no/slash");
-    let a = service.handle(req(&bad, Operation::Get, json!({}))).await;
-    assert_eq!(a.reply_json()["code"], 400);
-    let long = ShadowKey::named("ok", "n".repeat(65));
-    assert_eq!(
-        service
-            .handle(req(&long, Operation::Get, json!({})))
-            .await
-            .reply_json()["code"],
-        400
-    );
-    service.close().await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_thing_over_its_rate_gets_429_not_silence() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (service, outbox) = open(&dir.path().join("t.db"), Limits::default());
-    drop(outbox);
-    let key = ShadowKey::classic("chatty");
-    let mut codes = Vec::new();
-    for i in 0..25 {
-        let body = json!({"state": {"reported": {"i": i}}, "clientToken": format!("t{i}")});
-        let a = service.handle(req(&key, Operation::Update, body)).await;
-        codes.push(a.result.as_ref().map_or_else(|r| r.code(), |_| 200));
-        if i == 24 {
-            assert_eq!(a.reply_json()["message"], "Too Many Requests");
-            assert_eq!(
-                a.reply_json()["clientToken"],
-                "t24",
-                "a 429 still echoes the token"
-            );
-        }
-    }
-    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 20);
-    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 5);
-    tokio::time::advance(std::time::Duration::from_secs(1)).await;
-    let a = service
-        .handle(req(
-            &key,
-            Operation::Update,
-            json!({"state": {"reported": {"i": 99}}}),
-        ))
-        .await;
-    assert_eq!(a.result, Ok(21));
-    service.close().await;
-}
-
-#[tokio::test]
-async fn connectivity_does_not_survive_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("p.db");
-    {
-        let (service, outbox) = open(&path, Limits::default());
-        drop(outbox);
-        let mut changes = service.subscribe_changes();
-        assert!(service.record_presence("lamp", true, 1_000, None));
-        changes.recv().await.expect("the connect is committed");
-        let c = service.store().connectivity("lamp").expect("read");
-        assert_eq!(c.map(|c| c.connected), Some(true));
+        assert_eq!(a.result, Ok(21));
         service.close().await;
     }
-    let (service, outbox) = open(&path, Limits::default());
-    drop(outbox);
-    let c = service
-        .store()
-        .connectivity("lamp")
-        .expect("read")
-        .expect("known");
-    assert!(!c.connected, "a new process starts with nothing connected");
-    assert_eq!(c.last_seen_ms, 1_000);
-    service.close().await;
 }
 
-/// Deleting a thing is an operator's act, not the device's requests: it is
-/// not held to the thing's request rate, however many shadows it has.
-#[tokio::test]
-async fn deleting_a_thing_is_not_held_to_its_request_rate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let limits = Limits {
-        requests_per_second: 2,
-        max_in_flight: 0,
-        ..Limits::default()
-    };
-    let (service, _outbox) = open(&dir.path().join("s.db"), unlimited());
-    for name in ["a", "b", "c", "d", "e"] {
-        let key = ShadowKey::named("many", name);
-        let answer = service
-            .handle(req(
-                &key,
-                Operation::Update,
-                json!({"state": {"reported": {"x": 1}}}),
-            ))
-            .await;
-        assert!(answer.result.is_ok(), "{key:?}");
+on_both_stores! {
+    #[tokio::test]
+    async fn connectivity_does_not_survive_a_restart(store: TestStore) {
+        {
+            let (service, outbox) = store.start(Limits::default());
+            drop(outbox);
+            let mut changes = service.subscribe_changes();
+            assert!(service.record_presence("lamp", true, 1_000, None));
+            changes.recv().await.expect("the connect is committed");
+            let c = service.store().connectivity("lamp").expect("read");
+            assert_eq!(c.map(|c| c.connected), Some(true));
+            service.close().await;
+        }
+        let (service, outbox) = store.start(Limits::default());
+        drop(outbox);
+        let c = service
+            .store()
+            .connectivity("lamp")
+            .expect("read")
+            .expect("known");
+        assert!(!c.connected, "a new process starts with nothing connected");
+        assert_eq!(c.last_seen_ms, 1_000);
+        service.close().await;
     }
-    service.close().await;
-    // Reopened with a rate of 2 a second: five deletes in one go.
-    let (service, _outbox) = open(&dir.path().join("s.db"), limits);
-    let deleted = service.delete_thing("many", "test").await.expect("deleted");
-    assert_eq!(deleted.shadows.len(), 5, "{deleted:?}");
-    assert!(!deleted.connectivity);
-    service.close().await;
+}
+
+on_both_stores! {
+    /// Deleting a thing is an operator's act, not the device's requests: it is
+    /// not held to the thing's request rate, however many shadows it has.
+    #[tokio::test]
+    async fn deleting_a_thing_is_not_held_to_its_request_rate(store: TestStore) {
+        let limits = Limits {
+            requests_per_second: 2,
+            max_in_flight: 0,
+            ..Limits::default()
+        };
+        let (service, _outbox) = store.start(unlimited());
+        for name in ["a", "b", "c", "d", "e"] {
+            let key = ShadowKey::named("many", name);
+            let answer = service
+                .handle(req(
+                    &key,
+                    Operation::Update,
+                    json!({"state": {"reported": {"x": 1}}}),
+                ))
+                .await;
+            assert!(answer.result.is_ok(), "{key:?}");
+        }
+        service.close().await;
+        // Reopened with a rate of 2 a second: five deletes in one go.
+        let (service, _outbox) = store.start(limits);
+        let deleted = service.delete_thing("many", "test").await.expect("deleted");
+        assert_eq!(deleted.shadows.len(), 5, "{deleted:?}");
+        assert!(!deleted.connectivity);
+        service.close().await;
+    }
 }
 
 #[test]

@@ -4,11 +4,14 @@
 //! groups, and only after each commit hands the batch's results, in order, to
 //! the channel returned when it was opened. Nothing leaves before it is durable.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::{backup, SqliteStore, StoreConfig, Synchronous};
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
@@ -186,6 +189,8 @@ pub const SNAPSHOT_PART: usize = 4096;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgresql: {0}")]
+    Postgres(String),
     #[error("stored document is not valid json: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("store queue is full")]
@@ -203,8 +208,7 @@ pub enum StoreError {
     },
 }
 
-/// A shadow store. The SQLite store is the one implementation today; the trait
-/// is the seam for a PostgreSQL store shared by several Umbra nodes.
+/// A shadow store: SQLite (one node) or PostgreSQL (shared by nodes).
 pub trait ShadowStore: Send + Sync {
     /// Queues a job without waiting. `Busy` when the queue is full.
     fn submit(&self, job: Job) -> Result<(), StoreError>;
@@ -248,4 +252,65 @@ pub trait ShadowStore: Send + Sync {
 
     /// Stops taking jobs, finishes and commits what is queued, and waits for the writer.
     fn close(&self) -> Result<(), StoreError>;
+}
+
+/// How many committed batches may wait for the publisher before a writer waits.
+const COMMITTED_BACKLOG: usize = 64;
+/// How often a writer looks for change log entries past the retention window.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Most change log entries dropped in one step (one short transaction
+/// between two batches, so pruning never stalls the writer for long).
+const PRUNE_STEP: usize = 1024;
+/// What an entry costs beyond its names and document (row header, sequence,
+/// version, kind, time, index entry), roughly.
+const CHANGE_ENTRY_OVERHEAD: u64 = 64;
+
+/// The bytes a change log entry counts for retention: its thing and shadow
+/// names, its document and a fixed overhead.
+pub fn change_entry_bytes(thing: &str, name: Option<&str>, document: &str) -> u64 {
+    (thing.len() + name.map_or(0, str::len) + document.len()) as u64 + CHANGE_ENTRY_OVERHEAD
+}
+
+/// What one job did: a shadow job's result (none for presence) and its change log entry.
+type Done = (Option<Result<Outcome, Rejection>>, Option<Change>);
+
+/// A batch's results, in job order, from what its transaction did; if it
+/// failed, every shadow job is answered 500 and nothing of it was kept.
+fn committed(jobs: Vec<Job>, applied: Result<Vec<Done>, StoreError>) -> CommittedBatch {
+    let failed = applied.is_err();
+    let outcomes = match applied {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            tracing::error!(cause = %err, jobs = jobs.len(), "store commit failed");
+            jobs.iter().map(|_| (None, None)).collect()
+        }
+    };
+    jobs.into_iter()
+        .zip(outcomes)
+        .map(|(job, (result, change))| match job {
+            Job::Shadow {
+                key,
+                command,
+                ticket,
+            } => Committed::Shadow {
+                key,
+                command,
+                result: result.unwrap_or(Err(Rejection::Internal)),
+                change,
+                ticket,
+            },
+            Job::Presence { .. } => Committed::Presence { change },
+            Job::Forget { reply, .. } => Committed::Forget {
+                change,
+                reply,
+                failed,
+            },
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use serde::Deserialize;
@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{
-    Change, ChangeKind, ChangeLogBounds, Committed, CommittedBatch, Connectivity, Job, ShadowRow,
-    ShadowStore, SnapshotPart, StoreError, SNAPSHOT_PART,
+    change_entry_bytes, committed, now_ms, Change, ChangeKind, ChangeLogBounds, CommittedBatch,
+    Connectivity, Done, Job, ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG,
+    PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, Outcome, StoredShadow};
@@ -72,23 +73,6 @@ impl StoreConfig {
 /// Most of the database a fleet read maps into memory at once (SQLite's
 /// own ceiling is about 2 GiB); beyond it, pages are read.
 const SNAPSHOT_MMAP_BYTES: i64 = 1 << 40;
-
-/// How many committed batches may wait for the publisher before the writer waits.
-const COMMITTED_BACKLOG: usize = 64;
-/// How often the writer looks for change log entries past the retention window.
-const RETENTION_EVERY: Duration = Duration::from_secs(60);
-/// Most change log entries dropped in one step (one short transaction
-/// between two batches, so pruning never stalls the writer for long).
-const PRUNE_STEP: usize = 1024;
-/// What an entry costs beyond its names and document (row header, sequence,
-/// version, kind, time, index entry), roughly.
-const CHANGE_ENTRY_OVERHEAD: u64 = 64;
-
-/// The bytes a change log entry counts for retention: its thing and shadow
-/// names, its document and a fixed overhead.
-pub fn change_entry_bytes(thing: &str, name: Option<&str>, document: &str) -> u64 {
-    (thing.len() + name.map_or(0, str::len) + document.len()) as u64 + CHANGE_ENTRY_OVERHEAD
-}
 
 /// [`change_entry_bytes`] in SQL, over a `changes` row.
 const CHANGE_ENTRY_BYTES_SQL: &str = "length(CAST(thing AS BLOB)) + length(CAST(name AS BLOB)) \
@@ -463,9 +447,6 @@ impl Drop for SqliteStore {
     }
 }
 
-/// What one job did: a shadow job's result (none for presence) and its change log entry.
-type Done = (Option<Result<Outcome, Rejection>>, Option<Change>);
-
 /// The writer thread: owns the only write connection.
 struct Writer {
     conn: Connection,
@@ -543,37 +524,10 @@ impl Writer {
                 metrics.change_log_entries.add(logged as i64);
             }
         }
-        let failed = applied.is_err();
-        let outcomes = match applied {
-            Ok(outcomes) => outcomes,
-            Err(err) => {
-                error!(cause = %err, jobs = jobs.len(), "store commit failed");
-                self.cache.clear();
-                jobs.iter().map(|_| (None, None)).collect()
-            }
-        };
-        jobs.into_iter()
-            .zip(outcomes)
-            .map(|(job, (result, change))| match job {
-                Job::Shadow {
-                    key,
-                    command,
-                    ticket,
-                } => Committed::Shadow {
-                    key,
-                    command,
-                    result: result.unwrap_or(Err(Rejection::Internal)),
-                    change,
-                    ticket,
-                },
-                Job::Presence { .. } => Committed::Presence { change },
-                Job::Forget { reply, .. } => Committed::Forget {
-                    change,
-                    reply,
-                    failed,
-                },
-            })
-            .collect()
+        if applied.is_err() {
+            self.cache.clear();
+        }
+        committed(jobs, applied)
     }
 
     fn apply_all(&mut self, jobs: &[Job], now: Timestamp) -> Result<Vec<Done>, StoreError> {
@@ -960,10 +914,4 @@ fn load(conn: &Connection, key: &ShadowKey) -> Result<Option<StoredShadow>, Stor
         deleted: deleted != 0,
         updated_at,
     }))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
