@@ -5,13 +5,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use umbra_shadow::store::{ChangeKind, ShadowStore, StoreError};
+use umbra_shadow::fleet::IndexStatus;
+use umbra_shadow::store::{
+    change_entry_bytes, ChangeKind, PostgresConfig, PostgresStore, ShadowStore, SnapshotPart,
+    StoreError,
+};
 use umbra_shadow::{Limits, Message, Operation, Request, ShadowKey, SqliteStore, StoreConfig};
 
 #[macro_use]
 mod support;
 
-use support::unlimited;
+use support::{unlimited, TestStore};
 
 fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {
     Request {
@@ -471,4 +475,168 @@ fn a_second_store_on_one_database_is_refused_until_the_first_closes() {
     drop(first);
     let (second, _committed) = SqliteStore::open(config(), Limits::default()).expect("reopen");
     second.close().expect("close");
+}
+
+/// Two nodes on one PostgreSQL database update the same shadows at once:
+/// every update is accepted exactly once, each shadow's versions run
+/// 1..=n across both nodes, and the change log holds every change once,
+/// under gap-free sequences in the order of each shadow's versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs postgresql"]
+async fn two_nodes_on_one_database_never_repeat_or_skip_a_version() {
+    const TASKS_PER_NODE: usize = 16;
+    const SHADOWS: usize = 50;
+    const UPDATES_PER_TASK: usize = 40;
+    let store = TestStore::postgres();
+    let nodes = [store.start(unlimited()).0, store.start(unlimited()).0];
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..TASKS_PER_NODE {
+            let node = Arc::clone(node);
+            tasks.push(tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for i in 0..UPDATES_PER_TASK {
+                    let s = (t * 31 + i * 7 + n) % SHADOWS;
+                    let key = ShadowKey::classic(format!("dev-{s}"));
+                    let body = json!({"state": {"reported": {format!("n{n}t{t}"): i}}});
+                    let answer = node.handle(req(&key, Operation::Update, body)).await;
+                    accepted.push((s, answer.result.expect("update accepted")));
+                }
+                accepted
+            }));
+        }
+    }
+    let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
+    for task in tasks {
+        for (s, v) in task.await.expect("task") {
+            per_shadow.entry(s).or_default().push(v);
+        }
+    }
+    let total: usize = per_shadow.values().map(Vec::len).sum();
+    assert_eq!(total, 2 * TASKS_PER_NODE * UPDATES_PER_TASK);
+    for (s, versions) in &mut per_shadow {
+        versions.sort_unstable();
+        let want: Vec<u64> = (1..=versions.len() as u64).collect();
+        assert_eq!(versions, &want, "versions of dev-{s} across both nodes");
+    }
+    let log = nodes[1]
+        .store()
+        .changes_since(0, total + 1)
+        .expect("changes");
+    let seqs: Vec<u64> = log.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>(), "gap-free");
+    let mut last_version: HashMap<&str, u64> = HashMap::new();
+    for change in &log {
+        let last = last_version.entry(&change.thing).or_default();
+        assert_eq!(change.version, *last + 1, "{change:?}");
+        *last = change.version;
+    }
+    for node in nodes {
+        node.close().await;
+    }
+}
+
+on_both_stores! {
+    /// A change log over its size drops its oldest entries between batches,
+    /// and what it keeps is the newest, within the size.
+    #[tokio::test]
+    async fn a_change_log_over_its_size_keeps_the_newest_within_it(store: TestStore) {
+        const LIMIT: u64 = 3000;
+        let retention = support::Retention {
+            bytes: LIMIT,
+            ..support::Retention::default()
+        };
+        let (service, _outbox) = store.start_retaining(unlimited(), retention);
+        let key = ShadowKey::classic("chatty");
+        for n in 0..40 {
+            let body = json!({"state": {"reported": {"n": n, "pad": "x".repeat(100)}}});
+            assert!(service.handle(req(&key, Operation::Update, body)).await.result.is_ok());
+        }
+        // The writer prunes after each batch, before it takes the next: once
+        // this get (a batch of its own) is answered, no pruning is due.
+        let got = service.handle(req(&key, Operation::Get, json!({}))).await;
+        assert!(got.result.is_ok());
+        let bounds = service.store().change_log_bounds().expect("bounds");
+        let oldest = bounds.oldest.expect("entries kept");
+        assert_eq!(bounds.last, 40);
+        assert!(oldest > 20, "oldest kept is {oldest}");
+        let kept = service.store().changes_since(0, 100).expect("changes");
+        let seqs: Vec<u64> = kept.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (oldest..=40).collect::<Vec<_>>());
+        let bytes: u64 = kept
+            .iter()
+            .map(|c| change_entry_bytes(&c.thing, c.name.as_deref(), &c.document))
+            .sum();
+        assert!(bytes <= LIMIT, "{bytes} bytes kept");
+        assert!(!bounds.retains_after(0));
+        service.close().await;
+    }
+}
+
+on_both_stores! {
+    /// The fleet read for the index: every live shadow (not a deleted one)
+    /// and every thing's connectivity, with the sequence it holds up to.
+    #[tokio::test]
+    async fn a_fleet_snapshot_holds_every_live_shadow_and_its_sequence(store: TestStore) {
+        let (service, _outbox) = store.start(unlimited());
+        for n in 0..5000 {
+            let key = ShadowKey::classic(format!("t{n:04}"));
+            let body = json!({"state": {"reported": {"n": n}}});
+            assert!(service.handle(req(&key, Operation::Update, body)).await.result.is_ok());
+        }
+        let named = ShadowKey::named("t0001", "cfg");
+        let body = json!({"state": {"desired": {"on": true}}});
+        assert!(service.handle(req(&named, Operation::Update, body)).await.result.is_ok());
+        let gone = ShadowKey::classic("t0002");
+        assert!(service.handle(req(&gone, Operation::Delete, json!({}))).await.result.is_ok());
+        let mut changes = service.subscribe_changes();
+        assert!(service.record_presence("t0003", true, 7, None));
+        while changes.recv().await.expect("change").kind != ChangeKind::Connect {}
+        let (mut shadows, mut things) = (Vec::new(), Vec::new());
+        let store = Arc::clone(service.store());
+        let through = tokio::task::spawn_blocking(move || {
+            store.fleet_snapshot(&mut |part| match part {
+                SnapshotPart::Shadows(rows) => shadows.extend(rows),
+                SnapshotPart::Things(rows) => things.extend(rows),
+            })
+            .map(|through| (through, shadows, things))
+        })
+        .await
+        .expect("read");
+        let (through, shadows, things) = through.expect("snapshot");
+        assert_eq!(through, 5003);
+        assert_eq!(shadows.len(), 5000);
+        assert!(shadows.iter().all(|s| s.key != gone));
+        let cfg = shadows.iter().find(|s| s.key == named).expect("named shadow");
+        assert_eq!(cfg.version, 1);
+        let state: Value = serde_json::from_str(&cfg.state).expect("state");
+        assert_eq!(state["desired"], json!({"on": true}));
+        assert_eq!(things.len(), 1);
+        assert!(things[0].connected && things[0].last_seen_ms == 7);
+        assert!(service.fleet().wait_loaded().await == IndexStatus::Ready);
+        service.close().await;
+    }
+}
+
+/// A start applies the schema once; a database from a newer Umbra is
+/// refused with a message that says so, not misread.
+#[test]
+#[ignore = "needs postgresql"]
+fn a_database_with_a_newer_schema_is_refused() {
+    let store = TestStore::postgres();
+    let TestStore::Postgres(db) = &store else {
+        unreachable!("a postgresql store");
+    };
+    let open = || PostgresStore::open(PostgresConfig::new(&db.url), Limits::default(), None);
+    let (first, _committed) = open().expect("first start creates the schema");
+    first.close().expect("close");
+    let (again, _committed) = open().expect("a second start finds it");
+    again.close().expect("close");
+    db.execute("UPDATE umbra_schema SET version = 99");
+    match open() {
+        Err(StoreError::Postgres(message)) => {
+            assert!(message.contains("schema version 99"), "{message}")
+        }
+        other => panic!("opened: {:?}", other.map(|_| ())),
+    }
 }

@@ -135,7 +135,16 @@ impl TestStore {
 
     /// The service over this store, with `limits` for both.
     pub fn start(&self, limits: Limits) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
-        let (store, committed) = self.open(limits.clone(), Retention::default(), None);
+        self.start_retaining(limits, Retention::default())
+    }
+
+    /// [`TestStore::start`] with a change log kept as `retention` says.
+    pub fn start_retaining(
+        &self,
+        limits: Limits,
+        retention: Retention,
+    ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
+        let (store, committed) = self.open(limits.clone(), retention, None);
         let config = ServiceConfig {
             limits,
             ..ServiceConfig::default()
@@ -176,6 +185,11 @@ impl TestDatabase {
             name,
             admin,
         }
+    }
+
+    /// Runs `sql` in this database.
+    pub fn execute(&self, sql: &str) {
+        admin_sql(&self.url, sql);
     }
 }
 
