@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use umbra_shadow::http::{check_listen_addr, ApiConfig, ListenError};
+use umbra_shadow::store::PostgresConfig;
 use umbra_shadow::{Limits, StoreConfig, Synchronous};
 
 use crate::embedded::{BrokerSettings, ListenerSettings};
@@ -15,7 +16,8 @@ use crate::embedded::{BrokerSettings, ListenerSettings};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the SQLite database lives (created if missing).
+    /// Where the SQLite database lives (created if missing; unused with
+    /// `[store] url`).
     pub data_dir: PathBuf,
     /// The operator HTTP API's address.
     pub http_addr: SocketAddr,
@@ -45,11 +47,22 @@ impl Default for Config {
     }
 }
 
-/// Settings of the SQLite store.
+/// Settings of the shadow store: SQLite in the data directory, or
+/// PostgreSQL when `url` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// `full` (fsync every commit) or `normal` (survives a crash, not power loss).
+    /// A PostgreSQL URL (`postgres://user:password@host/database`): the
+    /// store is that database instead of SQLite.
+    pub url: Option<String>,
+    /// Lets `url` name another machine, to which Umbra connects without
+    /// TLS (only on a network you trust).
+    pub allow_plaintext: bool,
+    /// PostgreSQL connections for reads (the writer has one more).
+    pub readers: usize,
+    /// SQLite: `full` (fsync every commit) or `normal` (survives a crash,
+    /// not power loss). PostgreSQL commits as the server's
+    /// `synchronous_commit` says.
     pub synchronous: Synchronous,
     /// Most updates committed in one transaction.
     pub max_batch: usize,
@@ -59,7 +72,8 @@ pub struct StoreSettings {
     pub change_retention_hours: u64,
     /// The most bytes the change log keeps (oldest entries dropped first).
     pub change_retention_bytes: u64,
-    /// Shadows kept decoded in the writer's memory.
+    /// SQLite: shadows kept decoded in the writer's memory. (PostgreSQL
+    /// reads each batch's shadows under their locks: other nodes write too.)
     pub cache_shadows: usize,
 }
 
@@ -67,6 +81,9 @@ impl Default for StoreSettings {
     fn default() -> StoreSettings {
         let d = StoreConfig::new("");
         StoreSettings {
+            url: None,
+            allow_plaintext: false,
+            readers: PostgresConfig::new("").readers,
             synchronous: d.synchronous,
             max_batch: d.max_batch,
             queue_capacity: d.queue_capacity,
@@ -89,6 +106,19 @@ impl StoreSettings {
             cache_shadows: self.cache_shadows,
         }
     }
+
+    /// The PostgreSQL store's settings, when `url` is set.
+    pub fn postgres_config(&self) -> Option<PostgresConfig> {
+        let url = self.url.as_ref()?;
+        Some(PostgresConfig {
+            url: url.clone(),
+            max_batch: self.max_batch,
+            queue_capacity: self.queue_capacity,
+            change_retention: Duration::from_secs(self.change_retention_hours * 3600),
+            change_retention_bytes: self.change_retention_bytes,
+            readers: self.readers,
+        })
+    }
 }
 
 /// What the command line and environment may override.
@@ -98,6 +128,7 @@ pub struct Overrides {
     pub ws_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    pub store_url: Option<String>,
 }
 
 /// A configuration that cannot be used; the message names the field.
@@ -152,6 +183,9 @@ impl Config {
         if let Some(dir) = &overrides.data_dir {
             config.data_dir.clone_from(dir);
         }
+        if let Some(url) = &overrides.store_url {
+            config.store.url = Some(url.clone());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -201,6 +235,7 @@ impl Config {
         for (field, value) in [
             ("store.max_batch", self.store.max_batch),
             ("store.queue_capacity", self.store.queue_capacity),
+            ("store.readers", self.store.readers),
             ("shadow.max_payload_bytes", self.shadow.max_payload_bytes),
             ("shadow.max_state_bytes", self.shadow.max_state_bytes),
             ("shadow.max_depth", self.shadow.max_depth),
@@ -209,6 +244,11 @@ impl Config {
         ] {
             if value == 0 {
                 return invalid(field, "must be at least 1");
+            }
+        }
+        if let Some(url) = &self.store.url {
+            if let Err(reason) = PostgresConfig::check_url(url, self.store.allow_plaintext) {
+                return invalid("store.url", &reason);
             }
         }
         self.mqtt.validate()?;

@@ -50,6 +50,15 @@ struct Cli {
     /// Directory for the SQLite database (overrides data_dir).
     #[arg(long, env = "UMBRA_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL URL: keep shadows there, not in SQLite (overrides
+    /// [store] url).
+    #[arg(
+        long,
+        env = "UMBRA_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    store_url: Option<String>,
     /// How the operator commands reach a server (global: before or after
     /// the command).
     #[command(flatten)]
@@ -117,6 +126,7 @@ fn main() -> ExitCode {
         ws_addr: cli.ws_addr,
         http_addr: cli.http_addr,
         data_dir: cli.data_dir,
+        store_url: cli.store_url,
     };
     if let Some(command) = cli.command {
         return run_command(&cli.api, cli.config.as_deref(), &overrides, command);
@@ -195,10 +205,12 @@ fn import(
     sort_chunk: usize,
 ) -> ExitCode {
     use std::io::BufRead;
-    let config = match load_config(config, overrides) {
+    let mut config = match load_config(config, overrides) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    config.store.max_batch = IMPORT_BATCH;
+    config.store.queue_capacity = IMPORT_QUEUE;
     let input: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -210,32 +222,28 @@ fn import(
             }
         }
     };
-    if let Err(err) = std::fs::create_dir_all(&config.data_dir) {
-        eprintln!("umbra: cannot create {}: {err}", config.data_dir.display());
-        return ExitCode::FAILURE;
+    if config.store.url.is_none() {
+        if let Err(err) = std::fs::create_dir_all(&config.data_dir) {
+            eprintln!("umbra: cannot create {}: {err}", config.data_dir.display());
+            return ExitCode::FAILURE;
+        }
     }
-    let store_config = umbra_shadow::StoreConfig {
-        max_batch: IMPORT_BATCH,
-        queue_capacity: IMPORT_QUEUE,
-        ..config.store.store_config(&config.database_path())
+    let (store, mut committed) = match umbra_broker::server::open_store(&config, None) {
+        Ok(opened) => opened,
+        Err(err @ StoreError::Locked { .. }) => {
+            eprintln!("umbra: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(err) => {
+            eprintln!("umbra: cannot open the shadow store: {err}");
+            return ExitCode::FAILURE;
+        }
     };
-    let (store, mut committed) =
-        match umbra_shadow::SqliteStore::open(store_config, config.shadow.clone()) {
-            Ok(opened) => opened,
-            Err(err @ umbra_shadow::store::StoreError::Locked { .. }) => {
-                eprintln!("umbra: {err}");
-                return ExitCode::from(EX_USAGE);
-            }
-            Err(err) => {
-                eprintln!("umbra: cannot open the shadow store: {err}");
-                return ExitCode::FAILURE;
-            }
-        };
     let started = std::time::Instant::now();
     let rate = |n: u64| n as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let result = umbra_shadow::import::import(
         input,
-        &store,
+        &*store,
         &mut committed,
         &config.shadow,
         IMPORT_QUEUE,
@@ -250,7 +258,7 @@ fn import(
             )
         },
     );
-    let closed = umbra_shadow::store::ShadowStore::close(&store);
+    let closed = store.close();
     match (result, closed) {
         (Ok(done), Ok(())) => {
             println!(
@@ -259,7 +267,7 @@ fn import(
                 done.lines,
                 started.elapsed().as_secs_f64(),
                 rate(done.imported),
-                config.database_path().display(),
+                store_name(&config),
                 done.refused
             );
             if done.refused > 0 {
@@ -276,6 +284,15 @@ fn import(
             eprintln!("umbra: import failed: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where the shadows are, for a message (not a PostgreSQL URL: it may hold
+/// a password).
+fn store_name(config: &Config) -> String {
+    match &config.store.url {
+        Some(_) => "the PostgreSQL store ([store] url)".to_string(),
+        None => config.database_path().display().to_string(),
     }
 }
 
@@ -300,6 +317,12 @@ fn backup(
         Ok(config) => config,
         Err(code) => return code,
     };
+    if config.store.url.is_some() {
+        eprintln!(
+            "umbra: the store is PostgreSQL ([store] url); back it up with PostgreSQL's own tools (pg_dump)"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
     let database = config.database_path();
     if !database.exists() {
         eprintln!("umbra: no database at {}", database.display());

@@ -1,4 +1,4 @@
-//! The `umbra` server: the shadow service, its SQLite store and the embedded
+//! The `umbra` server: the shadow service, its store and the embedded
 //! broker wired together, with ordered start-up and a draining shutdown.
 //!
 //! Each connection task submits its device's requests to the service in
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use umbra_shadow::http::{ApiState, MqttWebSocket};
-use umbra_shadow::store::ShadowStore;
+use umbra_shadow::store::{CommittedBatch, PostgresStore, ShadowStore, StoreError};
 use umbra_shadow::tasks;
 use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
 
@@ -29,6 +29,26 @@ use crate::metrics::EdgeMetrics;
 
 /// Presence events that may wait to be recorded.
 const PRESENCE_QUEUE: usize = 16_384;
+
+/// Opens the store `config` names: PostgreSQL when `[store] url` is set,
+/// otherwise SQLite in the data directory (which must exist).
+pub fn open_store(
+    config: &Config,
+    metrics: Option<ShadowMetrics>,
+) -> Result<(Arc<dyn ShadowStore>, mpsc::Receiver<CommittedBatch>), StoreError> {
+    let limits = config.shadow.clone();
+    Ok(match config.store.postgres_config() {
+        Some(postgres) => {
+            let (store, committed) = PostgresStore::open(postgres, limits, metrics)?;
+            (Arc::new(store), committed)
+        }
+        None => {
+            let sqlite = config.store.store_config(&config.database_path());
+            let (store, committed) = SqliteStore::open_with_metrics(sqlite, limits, metrics)?;
+            (Arc::new(store), committed)
+        }
+    })
+}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +119,7 @@ impl Server {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let metrics = ShadowMetrics::register(&registry)?;
-        let store_config = config.store.store_config(&config.database_path());
-        let (store, committed) = SqliteStore::open_with_metrics(
-            store_config,
-            config.shadow.clone(),
-            Some(metrics.clone()),
-        )?;
-        let store: Arc<dyn ShadowStore> = Arc::new(store);
+        let (store, committed) = open_store(&config, Some(metrics.clone()))?;
         let service_config = ServiceConfig {
             limits: config.shadow.clone(),
             ..ServiceConfig::default()

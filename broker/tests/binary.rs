@@ -9,9 +9,11 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+#[path = "../../shadow/tests/support/postgres.rs"]
+mod postgres;
 mod support;
 
-use support::{spawn, FREE_PORTS, UMBRA, WAIT};
+use support::{spawn, spawn_with, FREE_PORTS, UMBRA, WAIT};
 
 async fn run_to_exit(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(UMBRA)
@@ -89,6 +91,17 @@ async fn bad_flags_and_config_exit_64_naming_the_problem() {
         "anonymous non-loopback listener must be refused: {err}"
     );
     assert!(err.contains("authentication"), "{err}");
+
+    // PostgreSQL on another machine, without TLS: refused, and the
+    // password is not repeated.
+    let url = "postgres://umbra:secret@db.example.com:5432/umbra";
+    let (code, _, err) = run_to_exit(&["--store-url", url]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("store.url") && err.contains("db.example.com"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
 
     let (code, out, _) = run_to_exit(&["--help"]).await;
     assert_eq!(code, 0);
@@ -656,4 +669,97 @@ async fn a_second_umbra_on_one_data_directory_is_refused() {
     let (code, _, err) = run_to_exit(&["--data-dir", data, "import", "-"]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("in use by another umbra process"), "{err}");
+}
+
+/// With `--store-url` the shadows live in PostgreSQL: an import and a
+/// device's acknowledged updates survive kill -9 and a restart on another
+/// (empty) data directory, and the fleet index loads from PostgreSQL.
+#[tokio::test]
+#[ignore = "needs postgresql"]
+async fn with_a_store_url_shadows_live_in_postgresql() {
+    let db = postgres::TestDatabase::create();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fleet.jsonl");
+    let lines: Vec<String> = (0..20)
+        .map(|n| {
+            json!({"thing": format!("pg-imp-{n:02}"), "state": {"reported": {"n": n % 4}}})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("write");
+    let store = ["--store-url", db.url.as_str()];
+    let path = file.to_str().expect("utf-8");
+    let (code, out, err) = run_to_exit(&[&store[..], &["import", path]].concat()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("imported 20 shadows"), "{out}");
+    assert!(
+        out.contains("PostgreSQL") && !out.contains("umbra:umbra"),
+        "{out}"
+    );
+
+    let mut umbra = spawn_with(&dir.path().join("first"), &store).await;
+    let mut acknowledged = Vec::new();
+    for d in 0..3 {
+        let thing = format!("pg-k9-{d}");
+        let (client, mut answers) = device(umbra.mqtt, &thing).await;
+        let mut last = 0;
+        for i in 0..10 {
+            client
+                .publish(
+                    format!("$aws/things/{thing}/shadow/update"),
+                    QoS::AtLeastOnce,
+                    false,
+                    json!({"state": {"reported": {"i": i}}}).to_string(),
+                )
+                .await
+                .expect("publish");
+            let answer = tokio::time::timeout(WAIT, answers.recv())
+                .await
+                .expect("answer");
+            last = answer.and_then(|a| a["version"].as_u64()).unwrap_or(last);
+        }
+        acknowledged.push((thing, last));
+    }
+    umbra.child.kill().await.expect("SIGKILL");
+
+    let second = dir.path().join("second");
+    let umbra = spawn_with(&second, &store).await;
+    for (thing, version) in acknowledged {
+        let (client, mut answers) = device(umbra.mqtt, &thing).await;
+        client
+            .publish(
+                format!("$aws/things/{thing}/shadow/get"),
+                QoS::AtLeastOnce,
+                false,
+                "{}",
+            )
+            .await
+            .expect("publish");
+        let doc = tokio::time::timeout(WAIT, answers.recv())
+            .await
+            .expect("answer")
+            .unwrap_or_default();
+        assert_eq!(doc["version"].as_u64(), Some(10), "{thing}");
+        assert_eq!(doc["version"].as_u64(), Some(version), "{thing}");
+        assert_eq!(doc["state"]["reported"]["i"], 9, "{thing}");
+    }
+    let api = format!("http://{}", umbra.http);
+    let found = tokio::task::spawn_blocking(move || {
+        while ureq::get(&format!("{api}/readyz")).call().is_err() {
+            std::thread::yield_now();
+        }
+        let found: Value = ureq::get(&format!("{api}/v1/search?q=shadow.reported.n:3"))
+            .call()
+            .expect("answered")
+            .into_json()
+            .expect("JSON");
+        found["things"].as_array().map_or(0, Vec::len)
+    })
+    .await
+    .expect("searched");
+    assert_eq!(found, 5, "n % 4 == 3 for 5 of 20 imported things");
+    assert!(
+        !second.join("umbra.db").exists(),
+        "nothing is kept in SQLite"
+    );
 }

@@ -71,6 +71,50 @@ impl PostgresConfig {
     }
 }
 
+impl PostgresConfig {
+    /// Checks the URL before anything connects: that it parses, and that
+    /// it does not send a password in the clear to another machine. The
+    /// store speaks to PostgreSQL without TLS, so only a Unix socket or a
+    /// loopback address is taken unless `allow_plaintext` says otherwise.
+    pub fn check_url(url: &str, allow_plaintext: bool) -> Result<(), String> {
+        let pg: tokio_postgres::Config = url.parse().map_err(|err| format!("{err}"))?;
+        if allow_plaintext {
+            return Ok(());
+        }
+        let remote: Vec<String> = pg
+            .get_hosts()
+            .iter()
+            .filter_map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) if !is_loopback(name) => Some(name.clone()),
+                _ => None,
+            })
+            .chain(
+                pg.get_hostaddrs()
+                    .iter()
+                    .filter(|addr| !addr.is_loopback())
+                    .map(|addr| addr.to_string()),
+            )
+            .collect();
+        match remote.as_slice() {
+            [] => Ok(()),
+            hosts => Err(format!(
+                "{} is not this machine, and Umbra connects to PostgreSQL without TLS; \
+                 use a Unix socket or a loopback address, or set [store] allow_plaintext = true \
+                 on a network you trust",
+                hosts.join(", ")
+            )),
+        }
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The schema, one migration per step; a database records the steps it has
 /// (`umbra_schema`) and a start applies the ones it lacks. Names and thing
 /// names sort bytewise (`COLLATE "C"`), as they do in SQLite and Rust.
@@ -1089,5 +1133,29 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(cause) => StoreError::Postgres(format!("{err}: {cause}")),
             None => StoreError::Postgres(err.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_local_server_is_reached_without_tls_unless_allowed() {
+        for local in [
+            "postgres://u:p@127.0.0.1:5432/db",
+            "postgres://u:p@localhost/db",
+            "postgres://u:p@[::1]:5432/db",
+            "host=/var/run/postgresql user=umbra dbname=umbra",
+        ] {
+            assert_eq!(PostgresConfig::check_url(local, false), Ok(()), "{local}");
+        }
+        let remote = "postgres://u:p@db.example.com:5432/db";
+        let refused = PostgresConfig::check_url(remote, false).expect_err("refused");
+        assert!(refused.contains("db.example.com"), "{refused}");
+        assert!(refused.contains("allow_plaintext"), "{refused}");
+        assert_eq!(PostgresConfig::check_url(remote, true), Ok(()));
+        assert!(PostgresConfig::check_url("host=127.0.0.1 hostaddr=10.0.0.5", false).is_err());
+        assert!(PostgresConfig::check_url("postgres://u@h:notaport/db", true).is_err());
     }
 }

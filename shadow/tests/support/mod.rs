@@ -2,6 +2,10 @@
 //! or a real PostgreSQL database.
 #![allow(dead_code)] // each test binary uses its own part
 
+mod postgres;
+
+pub use postgres::TestDatabase;
+
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -150,78 +154,5 @@ impl TestStore {
             ..ServiceConfig::default()
         };
         ShadowService::start(config, store, committed)
-    }
-}
-
-/// The PostgreSQL server the tests use: `UMBRA_TEST_POSTGRES_URL`, a
-/// `postgres://` URL of a user who may create databases (`.ci/run` makes
-/// this one).
-const DEFAULT_TEST_POSTGRES: &str = "postgres://umbra:umbra@127.0.0.1:5432/postgres";
-
-/// A database of one test's own on the test server, dropped with it.
-pub struct TestDatabase {
-    pub url: String,
-    name: String,
-    admin: String,
-}
-
-impl TestDatabase {
-    pub fn create() -> TestDatabase {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let admin = std::env::var("UMBRA_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| DEFAULT_TEST_POSTGRES.to_string());
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("umbra_test_{}_{n}", std::process::id());
-        admin_sql(
-            &admin,
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        );
-        admin_sql(&admin, &format!("CREATE DATABASE {name}"));
-        let (server, _) = admin
-            .rsplit_once('/')
-            .expect("UMBRA_TEST_POSTGRES_URL is postgres://user:password@host:port/database");
-        TestDatabase {
-            url: format!("{server}/{name}"),
-            name,
-            admin,
-        }
-    }
-
-    /// Runs `sql` in this database.
-    pub fn execute(&self, sql: &str) {
-        admin_sql(&self.url, sql);
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        admin_sql(
-            &self.admin,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-    }
-}
-
-/// Runs `sql` on the test server, from a thread of its own (so that it
-/// works from sync and async tests alike).
-fn admin_sql(url: &str, sql: &str) {
-    let (url, statement) = (url.to_string(), sql.to_string());
-    let done = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap_or_else(|err| {
-                    panic!("cannot reach the test PostgreSQL ({err}); set UMBRA_TEST_POSTGRES_URL")
-                });
-            tokio::spawn(connection);
-            client.batch_execute(&statement).await
-        })
-    });
-    if let Err(err) = done.join().expect("admin thread") {
-        panic!("{sql}: {err}");
     }
 }
