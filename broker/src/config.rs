@@ -117,6 +117,7 @@ impl StoreSettings {
             change_retention: Duration::from_secs(self.change_retention_hours * 3600),
             change_retention_bytes: self.change_retention_bytes,
             readers: self.readers,
+            resets_presence: true,
         })
     }
 }

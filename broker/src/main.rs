@@ -100,8 +100,9 @@ enum Command {
     /// "Backup and restore").
     Backup { file: PathBuf },
     /// Load shadows from FILE (JSON lines of {"thing","name","state"}; - for
-    /// stdin) into the data directory, as updates through the shadow rules
-    /// and group commit. Umbra must not be running on that data directory.
+    /// stdin) into the store (the data directory's, or --store-url), as
+    /// updates through the shadow rules and group commit. Umbra must not be
+    /// running on that data directory.
     Import {
         file: PathBuf,
         /// Lines read and submitted in the order of shadow names at a time
@@ -228,7 +229,7 @@ fn import(
             return ExitCode::FAILURE;
         }
     }
-    let (store, mut committed) = match umbra_broker::server::open_store(&config, None) {
+    let (store, mut committed) = match umbra_broker::server::open_store(&config, None, false) {
         Ok(opened) => opened,
         Err(err @ StoreError::Locked { .. }) => {
             eprintln!("umbra: {err}");

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use umbra_shadow::http::{ApiState, MqttWebSocket};
-use umbra_shadow::store::{CommittedBatch, PostgresStore, ShadowStore, StoreError};
+use umbra_shadow::store::{CommittedBatch, PostgresConfig, PostgresStore, ShadowStore, StoreError};
 use umbra_shadow::tasks;
 use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
 
@@ -31,14 +31,20 @@ use crate::metrics::EdgeMetrics;
 const PRESENCE_QUEUE: usize = 16_384;
 
 /// Opens the store `config` names: PostgreSQL when `[store] url` is set,
-/// otherwise SQLite in the data directory (which must exist).
+/// otherwise SQLite in the data directory (which must exist). A `server`
+/// (with its broker) marks every thing disconnected; an import does not.
 pub fn open_store(
     config: &Config,
     metrics: Option<ShadowMetrics>,
+    server: bool,
 ) -> Result<(Arc<dyn ShadowStore>, mpsc::Receiver<CommittedBatch>), StoreError> {
     let limits = config.shadow.clone();
     Ok(match config.store.postgres_config() {
         Some(postgres) => {
+            let postgres = PostgresConfig {
+                resets_presence: server,
+                ..postgres
+            };
             let (store, committed) = PostgresStore::open(postgres, limits, metrics)?;
             (Arc::new(store), committed)
         }
@@ -119,7 +125,7 @@ impl Server {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let metrics = ShadowMetrics::register(&registry)?;
-        let (store, committed) = open_store(&config, Some(metrics.clone()))?;
+        let (store, committed) = open_store(&config, Some(metrics.clone()), true)?;
         let service_config = ServiceConfig {
             limits: config.shadow.clone(),
             ..ServiceConfig::default()

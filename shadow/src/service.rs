@@ -117,6 +117,8 @@ pub struct ShadowService {
     outbox: Outbox,
     changes: broadcast::Sender<Change>,
     publisher: Mutex<Option<JoinHandle<()>>>,
+    /// Feeds a shared store's changes (see [`ShadowStore::follow`]).
+    follower: Mutex<Option<JoinHandle<()>>>,
     /// The fleet index's load, joined at close (see [`crate::tasks`]).
     loader: Mutex<Option<JoinHandle<()>>>,
     fleet: Arc<FleetIndex>,
@@ -177,13 +179,19 @@ impl ShadowService {
     ) -> Arc<ShadowService> {
         let (changes, _) = broadcast::channel(config.change_buffer.max(1));
         let fleet = Arc::new(FleetIndex::new());
+        // A store that other nodes write too hands over every node's
+        // changes in order; otherwise this node's own commits are all.
+        let followed = store.follow();
         let publisher = tokio::spawn(publish_committed(
             committed,
             outbox.clone(),
-            changes.clone(),
-            Arc::clone(&fleet),
+            followed
+                .is_none()
+                .then(|| (changes.clone(), Arc::clone(&fleet))),
             metrics.clone(),
         ));
+        let follower = followed
+            .map(|log| tokio::spawn(feed_changes(log, changes.clone(), Arc::clone(&fleet))));
         let loader = {
             let store = Arc::clone(&store);
             let fleet = Arc::clone(&fleet);
@@ -207,6 +215,7 @@ impl ShadowService {
             outbox,
             changes,
             publisher: Mutex::new(Some(publisher)),
+            follower: Mutex::new(follower),
             loader: Mutex::new(Some(loader)),
             fleet,
             metrics,
@@ -432,6 +441,10 @@ impl ShadowService {
         if let Some(publisher) = publisher {
             tasks::joined("answer publisher", publisher.await);
         }
+        let follower = self.follower.lock().ok().and_then(|mut f| f.take());
+        if let Some(follower) = follower {
+            tasks::joined("change log follower", follower.await);
+        }
         let loader = self.loader.lock().ok().and_then(|mut l| l.take());
         if let Some(loader) = loader {
             tasks::joined("fleet index load", loader.await);
@@ -590,12 +603,12 @@ fn shadows_of(store: &dyn ShadowStore, thing: &str) -> Result<Vec<ShadowKey>, St
 }
 
 /// Turns committed results into answers, in commit order: queues their
-/// messages on the outbox, broadcasts their changes and wakes their callers.
+/// messages on the outbox and wakes their callers; with `feed`, also
+/// indexes and broadcasts their changes.
 async fn publish_committed(
     mut committed: mpsc::Receiver<CommittedBatch>,
     outbox: Outbox,
-    changes: broadcast::Sender<Change>,
-    fleet: Arc<FleetIndex>,
+    feed: Option<(broadcast::Sender<Change>, Arc<FleetIndex>)>,
     metrics: Option<ShadowMetrics>,
 ) {
     let mut outbox = Some(outbox);
@@ -638,7 +651,7 @@ async fn publish_committed(
             };
             // Indexed before the caller hears back: a client that got its
             // answer finds its change in a search.
-            if let Some(change) = &change {
+            if let (Some(change), Some((_, fleet))) = (&change, &feed) {
                 fleet.apply(change.clone());
             }
             if let Some((answer, ticket)) = answer_to {
@@ -677,11 +690,24 @@ async fn publish_committed(
                     }
                 }
             }
-            if let Some(change) = change {
+            if let (Some(change), Some((changes, _))) = (change, &feed) {
                 // No subscribers is fine: the change log keeps it for catch-up.
                 let _ = changes.send(change);
             }
         }
+    }
+}
+
+/// Indexes and broadcasts the changes a shared store's log hands over
+/// (every node's, in sequence order).
+async fn feed_changes(
+    mut log: mpsc::Receiver<Change>,
+    changes: broadcast::Sender<Change>,
+    fleet: Arc<FleetIndex>,
+) {
+    while let Some(change) = log.recv().await {
+        fleet.apply(change.clone());
+        let _ = changes.send(change);
     }
 }
 

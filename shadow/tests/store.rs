@@ -640,3 +640,79 @@ fn a_database_with_a_newer_schema_is_refused() {
         other => panic!("opened: {:?}", other.map(|_| ())),
     }
 }
+
+/// Two nodes on one PostgreSQL database each see every node's changes:
+/// both change streams deliver every change once, in sequence order, and
+/// an update made through one node is found by the other's search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs postgresql"]
+async fn each_node_sees_every_nodes_changes_once_in_order() {
+    const UPDATES: u64 = 200;
+    let store = TestStore::postgres();
+    let nodes = [store.start(unlimited()).0, store.start(unlimited()).0];
+    let mut streams: Vec<_> = nodes.iter().map(|n| n.subscribe_changes()).collect();
+    for n in 0..UPDATES {
+        let node = &nodes[(n % 2) as usize];
+        let key = ShadowKey::classic(format!("both-{}", n % 10));
+        let body = json!({"state": {"reported": {"n": n, "via": n % 2}}});
+        assert!(node
+            .handle(req(&key, Operation::Update, body))
+            .await
+            .result
+            .is_ok());
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        while seqs.len() < UPDATES as usize {
+            seqs.push(stream.recv().await.expect("a change").seq);
+        }
+        assert_eq!(seqs, (1..=UPDATES).collect::<Vec<_>>(), "node {i}");
+    }
+    // both-9's last update (n = 199) went through node 2; node 1 finds it.
+    assert_eq!(nodes[0].fleet().wait_loaded().await, IndexStatus::Ready);
+    let query =
+        umbra_shadow::search::Query::parse("shadow.reported.via:1 AND shadow.reported.n:199")
+            .expect("query");
+    let found = nodes[0]
+        .fleet()
+        .search(Some(&query), None, 10, |t| t.name().to_string())
+        .expect("search");
+    assert_eq!(found.0, ["both-9"]);
+    for node in nodes {
+        node.close().await;
+    }
+}
+
+/// A server's store marks every thing disconnected when it opens (its
+/// broker is in-process); an import's store, opened beside a running
+/// server, leaves connectivity as it is.
+#[tokio::test]
+#[ignore = "needs postgresql"]
+async fn only_a_servers_store_resets_connectivity() {
+    let store = TestStore::postgres();
+    let TestStore::Postgres(db) = &store else {
+        unreachable!("a postgresql store");
+    };
+    let (service, _outbox) = store.start(unlimited());
+    let mut changes = service.subscribe_changes();
+    assert!(service.record_presence("lamp", true, 1_000, None));
+    changes.recv().await.expect("the connect is committed");
+    let connected = || {
+        let found = service.store().connectivity("lamp").expect("read");
+        found.expect("known").connected
+    };
+    for (resets_presence, still_connected) in [(false, true), (true, false)] {
+        let config = PostgresConfig {
+            resets_presence,
+            ..PostgresConfig::new(&db.url)
+        };
+        let (other, _committed) = PostgresStore::open(config, unlimited(), None).expect("open");
+        other.close().expect("close");
+        assert_eq!(
+            connected(),
+            still_connected,
+            "resets_presence: {resets_presence}"
+        );
+    }
+    service.close().await;
+}

@@ -252,6 +252,15 @@ pub trait ShadowStore: Send + Sync {
 
     /// Stops taking jobs, finishes and commits what is queued, and waits for the writer.
     fn close(&self) -> Result<(), StoreError>;
+
+    /// For a store that other processes write too: every writer's changes,
+    /// in sequence order, from the last one committed when the store
+    /// opened (taken once). The service then feeds its change stream and
+    /// fleet index from this, not from its own commits. `None` for a store
+    /// that only this process writes.
+    fn follow(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        None
+    }
 }
 
 /// How many committed batches may wait for the publisher before a writer waits.

@@ -26,7 +26,8 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
+use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls, Transaction};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{
@@ -55,6 +56,10 @@ pub struct PostgresConfig {
     pub change_retention_bytes: u64,
     /// Connections for reads (the writer has one of its own).
     pub readers: usize,
+    /// Whether this process's broker is where the database's things
+    /// connect: then whatever the database says is connected is not, at
+    /// open (a server; not an import).
+    pub resets_presence: bool,
 }
 
 impl PostgresConfig {
@@ -67,6 +72,7 @@ impl PostgresConfig {
             change_retention: d.change_retention,
             change_retention_bytes: d.change_retention_bytes,
             readers: 8,
+            resets_presence: true,
         }
     }
 }
@@ -165,6 +171,11 @@ pub struct PostgresStore {
     pool: Pool,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Every writer's changes, in sequence order, until taken by `follow`.
+    followed: Mutex<Option<mpsc::Receiver<Change>>>,
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Tells the follower to read what is left and stop.
+    stop_following: CancellationToken,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -206,22 +217,27 @@ impl PostgresStore {
             .build()
             .map_err(|err| StoreError::Postgres(err.to_string()))?;
         let connecting = pg.clone();
-        let (client, log_bytes, entries) = run(&handle, async move {
+        let resets_presence = config.resets_presence;
+        let (client, log_bytes, entries, last_seq) = run(&handle, async move {
             let mut client = connect(&connecting).await?;
             migrate(&mut client).await?;
-            // The broker lives in this process: whatever it had connected
-            // when it stopped (or was killed) is not connected now.
-            client
-                .execute("UPDATE things SET connected = false WHERE connected", &[])
-                .await?;
+            if resets_presence {
+                // The broker lives in this process: whatever it had connected
+                // when it stopped (or was killed) is not connected now.
+                client
+                    .execute("UPDATE things SET connected = false WHERE connected", &[])
+                    .await?;
+            }
             let row = client
                 .query_one(
-                    "SELECT bytes, last_seq - coalesce((SELECT min(seq) FROM changes), last_seq + 1) + 1
+                    "SELECT bytes, last_seq - coalesce((SELECT min(seq) FROM changes), last_seq + 1) + 1,
+                            last_seq
                      FROM change_log",
                     &[],
                 )
                 .await?;
-            Ok::<_, StoreError>((client, row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            let (bytes, entries, last): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            Ok::<_, StoreError>((client, bytes, entries, last as u64))
         })?;
         if let Some(metrics) = &metrics {
             metrics.change_log_entries.set(entries);
@@ -231,7 +247,7 @@ impl PostgresStore {
         let (committed_tx, committed_rx) = mpsc::channel(COMMITTED_BACKLOG);
         let writer = Writer {
             client,
-            pg,
+            pg: pg.clone(),
             limits,
             max_batch: config.max_batch.max(1),
             retention: config.change_retention,
@@ -240,6 +256,15 @@ impl PostgresStore {
             metrics,
         };
         let writer = handle.spawn(writer.run(queue_rx, committed_tx));
+        let (followed_tx, followed_rx) = mpsc::channel(FOLLOW_PAGE as usize);
+        let stop_following = CancellationToken::new();
+        let follower = Follower {
+            pg,
+            after: last_seq,
+            changes: followed_tx,
+            stop: stop_following.clone(),
+        };
+        let follower = handle.spawn(follower.run());
         Ok((
             PostgresStore {
                 runtime: Mutex::new(Some(runtime)),
@@ -247,6 +272,9 @@ impl PostgresStore {
                 pool,
                 queue: Mutex::new(Some(queue_tx)),
                 writer: Mutex::new(Some(writer)),
+                followed: Mutex::new(Some(followed_rx)),
+                follower: Mutex::new(Some(follower)),
+                stop_following,
             },
             committed_rx,
         ))
@@ -501,11 +529,24 @@ impl ShadowStore for PostgresStore {
             }),
             None => Ok(()),
         };
+        // The writer's last changes are in the log: the follower reads them
+        // and stops.
+        self.stop_following.cancel();
+        let follower = self.follower.lock().ok().and_then(|mut f| f.take());
+        if let Some(follower) = follower {
+            let _ = run(&self.handle, async move {
+                follower.await.map_err(|_| StoreError::WriterFailed)
+            });
+        }
         self.pool.close();
         if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
             runtime.shutdown_background();
         }
         stopped
+    }
+
+    fn follow(&self) -> Option<mpsc::Receiver<Change>> {
+        self.followed.lock().ok().and_then(|mut f| f.take())
     }
 }
 
@@ -745,6 +786,108 @@ impl Writer {
             metrics.change_log_bytes.set(log_bytes);
         }
         Ok(dropped == PRUNE_STEP)
+    }
+}
+
+/// The channel a commit that logged changes notifies.
+const NOTIFY_CHANNEL: &str = "umbra_changes";
+/// Change log entries the follower reads at a time.
+const FOLLOW_PAGE: i64 = 1024;
+/// How often the follower reads the log without being notified (a
+/// notification is lost while its connection is down).
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// Reads the change log as every node appends to it, in sequence order,
+/// and hands each change on: this node's change stream and fleet index
+/// then see every node's changes, each once and in order (sequences are
+/// committed in order and without gaps, see the module's notes).
+struct Follower {
+    pg: tokio_postgres::Config,
+    /// The last sequence handed on.
+    after: u64,
+    changes: mpsc::Sender<Change>,
+    stop: CancellationToken,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow().await {
+                Ok(()) => return,
+                Err(err) => {
+                    warn!(cause = %err, "change log follower lost postgresql; reconnecting")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Listens and reads until told to stop (then reads what is left) or
+    /// until nobody takes changes; an error when the connection fails.
+    async fn follow(&mut self) -> Result<(), StoreError> {
+        let (client, mut connection) = self.pg.connect(NoTls).await?;
+        let notified = Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::clone(&notified);
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(_) = message {
+                    wake.notify_one();
+                }
+            }
+            // The connection ended: the reader's next query fails.
+            wake.notify_one();
+        });
+        client
+            .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+            .await?;
+        loop {
+            let stopping = self.stop.is_cancelled();
+            if !self.read(&client).await? || stopping {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified.notified() => {}
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                _ = self.stop.cancelled() => {}
+            }
+        }
+    }
+
+    /// Hands on every change after `after`; false when nobody takes them.
+    async fn read(&mut self, client: &Client) -> Result<bool, StoreError> {
+        loop {
+            let rows = client
+                .query(
+                    "SELECT seq, thing, name, version, kind, time, document FROM changes
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&(self.after as i64), &FOLLOW_PAGE],
+                )
+                .await?;
+            for row in &rows {
+                let change = change_row(row);
+                if change.seq != self.after + 1 {
+                    warn!(
+                        after = self.after,
+                        next = change.seq,
+                        "the change log was pruned past what this node had read; \
+                         its fleet index may miss changes until restart"
+                    );
+                }
+                self.after = change.seq;
+                if self.changes.send(change).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            if (rows.len() as i64) < FOLLOW_PAGE {
+                return Ok(true);
+            }
+        }
     }
 }
 
@@ -1045,6 +1188,12 @@ async fn log_changes(
          SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[],
                               $6::int8[], $7::text[])",
         &[&seq, &thing, &name, &version, &kind, &time, &document],
+    )
+    .await?;
+    // Delivered at commit, to every node's follower.
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&NOTIFY_CHANNEL, &last.to_string()],
     )
     .await?;
     Ok(Some(log_bytes as u64))
