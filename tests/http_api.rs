@@ -6,31 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
-use umbra_tests::{mqtt_addr, start, test_config, Device, WAIT};
-
-/// One blocking HTTP call (ureq), run off the async runtime.
-async fn http(method: &'static str, url: String, body: Option<String>) -> (u16, Value) {
-    tokio::task::spawn_blocking(move || {
-        let request = ureq::request(method, &url).timeout(WAIT);
-        let result = match body {
-            Some(body) => request.send_string(&body),
-            None => request.call(),
-        };
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {url}: {e}"),
-        };
-        let status = response.status();
-        let text = response.into_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
-    .await
-    .expect("http call")
-}
+use umbra_tests::{http, mqtt_addr, start, test_config, Device};
 
 fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")

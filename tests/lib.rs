@@ -3,8 +3,10 @@
 //! directory, and real MQTT devices (rumqttc) that record what they receive.
 //! Every wait is on an observable event, bounded by [`WAIT`].
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
@@ -60,6 +62,51 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.mqtt.websocket = Some(ListenerSettings::local(0));
     config.mqtt.router.max_connections = 5000;
     config
+}
+
+/// One blocking HTTP call (ureq), run off the async runtime.
+pub async fn http(method: &'static str, url: String, body: Option<String>) -> (u16, Value) {
+    tokio::task::spawn_blocking(move || {
+        let request = ureq::request(method, &url).timeout(WAIT);
+        let result = match body {
+            Some(body) => request.send_string(&body),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {url}: {e}"),
+        };
+        let status = response.status();
+        let text = response.into_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    })
+    .await
+    .expect("http call")
+}
+
+/// Waits until a server's `/readyz` answers 200.
+pub async fn wait_ready(http: SocketAddr) {
+    tokio::time::timeout(WAIT, async {
+        while http_status(format!("http://{http}/readyz")).await != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("ready in time");
+}
+
+async fn http_status(url: String) -> u16 {
+    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(status, _)) => status,
+        Err(_) => 0,
+    })
+    .await
+    .expect("http call")
 }
 
 /// A free loopback port, for a program that cannot bind port 0 itself.
@@ -351,5 +398,91 @@ impl Device5 {
             )
             .await
             .expect("publish queued");
+    }
+}
+
+/// Where [`Mosquitto::start_remapping_requests`] republishes shadow requests.
+pub const REMAPPED_REQUESTS: &str = "shadow-requests/";
+
+/// A Mosquitto process listening on 127.0.0.1:`port`, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto and returns once it logs that its listener is open.
+    pub fn start() -> Mosquitto {
+        Mosquitto::start_with(|_| String::new())
+    }
+
+    /// Mosquitto that also republishes shadow requests under
+    /// [`REMAPPED_REQUESTS`], through a bridge to itself: Mosquitto 2.0 does
+    /// not deliver `$`-topics to shared subscriptions (see the README's
+    /// "Attach mode").
+    pub fn start_remapping_requests() -> Mosquitto {
+        Mosquitto::start_with(|port| {
+            format!(
+                "connection shadow-requests\naddress 127.0.0.1:{port}\ncleansession false\n\
+                 bridge_protocol_version mqttv50\ntry_private false\n\
+                 topic +/shadow/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n\
+                 topic +/shadow/name/+/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n"
+            )
+        })
+    }
+
+    /// Starts Mosquitto with `more(port)` appended to its configuration.
+    fn start_with(more: impl Fn(u16) -> String) -> Mosquitto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nlog_dest stderr\nlog_type all\n{}",
+                more(port)
+            ),
+        )
+        .expect("write config");
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        // Wait for the broker's own word that the listener is open.
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Opening ipv4 listen socket") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("mosquitto exited before opening its listener"),
+            }
+        }
+        // Keep draining the log so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -563,7 +563,7 @@ async fn a_flooding_device_does_not_cost_the_others_answers() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.await.expect("flood task");
     assert!(sent > 0);
-    let metrics = server.broker().metrics();
+    let metrics = server.broker().expect("embedded broker").metrics();
     let load =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     let pauses = load(&metrics.rate_pauses);

@@ -316,6 +316,7 @@ async fn an_idle_handshake_delays_no_other_client_and_is_closed_at_the_timeout()
     closed_by_server(&mut idle_ws).await;
     let timeouts = server
         .broker()
+        .expect("embedded broker")
         .metrics()
         .connect_timeouts
         .load(std::sync::atomic::Ordering::Relaxed);

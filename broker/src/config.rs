@@ -130,6 +130,7 @@ pub struct Overrides {
     pub http_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub store_url: Option<String>,
+    pub attach: Option<String>,
 }
 
 /// A configuration that cannot be used; the message names the field.
@@ -186,6 +187,9 @@ impl Config {
         }
         if let Some(url) = &overrides.store_url {
             config.store.url = Some(url.clone());
+        }
+        if let Some(url) = &overrides.attach {
+            config.mqtt.attach = Some(url.clone());
         }
         config.validate()?;
         Ok(config)

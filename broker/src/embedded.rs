@@ -105,6 +105,12 @@ pub struct BrokerSettings {
     /// Accept anonymous clients on listeners reachable from other hosts.
     pub allow_anonymous_remote: bool,
     pub edge: EdgeSettings,
+    /// `mqtt://host:port`: run no broker of Umbra's own and serve shadow
+    /// requests as a client of this one (attach mode; the listener settings
+    /// above then do not apply).
+    pub attach: Option<String>,
+    /// How attach mode connects.
+    pub attach_client: crate::attach::AttachClient,
 }
 
 impl Default for BrokerSettings {
@@ -125,6 +131,8 @@ impl Default for BrokerSettings {
             policy: PolicySettings::default(),
             allow_anonymous_remote: false,
             edge: EdgeSettings::default(),
+            attach: None,
+            attach_client: crate::attach::AttachClient::default(),
         }
     }
 }
@@ -357,6 +365,8 @@ pub enum ConfigError {
     PasswordFile(#[from] PasswordFileError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error("attach: {0}")]
+    Attach(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,6 +406,9 @@ impl BrokerSettings {
     /// that is not loopback, `0.0.0.0` included) unless
     /// `allow_anonymous_remote` is set.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.attach {
+            self.attach_client.check(url).map_err(ConfigError::Attach)?;
+        }
         if self.listeners().next().is_none() {
             return Err(ConfigError::NoListener);
         }

@@ -14,6 +14,8 @@
 //! - [`config`]: umbra's configuration (file < env < flags) and its validation.
 //! - [`server`]: the umbra server: store, shadow service and broker wired
 //!   together; ordered start-up and a draining shutdown.
+//! - [`attach`]: attach mode: the shadow service as an MQTT 5 client of
+//!   another broker, instead of the embedded one.
 //! - [`embedded`]: broker settings and their guard, start-up on free ports,
 //!   shutdown.
 //! - [`transport`]: listeners, the accept loop, TLS and WebSocket handshakes.
@@ -40,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addresses;
+pub mod attach;
 pub mod auth;
 pub mod certs;
 pub mod cli;

@@ -59,6 +59,10 @@ struct Cli {
         hide_env_values = true
     )]
     store_url: Option<String>,
+    /// Serve shadow requests as a client of this MQTT broker
+    /// (`mqtt://host:port`) instead of running one (overrides [mqtt] attach).
+    #[arg(long, env = "UMBRA_ATTACH", value_name = "URL")]
+    attach: Option<String>,
     /// How the operator commands reach a server (global: before or after
     /// the command).
     #[command(flatten)]
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         http_addr: cli.http_addr,
         data_dir: cli.data_dir,
         store_url: cli.store_url,
+        attach: cli.attach,
     };
     if let Some(command) = cli.command {
         return run_command(&cli.api, cli.config.as_deref(), &overrides, command);
@@ -392,6 +397,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         transport(&config.mqtt.websocket),
     ];
     let anonymous = config.mqtt.auth.is_none() && config.mqtt.password_file.is_none();
+    let attached = config
+        .mqtt
+        .attach
+        .clone()
+        .map(|url| (url, config.mqtt.attach_client.clone()));
+    let store = match &config.store.url {
+        Some(_) => "in PostgreSQL ([store] url)".to_string(),
+        None => format!("in {}", data_dir.display()),
+    };
     let server = Server::start(config).await?;
     let addrs = server.addrs();
     println!(
@@ -410,7 +424,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             println!("umbra: {what} listening on {addr} (MQTT 3.1.1 and 5, {kind})");
         }
     }
-    println!("umbra: data in {}", data_dir.display());
+    if let Some((url, client)) = attached {
+        println!(
+            "umbra: attached to {url} as {:?}, taking shadow requests in share group {:?} (no broker of its own)",
+            client.client_id, client.share_group
+        );
+    }
+    println!("umbra: data {store}");
     println!(
         "umbra: try   curl -d '{{\"state\":{{\"desired\":{{\"on\":true}}}}}}' http://{}/things/lamp-1/shadow",
         addrs.http

@@ -21,6 +21,7 @@ use umbra_shadow::store::{CommittedBatch, PostgresConfig, PostgresStore, ShadowS
 use umbra_shadow::tasks;
 use umbra_shadow::{ServiceConfig, ShadowMetrics, ShadowService, SqliteStore};
 
+use crate::attach::{self, Attachment};
 use crate::config::Config;
 use crate::connection::PresenceEvent;
 use crate::embedded::{self, EdgeHooks, RunningBroker};
@@ -94,12 +95,22 @@ pub struct Server {
     http: JoinHandle<std::io::Result<()>>,
     /// Waits for the fleet index, then reports ready.
     readiness: JoinHandle<()>,
-    broker: RunningBroker,
+    edge: Edge,
     service: Arc<ShadowService>,
-    /// Stops recording presence events.
-    presence_stop: CancellationToken,
-    presence: JoinHandle<()>,
     grace: std::time::Duration,
+}
+
+/// Where devices' requests come from.
+enum Edge {
+    /// Umbra's own broker, with presence from its connections.
+    Embedded {
+        broker: RunningBroker,
+        /// Stops recording presence events.
+        presence_stop: CancellationToken,
+        presence: JoinHandle<()>,
+    },
+    /// Another broker, as its client (attach mode).
+    Attached(Attachment),
 }
 
 impl std::fmt::Debug for Server {
@@ -130,14 +141,34 @@ impl Server {
             limits: config.shadow.clone(),
             ..ServiceConfig::default()
         };
+        // Attach mode: the service's answers go to the other broker, in order.
+        let attach = config.mqtt.attach.as_ref().map(|url| {
+            let address = config.mqtt.attach_client.check(url);
+            (address, config.mqtt.attach_client.clone())
+        });
         let publisher = Publisher::new(Arc::new(EdgeMetrics::default()));
-        let service = ShadowService::start_with_sink(
-            service_config,
-            store,
-            committed,
-            Some(metrics.clone()),
-            Arc::new(publisher.clone()),
-        );
+        let (service, answers) = match &attach {
+            Some(_) => {
+                let (service, answers) = ShadowService::start_with_metrics(
+                    service_config,
+                    store,
+                    committed,
+                    Some(metrics.clone()),
+                );
+                (service, Some(answers))
+            }
+            None => {
+                let sink = Arc::new(publisher.clone());
+                let service = ShadowService::start_with_sink(
+                    service_config,
+                    store,
+                    committed,
+                    Some(metrics.clone()),
+                    sink,
+                );
+                (service, None)
+            }
+        };
         let http_listener = match tokio::net::TcpListener::bind(config.http_addr).await {
             Ok(listener) => listener,
             Err(source) => {
@@ -155,22 +186,52 @@ impl Server {
                 source,
             })?;
 
-        let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
-        let hooks = EdgeHooks {
-            shadow: Arc::clone(&service) as Arc<dyn crate::requests::ShadowRequests>,
-            publisher: publisher.clone(),
-            presence: Some(presence_tx),
-        };
-        let broker = match embedded::start(config.mqtt.clone(), hooks) {
-            Ok(broker) => broker,
-            Err(err) => {
-                service.close().await;
-                return Err(err.into());
+        let edge = match (attach, answers) {
+            (Some((address, settings)), Some(answers)) => {
+                // Checked by `Config::validate`.
+                let address = address.map_err(|reason| {
+                    StartError::Broker(embedded::StartError::Config(embedded::ConfigError::Attach(
+                        reason,
+                    )))
+                })?;
+                Edge::Attached(attach::start(
+                    &address,
+                    &settings,
+                    Arc::clone(&service),
+                    answers,
+                ))
+            }
+            _ => {
+                let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
+                let hooks = EdgeHooks {
+                    shadow: Arc::clone(&service) as Arc<dyn crate::requests::ShadowRequests>,
+                    publisher: publisher.clone(),
+                    presence: Some(presence_tx),
+                };
+                let broker = match embedded::start(config.mqtt.clone(), hooks) {
+                    Ok(broker) => broker,
+                    Err(err) => {
+                        service.close().await;
+                        return Err(err.into());
+                    }
+                };
+                registry.register(Box::new(crate::metrics::EdgeCollector::new(
+                    broker.metrics(),
+                )?))?;
+                let presence_stop = CancellationToken::new();
+                let presence = tokio::spawn(record_presence(
+                    presence_rx,
+                    Arc::clone(&service),
+                    publisher,
+                    presence_stop.clone(),
+                ));
+                Edge::Embedded {
+                    broker,
+                    presence_stop,
+                    presence,
+                }
             }
         };
-        registry.register(Box::new(crate::metrics::EdgeCollector::new(
-            broker.metrics(),
-        )?))?;
 
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         let mut api = ApiState::new(
@@ -180,51 +241,64 @@ impl Server {
             ready_rx,
         )
         .with_metrics(metrics);
-        if let (Some(addr), Some(listener)) = (broker.addrs().websocket, &config.mqtt.websocket) {
-            api = api.with_mqtt_web_socket(MqttWebSocket {
-                port: addr.port(),
-                tls: listener.tls.is_some(),
-            });
+        if let (Edge::Embedded { broker, .. }, Some(listener)) = (&edge, &config.mqtt.websocket) {
+            if let Some(addr) = broker.addrs().websocket {
+                api = api.with_mqtt_web_socket(MqttWebSocket {
+                    port: addr.port(),
+                    tls: listener.tls.is_some(),
+                });
+            }
         }
         let http_stop = CancellationToken::new();
         let stopped = http_stop.clone();
         let http = tokio::spawn(umbra_shadow::http::serve(http_listener, api, async move {
             stopped.cancelled().await;
         }));
-        // Ready once the store, the broker and the fleet index are up.
+        // Ready once the store, the broker and the fleet index are up (and,
+        // attached, while the other broker hands requests over).
         let fleet = Arc::clone(service.fleet());
+        let subscribed = match &edge {
+            Edge::Attached(attachment) => Some(attachment.subscribed()),
+            Edge::Embedded { .. } => None,
+        };
         let readiness = tokio::spawn(async move {
             fleet.wait_loaded().await;
+            if let Some(mut subscribed) = subscribed {
+                loop {
+                    if subscribed.wait_for(|s| *s).await.is_err() {
+                        break;
+                    }
+                    let _ = ready_tx.send(true);
+                    if subscribed.wait_for(|s| !*s).await.is_err() {
+                        break;
+                    }
+                    let _ = ready_tx.send(false);
+                }
+            }
             let _ = ready_tx.send(true);
             // Keep the sender so that /readyz keeps answering until shutdown.
             std::future::pending::<()>().await;
         });
-
-        let presence_stop = CancellationToken::new();
-        let presence = tokio::spawn(record_presence(
-            presence_rx,
-            Arc::clone(&service),
-            publisher,
-            presence_stop.clone(),
-        ));
 
         let server = Server {
             http_addr,
             http_stop,
             http,
             readiness,
-            broker,
+            edge,
             service,
-            presence_stop,
-            presence,
             grace: config.shutdown_grace(),
         };
         info!(addrs = ?server.addrs(), "umbra started");
         Ok(server)
     }
 
+    /// Where it listens (no MQTT addresses in attach mode).
     pub fn addrs(&self) -> ServerAddrs {
-        let a = self.broker.addrs();
+        let a = match &self.edge {
+            Edge::Embedded { broker, .. } => broker.addrs(),
+            Edge::Attached(_) => embedded::ListenerAddrs::default(),
+        };
         ServerAddrs {
             http: self.http_addr,
             mqtt: a.mqtt_v4,
@@ -237,8 +311,12 @@ impl Server {
         &self.service
     }
 
-    pub fn broker(&self) -> &RunningBroker {
-        &self.broker
+    /// The embedded broker; `None` in attach mode.
+    pub fn broker(&self) -> Option<&RunningBroker> {
+        match &self.edge {
+            Edge::Embedded { broker, .. } => Some(broker),
+            Edge::Attached(_) => None,
+        }
     }
 
     /// Stops accepting connections, handles and commits every request that
@@ -251,15 +329,30 @@ impl Server {
             error!(cause = %err, "http api failed");
         }
         self.readiness.abort();
-        self.broker.stop_accepting().await;
-        // Requests already submitted are committed and answered (into the
-        // connections' mailboxes) before the store stops; one that arrives
-        // after that is answered 500.
-        self.service.close().await;
-        self.presence_stop.cancel();
-        tasks::joined("presence recorder", (&mut self.presence).await);
-        // Each connection writes what its mailbox holds, then closes.
-        self.broker.shutdown(self.grace).await;
+        match self.edge {
+            Edge::Embedded {
+                mut broker,
+                presence_stop,
+                presence,
+            } => {
+                broker.stop_accepting().await;
+                // Requests already submitted are committed and answered (into
+                // the connections' mailboxes) before the store stops; one that
+                // arrives after that is answered 500.
+                self.service.close().await;
+                presence_stop.cancel();
+                tasks::joined("presence recorder", presence.await);
+                // Each connection writes what its mailbox holds, then closes.
+                broker.shutdown(self.grace).await;
+            }
+            Edge::Attached(attachment) => {
+                // The broker sends further requests to the other nodes; those
+                // already taken are committed, answered and acknowledged.
+                attachment.stop_taking();
+                self.service.close().await;
+                attachment.shutdown().await;
+            }
+        }
         info!("umbra stopped");
     }
 }

@@ -122,7 +122,7 @@ async fn fleet_converges_on_every_operator_change() {
     );
     // Every shadow request the run sent was answered (convergence comes last), so the broker's
     // edge has seen each one, and nothing more.
-    let metrics = server.broker().metrics();
+    let metrics = server.broker().expect("embedded broker").metrics();
     assert_eq!(
         metrics.shadow_requests.load(Ordering::Relaxed),
         count("shadow_requests_sent"),
@@ -171,7 +171,7 @@ async fn shadow_bench_updates_are_all_answered() {
         count("sent"),
         "{table}"
     );
-    let metrics = server.broker().metrics();
+    let metrics = server.broker().expect("embedded broker").metrics();
     assert_eq!(
         metrics.shadow_requests.load(Ordering::Relaxed),
         count("sent")

@@ -5,72 +5,9 @@
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A Mosquitto process listening on 127.0.0.1:`port`, killed on drop.
-pub struct Mosquitto {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// Starts Mosquitto and returns once it logs that its listener is open.
-    pub fn start() -> Mosquitto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nlog_dest stderr\nlog_type all\n"
-            ),
-        )
-        .expect("write config");
-        let mut child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("mosquitto is installed (apt-get install mosquitto)");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        // Wait for the broker's own word that the listener is open.
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains("Opening ipv4 listen socket") => break,
-                Some(Ok(_)) => {}
-                _ => panic!("mosquitto exited before opening its listener"),
-            }
-        }
-        // Keep draining the log so the broker never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Mosquitto {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use umbra_tests::Mosquitto;
 
 /// desired, reported, version.
 type FakeShadow = (Map<String, Value>, Map<String, Value>, u64);
