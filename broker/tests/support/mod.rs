@@ -36,26 +36,7 @@ pub async fn spawn(data_dir: &Path) -> Umbra {
 
 /// [`spawn`] with more arguments (e.g. `--config FILE`).
 pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
-    let mut child = Command::new(UMBRA)
-        .args(args)
-        .args(FREE_PORTS)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("umbra starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (child, mut lines) = launch(data_dir, args);
     let (mut http, mut mqtt) = (None, None);
     while http.is_none() || mqtt.is_none() {
         let line = tokio::time::timeout(WAIT, lines.recv())
@@ -75,5 +56,60 @@ pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
         mqtt: mqtt.expect("mqtt address"),
         http: http.expect("http address"),
         lines,
+    }
+}
+
+/// Starts `umbra` on free ports; its stdout's lines.
+fn launch(data_dir: &Path, args: &[&str]) -> (Child, mpsc::UnboundedReceiver<String>) {
+    let mut child = Command::new(UMBRA)
+        .args(args)
+        .args(FREE_PORTS)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("umbra starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
+/// A running `umbra` in attach mode (no MQTT listener of its own).
+pub struct Attached {
+    pub child: Child,
+    pub http: SocketAddr,
+    /// Kept open: umbra would block on a full stdout pipe.
+    _lines: mpsc::UnboundedReceiver<String>,
+}
+
+/// Starts `umbra` with `args` (which attach it) and waits until it says so.
+pub async fn spawn_attached(data_dir: &Path, args: &[&str]) -> Attached {
+    let (child, mut lines) = launch(data_dir, args);
+    let (mut http, mut attached) = (None, false);
+    while http.is_none() || !attached {
+        let line = tokio::time::timeout(WAIT, lines.recv())
+            .await
+            .expect("umbra prints its address")
+            .expect("umbra is running");
+        attached |= line.starts_with("umbra: attached to ");
+        http = http.or_else(|| {
+            let rest = line.strip_prefix("umbra: http listening on ")?;
+            rest.split(' ').next()?.parse().ok()
+        });
+    }
+    Attached {
+        child,
+        http: http.expect("http address"),
+        _lines: lines,
     }
 }
