@@ -800,14 +800,15 @@ async fn count_up(
     let topic = format!("$aws/things/{thing}/shadow/update");
     let mut i = 0u64;
     while !stop.is_cancelled() {
-        let body = json!({"state": {"reported": {"i": i}}, "clientToken": i.to_string()});
+        let token = i.to_string();
+        let body = json!({"state": {"reported": {"i": i}}, "clientToken": token});
         client
             .publish(&topic, QoS::AtLeastOnce, false, body.to_string())
             .await
             .expect("publish");
         let answered = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(answer) = answers.recv().await {
-                if answer["clientToken"] == i.to_string() {
+                if answer["clientToken"].as_str() == Some(token.as_str()) {
                     return answer["version"].as_u64();
                 }
             }
