@@ -849,7 +849,7 @@ async fn kill_9_of_an_attached_node_loses_no_acknowledged_update() {
     let (config_a, config_b) = (config("a"), config("b"));
     let node = |config: &str, data: &str| {
         let data = dir.path().join(data);
-        let args = vec!["--config".to_string(), config.to_string()];
+        let args = ["--config".to_string(), config.to_string()];
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             support::spawn_attached(&data, &args).await
