@@ -71,6 +71,71 @@ async fn an_attached_node_serves_devices_on_another_broker() {
     server.shutdown().await;
 }
 
+/// The broker goes away (killed, its sessions with it) and comes back: the
+/// node reconnects by itself, subscribes again and serves requests as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto"]
+async fn an_attached_node_reconnects_when_the_broker_returns() {
+    let mut mosquitto = Mosquitto::start_remapping_requests();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(attached(dir.path(), &mosquitto, "umbra-back")).await;
+    wait_ready(server.addrs().http).await;
+    let update = |n: u64| json!({"state": {"reported": {"n": n}}}).to_string();
+    let mut lamp = Device::connect(broker(&mosquitto), "lamp-2").await;
+    lamp.subscribe("$aws/things/lamp-2/shadow/update/accepted")
+        .await;
+    lamp.publish("$aws/things/lamp-2/shadow/update", update(1))
+        .await;
+    let accepted = lamp
+        .next_on("$aws/things/lamp-2/shadow/update/accepted")
+        .await;
+    assert_eq!(accepted["version"], 1);
+
+    mosquitto.restart();
+    // The node comes back by itself; until it has subscribed again, a
+    // request has no taker, so the device sends it again every 2 s, as a
+    // device waiting for an answer would.
+    let mut lamp = Device::connect(broker(&mosquitto), "lamp-2").await;
+    lamp.subscribe("$aws/things/lamp-2/shadow/update/accepted")
+        .await;
+    let accepted = tokio::time::timeout(umbra_tests::WAIT, async {
+        loop {
+            lamp.publish("$aws/things/lamp-2/shadow/update", update(2))
+                .await;
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                lamp.next_on("$aws/things/lamp-2/shadow/update/accepted"),
+            )
+            .await;
+            if let Ok(accepted) = answer {
+                return accepted;
+            }
+        }
+    })
+    .await
+    .expect("served again after the broker came back");
+    assert_eq!(accepted["version"], 2, "{accepted}");
+    wait_ready(server.addrs().http).await;
+    server.shutdown().await;
+}
+
+/// A node whose broker is gone still shuts down, within its grace: what
+/// it could not acknowledge stays with the broker's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto"]
+async fn an_attached_node_shuts_down_without_its_broker() {
+    let mosquitto = Mosquitto::start_remapping_requests();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = attached(dir.path(), &mosquitto, "umbra-alone");
+    config.shutdown_grace_secs = 1;
+    let server = start(config).await;
+    wait_ready(server.addrs().http).await;
+    drop(mosquitto);
+    tokio::time::timeout(umbra_tests::WAIT, server.shutdown())
+        .await
+        .expect("shut down within its grace");
+}
+
 /// The check: two nodes attached to one Mosquitto and one
 /// PostgreSQL serve 200 devices that follow their deltas; updates made
 /// through node 2 reach devices whose requests either node took; and both

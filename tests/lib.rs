@@ -448,9 +448,26 @@ impl Mosquitto {
             ),
         )
         .expect("write config");
+        Mosquitto {
+            port,
+            child: Mosquitto::spawn(&config),
+            _dir: dir,
+        }
+    }
+
+    /// Stops Mosquitto (SIGKILL: its sessions are lost with it) and starts
+    /// it again on the same port.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Mosquitto::spawn(&self._dir.path().join("mosquitto.conf"));
+    }
+
+    /// Runs Mosquitto on `config`; returns once it logs that its listener is open.
+    fn spawn(config: &Path) -> Child {
         let mut child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&config)
+            .arg(config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -468,11 +485,7 @@ impl Mosquitto {
         }
         // Keep draining the log so the broker never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Mosquitto {
-            port,
-            child,
-            _dir: dir,
-        }
+        child
     }
 
     pub fn url(&self) -> String {

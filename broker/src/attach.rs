@@ -265,20 +265,35 @@ impl Attachment {
     }
 
     /// After the service has closed: acknowledges what it answered,
-    /// publishes the answers left, and disconnects.
-    pub async fn shutdown(self) {
-        let (drained_tx, drained_rx) = oneshot::channel();
-        if self.acks.send(Taken::Drained(drained_tx)).is_ok() {
-            let _ = drained_rx.await;
-        }
-        self.stop_forwarding.cancel();
-        umbra_shadow::tasks::joined("answer forwarder", self.forwarder.await);
-        // The disconnect goes out after the acks and answers queued before it.
-        if let Err(err) = self.client.disconnect().await {
-            debug!(cause = %err, "broker connection already gone");
+    /// publishes the answers left, and disconnects, within `grace`. A
+    /// broker that is gone by then keeps what was not acknowledged and
+    /// delivers it again when this session returns.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let flushed = tokio::time::timeout(grace, async {
+            let (drained_tx, drained_rx) = oneshot::channel();
+            if self.acks.send(Taken::Drained(drained_tx)).is_ok() {
+                let _ = drained_rx.await;
+            }
+            self.stop_forwarding.cancel();
+            umbra_shadow::tasks::joined("answer forwarder", (&mut self.forwarder).await);
+            // The disconnect goes out after the acks and answers queued before it.
+            if let Err(err) = self.client.disconnect().await {
+                debug!(cause = %err, "broker connection already gone");
+                self.stop_events.cancel();
+            }
+            umbra_shadow::tasks::joined("broker connection", (&mut self.events).await);
+        })
+        .await;
+        if flushed.is_err() {
+            warn!(
+                ?grace,
+                "the broker did not take the last acknowledgements and answers in time; \
+                 it delivers the unacknowledged requests again"
+            );
             self.stop_events.cancel();
+            self.forwarder.abort();
+            let _ = (&mut self.events).await;
         }
-        umbra_shadow::tasks::joined("broker connection", self.events.await);
         self.acker.abort();
     }
 }

@@ -350,7 +350,7 @@ impl Server {
                 // already taken are committed, answered and acknowledged.
                 attachment.stop_taking();
                 self.service.close().await;
-                attachment.shutdown().await;
+                attachment.shutdown(self.grace).await;
             }
         }
         info!("umbra stopped");
