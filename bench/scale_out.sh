@@ -47,6 +47,7 @@ need mosquitto mosquitto
 need psql postgresql
 need jq jq
 need curl curl
+need /usr/bin/time time
 
 if [ "$(id -u)" = 0 ] && command -v pg_lsclusters >/dev/null; then
     read -r pg_version pg_cluster _ < <(pg_lsclusters --no-header | head -n 1)
@@ -136,10 +137,26 @@ stop_all() {
     PIDS=()
 }
 
-# RUN BROKER_URL: the shadow benchmark's JSON into $WORK/RUN.json.
+# CPU seconds (user + system) of the processes named NAME so far, summed.
+cpu_of() {
+    { ps -C "$1" -o cputimes= 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}'
+}
+
+# RUN BROKER_URL: the shadow benchmark's JSON into $WORK/RUN.json, and the CPU seconds each
+# program spent during it into $WORK/RUN.cpu.
 measure() {
-    "$SIM" bench shadow --broker "$2" --devices "$DEVICES" --inflight "$INFLIGHT" --ramp 1000 \
+    local before=() name
+    for name in umbra mosquitto postgres; do before+=("$(cpu_of "$name")"); done
+    /usr/bin/time -f "%U %S" -o "$WORK/$1.sim.time" \
+        "$SIM" bench shadow --broker "$2" --devices "$DEVICES" --inflight "$INFLIGHT" --ramp 1000 \
         --duration "$DURATION" --prefix "$1-" --json >"$WORK/$1.json" 2>"$WORK/$1.sim.log"
+    local i=0 cpu=()
+    for name in umbra mosquitto postgres; do
+        cpu+=("$(($(cpu_of "$name") - before[i]))")
+        i=$((i + 1))
+    done
+    cpu+=("$(awk '{printf "%d", $1 + $2}' "$WORK/$1.sim.time")")
+    echo "${cpu[*]}" >"$WORK/$1.cpu"
 }
 
 # The reference: one node on SQLite with its own broker (devices connect to Umbra).
@@ -176,12 +193,15 @@ stop_all
 
 row() {
     local name=$1 what=$2 j="$WORK/$1.json"
-    printf '| %s | %.0f | %s | %s | %s | %s |\n' "$what" \
+    local cpu
+    read -r -a cpu <"$WORK/$name.cpu"
+    printf '| %s | %.0f | %s | %s | %s | %s | %s / %s / %s / %s |\n' "$what" \
         "$(jq '.rates["accepted (durable updates)"] // 0' "$j")" \
         "$(jq -r '.latency["update->accepted"].p50_ms // "n/a"' "$j")" \
         "$(jq -r '.latency["update->accepted"].p99_ms // "n/a"' "$j")" \
         "$(jq -c '.rejected' "$j")" \
-        "$(jq '.counts.unanswered // 0' "$j")"
+        "$(jq '.counts.unanswered // 0' "$j")" \
+        "${cpu[0]}" "${cpu[1]}" "${cpu[2]}" "${cpu[3]}"
 }
 
 {
@@ -193,9 +213,11 @@ row() {
     echo "$(mosquitto -h 2>/dev/null | head -n 1), $(psql --version)."
     echo "$DEVICES devices, each updating its own shadow with $INFLIGHT updates in flight, for $DURATION;"
     echo "durable updates are the \`update/accepted\` answers, each committed before it was sent."
+    echo "CPU seconds are each program's during the window (all its processes; whole seconds), out of"
+    echo "$(nproc) cores × the window."
     echo
-    echo "| setup | durable updates/s | p50 ms | p99 ms | rejected | unanswered |"
-    echo "|---|---|---|---|---|---|"
+    echo "| setup | durable updates/s | p50 ms | p99 ms | rejected | unanswered | CPU s: umbra / mosquitto / postgres / device-sim |"
+    echo "|---|---|---|---|---|---|---|"
     row embedded "one node, SQLite, its own broker"
     row sqlite-1 "one node, SQLite, attached to Mosquitto"
     row pg-1 "one node, PostgreSQL, attached to Mosquitto"
