@@ -263,6 +263,34 @@ pub trait ShadowStore: Send + Sync {
     }
 }
 
+/// A writer's queue: jobs go in until the store closes it.
+struct JobQueue(std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Job>>>);
+
+impl JobQueue {
+    fn new(sender: tokio::sync::mpsc::Sender<Job>) -> JobQueue {
+        JobQueue(std::sync::Mutex::new(Some(sender)))
+    }
+
+    /// Queues `job` without waiting: `Busy` when the queue is full,
+    /// `Closed` once the store closed it.
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        use tokio::sync::mpsc::error::TrySendError;
+        let queue = self.0.lock().map_err(|_| StoreError::WriterFailed)?;
+        let queue = queue.as_ref().ok_or(StoreError::Closed)?;
+        queue.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => StoreError::Busy,
+            TrySendError::Closed(_) => StoreError::Closed,
+        })
+    }
+
+    /// Takes no more jobs: the writer drains what is queued and stops.
+    fn close(&self) {
+        if let Ok(mut queue) = self.0.lock() {
+            queue.take();
+        }
+    }
+}
+
 /// How many committed batches may wait for the publisher before a writer waits.
 const COMMITTED_BACKLOG: usize = 64;
 /// How often a writer looks for change log entries past the retention window.

@@ -32,8 +32,8 @@ use tracing::{error, warn};
 
 use super::{
     change_entry_bytes, committed, now_ms, Change, ChangeKind, ChangeLogBounds, CommittedBatch,
-    Connectivity, Done, Job, ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG,
-    PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
+    Connectivity, Done, Job, JobQueue, ShadowRow, ShadowStore, SnapshotPart, StoreError,
+    COMMITTED_BACKLOG, PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, StoredShadow};
@@ -169,7 +169,7 @@ pub struct PostgresStore {
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
     pool: Pool,
-    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    queue: JobQueue,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Every writer's changes, in sequence order, until taken by `follow`.
     followed: Mutex<Option<mpsc::Receiver<Change>>>,
@@ -270,7 +270,7 @@ impl PostgresStore {
                 runtime: Mutex::new(Some(runtime)),
                 handle,
                 pool,
-                queue: Mutex::new(Some(queue_tx)),
+                queue: JobQueue::new(queue_tx),
                 writer: Mutex::new(Some(writer)),
                 followed: Mutex::new(Some(followed_rx)),
                 follower: Mutex::new(Some(follower)),
@@ -355,12 +355,7 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 
 impl ShadowStore for PostgresStore {
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        let queue = self.queue.lock().map_err(|_| StoreError::WriterFailed)?;
-        let queue = queue.as_ref().ok_or(StoreError::Closed)?;
-        queue.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-        })
+        self.queue.submit(job)
     }
 
     fn load(&self, key: &ShadowKey) -> Result<Option<StoredShadow>, StoreError> {
@@ -508,13 +503,7 @@ impl ShadowStore for PostgresStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
-        // Dropping the sender lets the writer drain the queue and stop.
-        drop(
-            self.queue
-                .lock()
-                .map_err(|_| StoreError::WriterFailed)?
-                .take(),
-        );
+        self.queue.close();
         let writer = self
             .writer
             .lock()
@@ -555,9 +544,7 @@ impl Drop for PostgresStore {
         // Dropped from async code, the store cannot wait for its writer:
         // then it only stops taking jobs (`close` is the orderly way).
         if tokio::runtime::Handle::try_current().is_ok() {
-            if let Ok(mut queue) = self.queue.lock() {
-                queue.take();
-            }
+            self.queue.close();
             if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
                 runtime.shutdown_background();
             }

@@ -15,8 +15,8 @@ use tracing::{error, warn};
 
 use super::{
     change_entry_bytes, committed, now_ms, Change, ChangeKind, ChangeLogBounds, CommittedBatch,
-    Connectivity, Done, Job, ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG,
-    PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
+    Connectivity, Done, Job, JobQueue, ShadowRow, ShadowStore, SnapshotPart, StoreError,
+    COMMITTED_BACKLOG, PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, Outcome, StoredShadow};
@@ -118,7 +118,7 @@ CREATE TABLE IF NOT EXISTS things (
 pub struct SqliteStore {
     /// The database's lock, held until the store is closed.
     lock: Mutex<Option<std::fs::File>>,
-    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    queue: JobQueue,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
@@ -235,7 +235,7 @@ impl SqliteStore {
         Ok((
             SqliteStore {
                 lock: Mutex::new(Some(lock)),
-                queue: Mutex::new(Some(queue_tx)),
+                queue: JobQueue::new(queue_tx),
                 writer: Mutex::new(Some(handle)),
                 readers: Mutex::new(Vec::new()),
                 path: config.path,
@@ -274,12 +274,7 @@ impl SqliteStore {
 
 impl ShadowStore for SqliteStore {
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        let queue = self.queue.lock().map_err(|_| StoreError::WriterFailed)?;
-        let queue = queue.as_ref().ok_or(StoreError::Closed)?;
-        queue.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-        })
+        self.queue.submit(job)
     }
 
     fn load(&self, key: &ShadowKey) -> Result<Option<StoredShadow>, StoreError> {
@@ -414,13 +409,7 @@ impl ShadowStore for SqliteStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
-        // Dropping the sender lets the writer drain the queue and stop.
-        drop(
-            self.queue
-                .lock()
-                .map_err(|_| StoreError::WriterFailed)?
-                .take(),
-        );
+        self.queue.close();
         let handle = self
             .writer
             .lock()
