@@ -81,6 +81,7 @@ listener $port 127.0.0.1
 allow_anonymous true
 max_connections -1
 max_queued_messages 100000
+max_inflight_messages 1000
 connection shadow-requests
 address 127.0.0.1:$port
 cleansession false
