@@ -142,10 +142,16 @@ impl Server {
             ..ServiceConfig::default()
         };
         // Attach mode: the service's answers go to the other broker, in order.
-        let attach = config.mqtt.attach.as_ref().map(|url| {
-            let address = config.mqtt.attach_client.check(url);
-            (address, config.mqtt.attach_client.clone())
-        });
+        let attach = match &config.mqtt.attach {
+            Some(url) => {
+                let client = &config.mqtt.attach_client;
+                let address = client.check(url).map_err(|reason| {
+                    embedded::StartError::Config(embedded::ConfigError::Attach(reason))
+                })?;
+                Some((address, client.clone()))
+            }
+            None => None,
+        };
         let publisher = Publisher::new(Arc::new(EdgeMetrics::default()));
         let (service, answers) = match &attach {
             Some(_) => {
@@ -187,20 +193,12 @@ impl Server {
             })?;
 
         let edge = match (attach, answers) {
-            (Some((address, settings)), Some(answers)) => {
-                // Checked by `Config::validate`.
-                let address = address.map_err(|reason| {
-                    StartError::Broker(embedded::StartError::Config(embedded::ConfigError::Attach(
-                        reason,
-                    )))
-                })?;
-                Edge::Attached(attach::start(
-                    &address,
-                    &settings,
-                    Arc::clone(&service),
-                    answers,
-                ))
-            }
+            (Some((address, settings)), Some(answers)) => Edge::Attached(attach::start(
+                &address,
+                &settings,
+                Arc::clone(&service),
+                answers,
+            )),
             _ => {
                 let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
                 let hooks = EdgeHooks {
