@@ -941,3 +941,23 @@ async fn kill_9_of_an_attached_node_loses_no_acknowledged_update() {
         assert_eq!(versions, (1..=stored).collect::<Vec<_>>(), "{thing}");
     }
 }
+
+/// A PostgreSQL store that cannot be reached stops the start with a message
+/// that says so (it used to panic while the store's runtime was dropped).
+#[tokio::test]
+async fn an_unreachable_store_is_reported_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf-8");
+    let url = "postgres://umbra:secret@127.0.0.1:1/umbra";
+    let args = [&FREE_PORTS[..], &["--data-dir", data, "--store-url", url]].concat();
+    let (code, _, err) = run_to_exit(&args).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot open the shadow store: postgresql"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("secret"),
+        "{err}"
+    );
+}

@@ -166,7 +166,7 @@ const MIGRATION_LOCK: i64 = 0x756d_6272_615f_6d69; // "umbra_mi"
 /// The PostgreSQL implementation of [`ShadowStore`].
 pub struct PostgresStore {
     /// Runs the writer and the pool's connections; shut down at close.
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    runtime: Mutex<Option<StoreRuntime>>,
     handle: tokio::runtime::Handle,
     pool: Pool,
     queue: JobQueue,
@@ -188,7 +188,8 @@ impl std::fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// Connects, applies the migrations the database lacks and starts the
     /// writer. The receiver yields every batch this node commits, in commit
-    /// order. Call it from a blocking context (not from async code).
+    /// order. It blocks the calling thread until then (from async code too:
+    /// the work runs on the store's own runtime).
     pub fn open(
         config: PostgresConfig,
         limits: Limits,
@@ -204,6 +205,7 @@ impl PostgresStore {
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
+        let runtime = StoreRuntime(Some(runtime));
         let manager = Manager::from_config(
             pg.clone(),
             NoTls,
@@ -528,9 +530,8 @@ impl ShadowStore for PostgresStore {
             });
         }
         self.pool.close();
-        if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
-            runtime.shutdown_background();
-        }
+        // Dropping it shuts it down.
+        self.runtime.lock().ok().and_then(|mut r| r.take());
         stopped
     }
 
@@ -541,17 +542,21 @@ impl ShadowStore for PostgresStore {
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        // Dropped from async code, the store cannot wait for its writer:
-        // then it only stops taking jobs (`close` is the orderly way).
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.queue.close();
-            if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
-                runtime.shutdown_background();
-            }
-            return;
-        }
         if let Err(err) = self.close() {
             error!(cause = %err, "store writer did not stop cleanly");
+        }
+    }
+}
+
+/// The store's own runtime. Dropped, it shuts down without waiting for its
+/// tasks: a runtime dropped the ordinary way from async code (a server
+/// whose store failed to open, say) would panic.
+struct StoreRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for StoreRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
