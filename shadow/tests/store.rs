@@ -17,6 +17,27 @@ mod support;
 
 use support::{unlimited, TestStore};
 
+/// The versions each task's accepted updates got, by shadow: `total` in
+/// all, and each shadow's running 1..=n (none repeated or skipped).
+async fn contiguous_versions(
+    tasks: Vec<tokio::task::JoinHandle<Vec<(usize, u64)>>>,
+    total: usize,
+) -> HashMap<usize, Vec<u64>> {
+    let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
+    for task in tasks {
+        for (s, v) in task.await.expect("task") {
+            per_shadow.entry(s).or_default().push(v);
+        }
+    }
+    assert_eq!(per_shadow.values().map(Vec::len).sum::<usize>(), total);
+    for (s, versions) in &mut per_shadow {
+        versions.sort_unstable();
+        let want: Vec<u64> = (1..=versions.len() as u64).collect();
+        assert_eq!(versions, &want, "versions of dev-{s} are not contiguous");
+    }
+    per_shadow
+}
+
 fn req(key: &ShadowKey, op: Operation, payload: Value) -> Request {
     Request {
         key: key.clone(),
@@ -110,18 +131,8 @@ on_both_stores! {
                 accepted
             }));
         }
-        let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
-        for task in tasks {
-            for (s, v) in task.await.expect("task") {
-                per_shadow.entry(s).or_default().push(v);
-            }
-        }
-        let total: usize = per_shadow.values().map(Vec::len).sum();
-        assert_eq!(total, TASKS * UPDATES_PER_TASK);
-        for (s, versions) in &mut per_shadow {
-            versions.sort_unstable();
-            let want: Vec<u64> = (1..=versions.len() as u64).collect();
-            assert_eq!(versions, &want, "versions of dev-{s} are not contiguous");
+        let per_shadow = contiguous_versions(tasks, TASKS * UPDATES_PER_TASK).await;
+        for (s, versions) in &per_shadow {
             let key = ShadowKey::classic(format!("dev-{s}"));
             let stored = service.store().load(&key).expect("load").expect("exists");
             assert_eq!(stored.version, versions.len() as u64);
@@ -506,19 +517,8 @@ async fn two_nodes_on_one_database_never_repeat_or_skip_a_version() {
             }));
         }
     }
-    let mut per_shadow: HashMap<usize, Vec<u64>> = HashMap::new();
-    for task in tasks {
-        for (s, v) in task.await.expect("task") {
-            per_shadow.entry(s).or_default().push(v);
-        }
-    }
-    let total: usize = per_shadow.values().map(Vec::len).sum();
-    assert_eq!(total, 2 * TASKS_PER_NODE * UPDATES_PER_TASK);
-    for (s, versions) in &mut per_shadow {
-        versions.sort_unstable();
-        let want: Vec<u64> = (1..=versions.len() as u64).collect();
-        assert_eq!(versions, &want, "versions of dev-{s} across both nodes");
-    }
+    let total = 2 * TASKS_PER_NODE * UPDATES_PER_TASK;
+    contiguous_versions(tasks, total).await;
     let log = nodes[1]
         .store()
         .changes_since(0, total + 1)
