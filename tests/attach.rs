@@ -71,6 +71,36 @@ async fn an_attached_node_serves_devices_on_another_broker() {
     server.shutdown().await;
 }
 
+/// Attached over TLS: Umbra verifies the broker's certificate against the
+/// CA it is given, and serves devices as over a plain connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto"]
+async fn an_attached_node_reaches_its_broker_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let ca = umbra_broker::certs::make_ca(&certs).expect("ca");
+    let cert = umbra_broker::certs::make_server(&certs, &["localhost".into()]).expect("server");
+    let (mosquitto, tls_port) =
+        Mosquitto::start_remapping_requests_with_tls(&cert, &certs.join("server.key"));
+    let mut config = attached(&dir.path().join("data"), &mosquitto, "umbra-tls");
+    config.mqtt.attach = Some(format!("mqtts://localhost:{tls_port}"));
+    config.mqtt.attach_client.ca_file = Some(ca);
+    let server = start(config).await;
+    wait_ready(server.addrs().http).await;
+
+    let mut lamp = Device::connect(broker(&mosquitto), "lamp-3").await;
+    lamp.subscribe("$aws/things/lamp-3/shadow/update/accepted")
+        .await;
+    let update = json!({"state": {"reported": {"on": true}}});
+    lamp.publish("$aws/things/lamp-3/shadow/update", update.to_string())
+        .await;
+    let accepted = lamp
+        .next_on("$aws/things/lamp-3/shadow/update/accepted")
+        .await;
+    assert_eq!(accepted["version"], 1, "{accepted}");
+    server.shutdown().await;
+}
+
 /// The broker goes away (killed, its sessions with it) and comes back: the
 /// node reconnects by itself, subscribes again and serves requests as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

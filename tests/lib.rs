@@ -401,6 +401,17 @@ impl Device5 {
     }
 }
 
+/// Mosquitto's bridge to itself (on `port`) that republishes shadow
+/// requests under [`REMAPPED_REQUESTS`].
+fn remap_requests(port: u16) -> String {
+    format!(
+        "connection shadow-requests\naddress 127.0.0.1:{port}\ncleansession false\n\
+         bridge_protocol_version mqttv50\ntry_private false\n\
+         topic +/shadow/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n\
+         topic +/shadow/name/+/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n"
+    )
+}
+
 /// Where [`Mosquitto::start_remapping_requests`] republishes shadow requests.
 pub const REMAPPED_REQUESTS: &str = "shadow-requests/";
 
@@ -422,14 +433,24 @@ impl Mosquitto {
     /// not deliver `$`-topics to shared subscriptions (see the README's
     /// "Attach mode").
     pub fn start_remapping_requests() -> Mosquitto {
-        Mosquitto::start_with(|port| {
+        Mosquitto::start_with(remap_requests)
+    }
+
+    /// [`Mosquitto::start_remapping_requests`] with a second listener, on
+    /// TLS with `cert` and `key` (PEM files); also returns its port.
+    pub fn start_remapping_requests_with_tls(cert: &Path, key: &Path) -> (Mosquitto, u16) {
+        let tls_port = free_port();
+        let mosquitto = Mosquitto::start_with(|port| {
             format!(
-                "connection shadow-requests\naddress 127.0.0.1:{port}\ncleansession false\n\
-                 bridge_protocol_version mqttv50\ntry_private false\n\
-                 topic +/shadow/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n\
-                 topic +/shadow/name/+/+ out 1 $aws/things/ {REMAPPED_REQUESTS}\n"
+                // As root, Mosquitto reads its key after dropping to its own
+                // user, who cannot read a key in a test's private directory.
+                "user root\nlistener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n{}",
+                cert.display(),
+                key.display(),
+                remap_requests(port)
             )
-        })
+        });
+        (mosquitto, tls_port)
     }
 
     /// Starts Mosquitto with `more(port)` appended to its configuration.
@@ -475,10 +496,10 @@ impl Mosquitto {
             .expect("mosquitto is installed (apt-get install mosquitto)");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut lines = BufReader::new(stderr).lines();
-        // Wait for the broker's own word that the listener is open.
+        // Wait for the broker's own word that every listener is open.
         loop {
             match lines.next() {
-                Some(Ok(line)) if line.contains("Opening ipv4 listen socket") => break,
+                Some(Ok(line)) if line.contains(" running") => break,
                 Some(Ok(_)) => {}
                 _ => panic!("mosquitto exited before opening its listener"),
             }

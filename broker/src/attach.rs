@@ -13,6 +13,7 @@
 //! - The connection is kept: after a drop the client reconnects with
 //!   backoff and resumes its session.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use rumqttc::v5::mqttbytes::v5::{
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use rumqttc::Outgoing;
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -52,9 +53,17 @@ pub struct AttachClient {
     /// Requests the broker may hand this node before it answers them.
     pub receive_maximum: u16,
     pub keep_alive_secs: u64,
-    /// Lets the URL name another machine, to which Umbra connects without
-    /// TLS (only on a network you trust).
+    /// Lets an `mqtt://` URL name another machine, to which Umbra then
+    /// connects without TLS (only on a network you trust).
     pub allow_plaintext: bool,
+    /// `mqtts://`: the CA certificates (PEM) that the broker's certificate
+    /// must chain to; `/etc/ssl/certs/ca-certificates.crt` for a broker
+    /// with a public certificate.
+    pub ca_file: Option<PathBuf>,
+    /// `mqtts://`: a client certificate and its key (PEM), for a broker
+    /// that wants one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for AttachClient {
@@ -69,26 +78,30 @@ impl Default for AttachClient {
             receive_maximum: 256,
             keep_alive_secs: 30,
             allow_plaintext: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
 
-/// Where to attach: `mqtt://host:port`, checked.
+/// Where to attach: `mqtt://host:port` or `mqtts://host:port`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl AttachClient {
     /// Checks `url` and these settings; the broker's address.
     pub fn check(&self, url: &str) -> Result<BrokerAddress, String> {
         let parsed = url::Url::parse(url).map_err(|err| format!("{url}: {err}"))?;
-        if parsed.scheme() != "mqtt" {
-            return Err(format!(
-                "{url}: the scheme must be mqtt:// (TLS to the broker is not supported yet)"
-            ));
-        }
+        let tls = match parsed.scheme() {
+            "mqtt" => false,
+            "mqtts" => true,
+            _ => return Err(format!("{url}: the scheme must be mqtt:// or mqtts://")),
+        };
         let host = parsed
             .host_str()
             .filter(|h| !h.is_empty())
@@ -105,11 +118,30 @@ impl AttachClient {
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
-        if !loopback && !self.allow_plaintext {
+        if !tls && !loopback && !self.allow_plaintext {
             return Err(format!(
-                "{host} is not this machine, and Umbra connects to the broker without TLS; \
-                 set [mqtt.attach_client] allow_plaintext = true on a network you trust"
+                "{host} is not this machine: use mqtts:// (with attach_client.ca_file), \
+                 or set [mqtt.attach_client] allow_plaintext = true on a network you trust"
             ));
+        }
+        if tls && self.ca_file.is_none() {
+            return Err(
+                "mqtts:// needs attach_client.ca_file: the CA certificates the \
+                 broker's certificate chains to (/etc/ssl/certs/ca-certificates.crt for a \
+                 public one)"
+                    .into(),
+            );
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("attach_client.cert_file and key_file go together".into());
+        }
+        for file in [&self.ca_file, &self.cert_file, &self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if !file.is_file() {
+                return Err(format!("{} does not exist", file.display()));
+            }
         }
         if self.client_id.is_empty() {
             return Err("attach_client.client_id must not be empty".into());
@@ -131,7 +163,8 @@ impl AttachClient {
         }
         Ok(BrokerAddress {
             host,
-            port: parsed.port().unwrap_or(1883),
+            port: parsed.port().unwrap_or(if tls { 8883 } else { 1883 }),
+            tls,
         })
     }
 }
@@ -197,8 +230,11 @@ pub fn start(
     settings: &AttachClient,
     service: Arc<ShadowService>,
     answers: mpsc::Receiver<Message>,
-) -> Attachment {
+) -> Result<Attachment, String> {
     let mut options = MqttOptions::new(&settings.client_id, &address.host, address.port);
+    if address.tls {
+        options.set_transport(Transport::tls_with_config(tls_configuration(settings)?));
+    }
     options
         .set_clean_start(false)
         .set_manual_acks(true)
@@ -234,7 +270,7 @@ pub fn start(
     );
     let acker = tokio::spawn(acknowledge(acks_rx, client.clone(), connection));
     let forwarder = tokio::spawn(forward(answers, client.clone(), stop_forwarding.clone()));
-    Attachment {
+    Ok(Attachment {
         client,
         filters,
         events,
@@ -244,7 +280,27 @@ pub fn start(
         stop_forwarding,
         stop_events,
         subscribed,
-    }
+    })
+}
+
+/// The CA to verify the broker with and, if set, the client certificate.
+fn tls_configuration(settings: &AttachClient) -> Result<TlsConfiguration, String> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+    };
+    let ca = match &settings.ca_file {
+        Some(path) => read(path)?,
+        None => return Err("mqtts:// needs attach_client.ca_file".into()),
+    };
+    let client_auth = match (&settings.cert_file, &settings.key_file) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    Ok(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    })
 }
 
 impl Attachment {
@@ -488,7 +544,8 @@ mod tests {
             settings.check("mqtt://127.0.0.1:1884"),
             Ok(BrokerAddress {
                 host: "127.0.0.1".into(),
-                port: 1884
+                port: 1884,
+                tls: false,
             })
         );
         assert_eq!(settings.check("mqtt://localhost").map(|a| a.port), Ok(1883));
@@ -502,7 +559,24 @@ mod tests {
             ..AttachClient::default()
         };
         assert!(allowed.check("mqtt://broker.example.com").is_ok());
-        assert!(settings.check("mqtts://127.0.0.1").is_err());
+        // mqtts:// reaches anywhere, verified against a CA file.
+        let refused = settings
+            .check("mqtts://broker.example.com")
+            .expect_err("no CA");
+        assert!(refused.contains("ca_file"), "{refused}");
+        let ca = tempfile::NamedTempFile::new().expect("file");
+        let tls = AttachClient {
+            ca_file: Some(ca.path().to_path_buf()),
+            ..AttachClient::default()
+        };
+        let address = tls.check("mqtts://broker.example.com").expect("tls");
+        assert_eq!((address.port, address.tls), (8883, true));
+        let half = AttachClient {
+            cert_file: Some(ca.path().to_path_buf()),
+            ..tls.clone()
+        };
+        assert!(half.check("mqtts://broker.example.com").is_err());
+        assert!(settings.check("ws://127.0.0.1").is_err());
         assert!(settings.check("mqtt://u:p@127.0.0.1").is_err());
         let bad_group = AttachClient {
             share_group: "a/b".into(),

@@ -215,9 +215,16 @@ impl Config {
                 *path = base.join(&*path);
             }
         }
-        for path in [&mut mqtt.password_file, &mut mqtt.revoked_certificates]
-            .into_iter()
-            .flatten()
+        let attach = &mut mqtt.attach_client;
+        for path in [
+            &mut mqtt.password_file,
+            &mut mqtt.revoked_certificates,
+            &mut attach.ca_file,
+            &mut attach.cert_file,
+            &mut attach.key_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             *path = base.join(&*path);
         }

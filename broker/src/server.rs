@@ -193,12 +193,18 @@ impl Server {
             })?;
 
         let edge = match (attach, answers) {
-            (Some((address, settings)), Some(answers)) => Edge::Attached(attach::start(
-                &address,
-                &settings,
-                Arc::clone(&service),
-                answers,
-            )),
+            (Some((address, settings)), Some(answers)) => {
+                match attach::start(&address, &settings, Arc::clone(&service), answers) {
+                    Ok(attachment) => Edge::Attached(attachment),
+                    Err(reason) => {
+                        service.close().await;
+                        return Err(embedded::StartError::Config(embedded::ConfigError::Attach(
+                            reason,
+                        ))
+                        .into());
+                    }
+                }
+            }
             _ => {
                 let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
                 let hooks = EdgeHooks {
