@@ -48,7 +48,9 @@ pub struct AttachClient {
     /// 2.0: see the README's "Attach mode").
     pub request_prefix: String,
     /// How long the broker keeps the session (and the requests it holds
-    /// for this node) while the node is away.
+    /// for this node) while the node is away. Short: Mosquitto goes on
+    /// handing a share of new requests to an absent node's session until it
+    /// expires (see the README's "Attach mode").
     pub session_expiry_secs: u32,
     /// Requests the broker may hand this node before it answers them.
     pub receive_maximum: u16,
@@ -74,7 +76,7 @@ impl Default for AttachClient {
             password: None,
             share_group: "umbra".into(),
             request_prefix: AWS_PREFIX.into(),
-            session_expiry_secs: 3600,
+            session_expiry_secs: 60,
             receive_maximum: 256,
             keep_alive_secs: 30,
             allow_plaintext: false,
