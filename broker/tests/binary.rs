@@ -177,16 +177,21 @@ async fn sigterm_stops_cleanly_with_exit_0() {
     assert!(said_stopped, "umbra reports that it stopped");
 }
 
-#[tokio::test]
-async fn kill_9_loses_no_acknowledged_update() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut umbra = spawn(dir.path()).await;
+/// `things` devices named `{prefix}-{d}` each report `i` = 0..`updates`,
+/// one at a time; each thing with the version its last update was
+/// acknowledged with.
+async fn report_counts(
+    mqtt: SocketAddr,
+    prefix: &str,
+    things: usize,
+    updates: u64,
+) -> Vec<(String, u64)> {
     let mut acknowledged = Vec::new();
-    for d in 0..5 {
-        let thing = format!("k9-{d}");
-        let (client, mut answers) = device(umbra.mqtt, &thing).await;
+    for d in 0..things {
+        let thing = format!("{prefix}-{d}");
+        let (client, mut answers) = device(mqtt, &thing).await;
         let mut last = 0;
-        for i in 0..15 {
+        for i in 0..updates {
             client
                 .publish(
                     format!("$aws/things/{thing}/shadow/update"),
@@ -203,23 +208,36 @@ async fn kill_9_loses_no_acknowledged_update() {
         }
         acknowledged.push((thing, last));
     }
+    acknowledged
+}
+
+/// `thing`'s shadow, as a device gets it over MQTT.
+async fn get_shadow(mqtt: SocketAddr, thing: &str) -> Value {
+    let (client, mut answers) = device(mqtt, thing).await;
+    client
+        .publish(
+            format!("$aws/things/{thing}/shadow/get"),
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("publish");
+    tokio::time::timeout(WAIT, answers.recv())
+        .await
+        .expect("answer")
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut umbra = spawn(dir.path()).await;
+    let acknowledged = report_counts(umbra.mqtt, "k9", 5, 15).await;
     umbra.child.kill().await.expect("SIGKILL");
     let umbra = spawn(dir.path()).await;
     for (thing, version) in acknowledged {
-        let (client, mut answers) = device(umbra.mqtt, &thing).await;
-        client
-            .publish(
-                format!("$aws/things/{thing}/shadow/get"),
-                QoS::AtLeastOnce,
-                false,
-                "{}",
-            )
-            .await
-            .expect("publish");
-        let doc = tokio::time::timeout(WAIT, answers.recv())
-            .await
-            .expect("answer")
-            .unwrap_or_default();
+        let doc = get_shadow(umbra.mqtt, &thing).await;
         assert_eq!(doc["version"].as_u64(), Some(version), "{thing}");
         assert_eq!(doc["state"]["reported"]["i"], 14, "{thing}");
     }
@@ -698,47 +716,13 @@ async fn with_a_store_url_shadows_live_in_postgresql() {
     );
 
     let mut umbra = spawn_with(&dir.path().join("first"), &store).await;
-    let mut acknowledged = Vec::new();
-    for d in 0..3 {
-        let thing = format!("pg-k9-{d}");
-        let (client, mut answers) = device(umbra.mqtt, &thing).await;
-        let mut last = 0;
-        for i in 0..10 {
-            client
-                .publish(
-                    format!("$aws/things/{thing}/shadow/update"),
-                    QoS::AtLeastOnce,
-                    false,
-                    json!({"state": {"reported": {"i": i}}}).to_string(),
-                )
-                .await
-                .expect("publish");
-            let answer = tokio::time::timeout(WAIT, answers.recv())
-                .await
-                .expect("answer");
-            last = answer.and_then(|a| a["version"].as_u64()).unwrap_or(last);
-        }
-        acknowledged.push((thing, last));
-    }
+    let acknowledged = report_counts(umbra.mqtt, "pg-k9", 3, 10).await;
     umbra.child.kill().await.expect("SIGKILL");
 
     let second = dir.path().join("second");
     let umbra = spawn_with(&second, &store).await;
     for (thing, version) in acknowledged {
-        let (client, mut answers) = device(umbra.mqtt, &thing).await;
-        client
-            .publish(
-                format!("$aws/things/{thing}/shadow/get"),
-                QoS::AtLeastOnce,
-                false,
-                "{}",
-            )
-            .await
-            .expect("publish");
-        let doc = tokio::time::timeout(WAIT, answers.recv())
-            .await
-            .expect("answer")
-            .unwrap_or_default();
+        let doc = get_shadow(umbra.mqtt, &thing).await;
         assert_eq!(doc["version"].as_u64(), Some(10), "{thing}");
         assert_eq!(doc["version"].as_u64(), Some(version), "{thing}");
         assert_eq!(doc["state"]["reported"]["i"], 9, "{thing}");

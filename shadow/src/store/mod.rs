@@ -19,6 +19,7 @@ use crate::answer::{Answer, UserProperties};
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{Command, Outcome, StoredShadow};
 use crate::error::Rejection;
+use crate::metrics::ShadowMetrics;
 use crate::throttle::Permit;
 use crate::topic::ShadowKey;
 
@@ -306,6 +307,66 @@ const CHANGE_ENTRY_OVERHEAD: u64 = 64;
 /// names, its document and a fixed overhead.
 pub fn change_entry_bytes(thing: &str, name: Option<&str>, document: &str) -> u64 {
     (thing.len() + name.map_or(0, str::len) + document.len()) as u64 + CHANGE_ENTRY_OVERHEAD
+}
+
+/// Adds what is already queued to `batch`, up to `max` jobs.
+fn fill_batch(queue: &mut tokio::sync::mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) {
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Records a commit of `jobs` that started at `started` on `metrics`.
+fn record_commit(
+    metrics: Option<&ShadowMetrics>,
+    started: std::time::Instant,
+    jobs: usize,
+    applied: &Result<Vec<Done>, StoreError>,
+) {
+    let Some(metrics) = metrics else { return };
+    metrics
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.batch_size.observe(jobs as f64);
+    if let Ok(outcomes) = applied {
+        let logged = outcomes.iter().filter(|(_, c)| c.is_some()).count();
+        metrics.change_log_entries.add(logged as i64);
+    }
+}
+
+/// One pruning step: the last sequence dropped, the bytes it frees and the
+/// entries it drops.
+struct Pruned {
+    last: i64,
+    freed: u64,
+    dropped: usize,
+}
+
+/// Which of the `oldest` entries (sequence, time, bytes; oldest first) to
+/// drop: as many as free `excess` bytes, and those older than `cutoff`
+/// (times rise with the sequence). `None` when none is due.
+fn plan_prune(
+    oldest: impl IntoIterator<Item = (i64, i64, u64)>,
+    excess: u64,
+    cutoff: Timestamp,
+) -> Option<Pruned> {
+    let (mut last, mut freed, mut dropped) = (None, 0, 0);
+    for (seq, time, bytes) in oldest {
+        if freed >= excess && time >= cutoff {
+            break;
+        }
+        last = Some(seq);
+        freed += bytes;
+        dropped += 1;
+    }
+    last.map(|last| Pruned {
+        last,
+        freed,
+        dropped,
+    })
 }
 
 /// What one job did: a shadow job's result (none for presence) and its change log entry.

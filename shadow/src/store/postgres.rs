@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{
-    change_entry_bytes, committed, now_ms, Change, ChangeKind, ChangeLogBounds, CommittedBatch,
-    Connectivity, Done, Job, JobQueue, ShadowRow, ShadowStore, SnapshotPart, StoreError,
-    COMMITTED_BACKLOG, PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
+    change_entry_bytes, committed, fill_batch, now_ms, plan_prune, record_commit, Change,
+    ChangeKind, ChangeLogBounds, CommittedBatch, Connectivity, Done, Job, JobQueue, Pruned,
+    ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG, PRUNE_STEP,
+    RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, StoredShadow};
@@ -601,12 +602,7 @@ impl Writer {
                 }
             };
             batch.push(job);
-            while batch.len() < self.max_batch {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            fill_batch(&mut queue, &mut batch, self.max_batch);
             let results = self.commit(std::mem::take(&mut batch)).await;
             if committed.send(results).await.is_err() {
                 warn!("nobody takes committed answers any more");
@@ -640,16 +636,7 @@ impl Writer {
         let now = now_ms() / 1000;
         let started = std::time::Instant::now();
         let applied = self.apply_all(&jobs, now).await;
-        if let Some(metrics) = &self.metrics {
-            metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
-            metrics.batch_size.observe(jobs.len() as f64);
-            if let Ok(outcomes) = &applied {
-                let logged = outcomes.iter().filter(|(_, c)| c.is_some()).count();
-                metrics.change_log_entries.add(logged as i64);
-            }
-        }
+        record_commit(self.metrics.as_ref(), started, jobs.len(), &applied);
         committed(jobs, applied)
     }
 
@@ -748,17 +735,15 @@ impl Writer {
                 &[&(PRUNE_STEP as i64)],
             )
             .await?;
-        let (mut freed, mut last, mut dropped) = (0u64, None, 0usize);
-        for row in &oldest {
-            let (seq, time, bytes): (i64, i64, i32) = (row.get(0), row.get(1), row.get(2));
-            if freed >= excess && time >= cutoff {
-                break;
-            }
-            freed += bytes as u64;
-            last = Some(seq);
-            dropped += 1;
-        }
-        let Some(last) = last else {
+        let oldest = oldest
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get::<_, i32>(2) as u64));
+        let Some(Pruned {
+            last,
+            freed,
+            dropped,
+        }) = plan_prune(oldest, excess, cutoff)
+        else {
             self.log_bytes = log_bytes as u64;
             return Ok(false);
         };

@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{
-    change_entry_bytes, committed, now_ms, Change, ChangeKind, ChangeLogBounds, CommittedBatch,
-    Connectivity, Done, Job, JobQueue, ShadowRow, ShadowStore, SnapshotPart, StoreError,
-    COMMITTED_BACKLOG, PRUNE_STEP, RETENTION_EVERY, SNAPSHOT_PART,
+    change_entry_bytes, committed, fill_batch, now_ms, plan_prune, record_commit, Change,
+    ChangeKind, ChangeLogBounds, CommittedBatch, Connectivity, Done, Job, JobQueue, Pruned,
+    ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG, PRUNE_STEP,
+    RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
 use crate::engine::{self, Command, Outcome, StoredShadow};
@@ -476,12 +477,7 @@ impl Writer {
                 }
             };
             batch.push(job);
-            while batch.len() < self.max_batch {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            fill_batch(&mut queue, &mut batch, self.max_batch);
             let results = self.commit(std::mem::take(&mut batch));
             if committed.blocking_send(results).is_err() {
                 warn!("nobody takes committed answers any more");
@@ -503,16 +499,7 @@ impl Writer {
         let now = now_ms / 1000;
         let started = std::time::Instant::now();
         let applied = self.apply_all(&jobs, now);
-        if let Some(metrics) = &self.metrics {
-            metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
-            metrics.batch_size.observe(jobs.len() as f64);
-            if let Ok(outcomes) = &applied {
-                let logged = outcomes.iter().filter(|(_, c)| c.is_some()).count();
-                metrics.change_log_entries.add(logged as i64);
-            }
-        }
+        record_commit(self.metrics.as_ref(), started, jobs.len(), &applied);
         if applied.is_err() {
             self.cache.clear();
         }
@@ -620,16 +607,12 @@ impl Writer {
                 Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
             })?
             .collect::<Result<_, _>>()?;
-        let (mut freed, mut last, mut dropped) = (0u64, None, 0usize);
-        for (seq, time, bytes) in &oldest {
-            if freed >= excess && *time >= cutoff {
-                break;
-            }
-            freed += bytes;
-            last = Some(*seq);
-            dropped += 1;
-        }
-        let Some(last) = last else {
+        let Some(Pruned {
+            last,
+            freed,
+            dropped,
+        }) = plan_prune(oldest, excess, cutoff)
+        else {
             return Ok(false);
         };
         tx.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
