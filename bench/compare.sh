@@ -45,15 +45,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() {
-    command -v "$1" >/dev/null && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && apt-get install -y -qq "$2" >/dev/null
-    else
-        echo "compare.sh: $1 missing (apt-get install $2)" >&2
-        exit 1
-    fi
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 need mosquitto mosquitto
 need jq jq
 need curl curl
@@ -71,19 +64,6 @@ if [ "$PORT_RANGE" != keep ] && [ -w "$RANGE_FILE" ]; then
     SAVED_RANGE=$(tr -s '\t ' ' ' <"$RANGE_FILE")
     echo "$PORT_RANGE" >"$RANGE_FILE"
 fi
-
-# A port nothing listens on (a connect that fails), below the ephemeral range set above (where the
-# load generator's sockets would be in the way); the short race with others is accepted.
-free_port() {
-    local port
-    while :; do
-        port=$((2000 + RANDOM % 7000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
 
 # Waits (bounded) until something accepts connections on the port.
 wait_port() {

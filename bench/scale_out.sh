@@ -34,15 +34,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() {
-    command -v "$1" >/dev/null && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && apt-get install -y -qq "$2" >/dev/null
-    else
-        echo "scale_out.sh: $1 missing (apt-get install $2)" >&2
-        exit 1
-    fi
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 need mosquitto mosquitto
 need psql postgresql
 need jq jq
@@ -60,10 +53,6 @@ if [ "$(id -u)" = 0 ] && command -v pg_lsclusters >/dev/null; then
 fi
 
 (cd "$ROOT" && cargo build --release -q -p umbra-broker -p device-sim)
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # A fresh database for one run; prints its URL.
 database() {
