@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
@@ -16,7 +16,7 @@ use crate::answer::{Answer, Message, UserProperties};
 use crate::document::Timestamp;
 use crate::engine::Command;
 use crate::error::Rejection;
-use crate::fleet::FleetIndex;
+use crate::fleet::{FleetIndex, IndexError};
 use crate::limits::Limits;
 use crate::metrics::ShadowMetrics;
 use crate::request::{parse_plain, parse_update, PlainRequest, Refused};
@@ -109,6 +109,12 @@ impl Default for ServiceConfig {
     }
 }
 
+/// How long a fleet read on a node of a shared store waits for the node's
+/// index to take the changes committed before it (see
+/// [`ShadowService::fleet_caught_up`]). The follower reads at a
+/// notification, or every second without one.
+pub const FLEET_CATCH_UP: Duration = Duration::from_secs(5);
+
 /// The shadow service.
 pub struct ShadowService {
     limits: Limits,
@@ -119,6 +125,9 @@ pub struct ShadowService {
     publisher: Mutex<Option<JoinHandle<()>>>,
     /// Feeds a shared store's changes (see [`ShadowStore::follow`]).
     follower: Mutex<Option<JoinHandle<()>>>,
+    /// With a shared store, the last sequence the follower fed to the
+    /// fleet index.
+    followed_through: Option<watch::Receiver<u64>>,
     /// The fleet index's load, joined at close (see [`crate::tasks`]).
     loader: Mutex<Option<JoinHandle<()>>>,
     fleet: Arc<FleetIndex>,
@@ -190,8 +199,14 @@ impl ShadowService {
                 .then(|| (changes.clone(), Arc::clone(&fleet))),
             metrics.clone(),
         ));
-        let follower = followed
-            .map(|log| tokio::spawn(feed_changes(log, changes.clone(), Arc::clone(&fleet))));
+        let (follower, followed_through) = match followed {
+            Some(log) => {
+                let (through, through_rx) = watch::channel(log.after);
+                let feed = feed_changes(log.changes, changes.clone(), Arc::clone(&fleet), through);
+                (Some(tokio::spawn(feed)), Some(through_rx))
+            }
+            None => (None, None),
+        };
         let loader = {
             let store = Arc::clone(&store);
             let fleet = Arc::clone(&fleet);
@@ -216,6 +231,7 @@ impl ShadowService {
             changes,
             publisher: Mutex::new(Some(publisher)),
             follower: Mutex::new(follower),
+            followed_through,
             loader: Mutex::new(Some(loader)),
             fleet,
             metrics,
@@ -235,6 +251,35 @@ impl ShadowService {
     /// current up to the last published change.
     pub fn fleet(&self) -> &Arc<FleetIndex> {
         &self.fleet
+    }
+
+    /// Waits until the fleet index holds every change committed before the
+    /// call, on any node, so that a search finds what was answered before
+    /// it. At once when only this process writes the store: each commit is
+    /// indexed before it is answered. With a shared store, until the
+    /// follower has fed the log's last sequence, for up to
+    /// [`FLEET_CATCH_UP`]; `Behind` after that, or if the store cannot say.
+    pub async fn fleet_caught_up(&self) -> Result<(), IndexError> {
+        let Some(through) = &self.followed_through else {
+            return Ok(());
+        };
+        let store = Arc::clone(&self.store);
+        let last = match tokio::task::spawn_blocking(move || store.change_log_bounds()).await {
+            Ok(Ok(bounds)) => bounds.last,
+            Ok(Err(err)) => {
+                warn!(cause = %err, "fleet read could not learn the change log's last sequence");
+                return Err(IndexError::Behind);
+            }
+            Err(_) => return Err(IndexError::Behind),
+        };
+        let mut through = through.clone();
+        let fed = tokio::time::timeout(FLEET_CATCH_UP, through.wait_for(|&seq| seq >= last))
+            .await
+            .is_ok_and(|fed| fed.is_ok());
+        match fed {
+            true => Ok(()),
+            false => Err(IndexError::Behind),
+        }
     }
 
     /// Every committed change from now on, in commit order.
@@ -704,10 +749,13 @@ async fn feed_changes(
     mut log: mpsc::Receiver<Change>,
     changes: broadcast::Sender<Change>,
     fleet: Arc<FleetIndex>,
+    through: watch::Sender<u64>,
 ) {
     while let Some(change) = log.recv().await {
+        let seq = change.seq;
         fleet.apply(change.clone());
         let _ = changes.send(change);
+        through.send_replace(seq);
     }
 }
 

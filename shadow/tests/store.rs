@@ -683,6 +683,40 @@ async fn each_node_sees_every_nodes_changes_once_in_order() {
     }
 }
 
+/// A search on one node finds every update another node answered before
+/// it: the read waits for the node's index to take the log up to its last
+/// sequence (the API's fleet routes do this before each read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs postgresql"]
+async fn a_search_finds_what_any_node_answered_before_it() {
+    let store = TestStore::postgres();
+    let nodes = [store.start(unlimited()).0, store.start(unlimited()).0];
+    for node in &nodes {
+        assert_eq!(node.fleet().wait_loaded().await, IndexStatus::Ready);
+    }
+    let key = ShadowKey::classic("read-your-writes");
+    for n in 0..50 {
+        let (writer, reader) = (&nodes[n % 2], &nodes[(n + 1) % 2]);
+        let body = json!({"state": {"reported": {"n": n}}});
+        assert!(writer
+            .handle(req(&key, Operation::Update, body))
+            .await
+            .result
+            .is_ok());
+        reader.fleet_caught_up().await.expect("caught up");
+        let query =
+            umbra_shadow::search::Query::parse(&format!("shadow.reported.n:{n}")).expect("query");
+        let found = reader
+            .fleet()
+            .search(Some(&query), None, 10, |t| t.name().to_string())
+            .expect("search");
+        assert_eq!(found.0, ["read-your-writes"], "update {n}");
+    }
+    for node in nodes {
+        node.close().await;
+    }
+}
+
 /// A server's store marks every thing disconnected when it opens (its
 /// broker is in-process); an import's store, opened beside a running
 /// server, leaves connectivity as it is.

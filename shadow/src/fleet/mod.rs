@@ -61,6 +61,10 @@ pub enum IndexError {
     Loading,
     #[error("fleet index failed to load")]
     Failed,
+    /// A node of a shared store whose index has not yet taken every change
+    /// the other nodes committed (see `ShadowService::fleet_caught_up`).
+    #[error("fleet index is behind the change log")]
+    Behind,
 }
 
 /// What the index holds, for `/metrics` and the benchmark.

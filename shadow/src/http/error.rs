@@ -42,6 +42,8 @@ pub enum ApiError {
     Gone { since: u64 },
     #[error("fleet index is loading")]
     IndexLoading,
+    #[error("fleet index is behind the change log; try again")]
+    IndexBehind,
     #[error("too many change-stream subscribers")]
     TooManySubscribers,
     #[error("server is overloaded")]
@@ -63,6 +65,7 @@ impl From<IndexError> for ApiError {
         match err {
             IndexError::Loading => ApiError::IndexLoading,
             IndexError::Failed => ApiError::IndexFailed,
+            IndexError::Behind => ApiError::IndexBehind,
         }
     }
 }
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::NoThing(_) => StatusCode::NOT_FOUND,
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::IndexLoading
+            | ApiError::IndexBehind
             | ApiError::TooManySubscribers
             | ApiError::Overloaded
             | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
@@ -126,7 +130,10 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::IndexLoading | ApiError::Overloaded | ApiError::TooManySubscribers => {
+            ApiError::IndexLoading
+            | ApiError::IndexBehind
+            | ApiError::Overloaded
+            | ApiError::TooManySubscribers => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

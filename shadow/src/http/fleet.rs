@@ -79,9 +79,10 @@ pub struct FleetSummary {
 #[utoipa::path(get, path = "/v1/fleet", tag = "fleet",
     responses(
         (status = 200, description = "Counts of things and shadows", body = FleetSummary),
-        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+        (status = 503, description = "The fleet index is still loading, or (with a shared store) behind the change log", body = super::error::ErrorBody),
     ))]
 pub async fn fleet_summary(State(state): State<ApiState>) -> Result<Json<FleetSummary>, ApiError> {
+    state.service.fleet_caught_up().await?;
     let size = state.service.fleet().size()?;
     Ok(Json(FleetSummary {
         things: size.things,
@@ -96,13 +97,14 @@ pub async fn fleet_summary(State(state): State<ApiState>) -> Result<Json<FleetSu
     params(PageParams),
     responses(
         (status = 200, description = "Things with at least one shadow, in name order", body = ThingsPage),
-        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+        (status = 503, description = "The fleet index is still loading, or (with a shared store) behind the change log", body = super::error::ErrorBody),
     ))]
 pub async fn list_things(
     State(state): State<ApiState>,
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<Json<ThingsPage>, ApiError> {
     let size = page.size(&state)?;
+    state.service.fleet_caught_up().await?;
     let (things, more) = state
         .service
         .fleet()
@@ -146,7 +148,7 @@ pub struct SearchParams {
     responses(
         (status = 200, description = "Matching things in name order", body = SearchPage),
         (status = 400, description = "Malformed query (`position` says where)", body = super::error::ErrorBody),
-        (status = 503, description = "The fleet index is still loading", body = super::error::ErrorBody),
+        (status = 503, description = "The fleet index is still loading, or (with a shared store) behind the change log", body = super::error::ErrorBody),
     ))]
 pub async fn search(
     State(state): State<ApiState>,
@@ -158,6 +160,7 @@ pub async fn search(
         next_token: None,
     }
     .size(&state)?;
+    state.service.fleet_caught_up().await?;
     let fleet = std::sync::Arc::clone(state.service.fleet());
     let after = params.next_token;
     // A scan over a large fleet takes milliseconds: keep it off the async workers.

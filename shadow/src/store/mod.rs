@@ -259,9 +259,19 @@ pub trait ShadowStore: Send + Sync {
     /// opened (taken once). The service then feeds its change stream and
     /// fleet index from this, not from its own commits. `None` for a store
     /// that only this process writes.
-    fn follow(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+    fn follow(&self) -> Option<Followed> {
         None
     }
+}
+
+/// Every writer's changes to a shared store, in sequence order (see
+/// [`ShadowStore::follow`]).
+#[derive(Debug)]
+pub struct Followed {
+    /// The last sequence committed when the store opened: the changes
+    /// handed on start after it.
+    pub after: u64,
+    pub changes: tokio::sync::mpsc::Receiver<Change>,
 }
 
 /// A writer's queue: jobs go in until the store closes it.

@@ -32,8 +32,8 @@ use tracing::{error, warn};
 
 use super::{
     change_entry_bytes, committed, fill_batch, now_ms, plan_prune, record_commit, Change,
-    ChangeKind, ChangeLogBounds, CommittedBatch, Connectivity, Done, Job, JobQueue, Pruned,
-    ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG, PRUNE_STEP,
+    ChangeKind, ChangeLogBounds, CommittedBatch, Connectivity, Done, Followed, Job, JobQueue,
+    Pruned, ShadowRow, ShadowStore, SnapshotPart, StoreError, COMMITTED_BACKLOG, PRUNE_STEP,
     RETENTION_EVERY, SNAPSHOT_PART,
 };
 use crate::document::{ShadowState, Timestamp};
@@ -173,7 +173,7 @@ pub struct PostgresStore {
     queue: JobQueue,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Every writer's changes, in sequence order, until taken by `follow`.
-    followed: Mutex<Option<mpsc::Receiver<Change>>>,
+    followed: Mutex<Option<Followed>>,
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tells the follower to read what is left and stop.
     stop_following: CancellationToken,
@@ -275,7 +275,10 @@ impl PostgresStore {
                 pool,
                 queue: JobQueue::new(queue_tx),
                 writer: Mutex::new(Some(writer)),
-                followed: Mutex::new(Some(followed_rx)),
+                followed: Mutex::new(Some(Followed {
+                    after: last_seq,
+                    changes: followed_rx,
+                })),
                 follower: Mutex::new(Some(follower)),
                 stop_following,
             },
@@ -536,7 +539,7 @@ impl ShadowStore for PostgresStore {
         stopped
     }
 
-    fn follow(&self) -> Option<mpsc::Receiver<Change>> {
+    fn follow(&self) -> Option<Followed> {
         self.followed.lock().ok().and_then(|mut f| f.take())
     }
 }

@@ -148,11 +148,32 @@ impl TestStore {
         limits: Limits,
         retention: Retention,
     ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
-        let (store, committed) = self.open(limits.clone(), retention, None);
+        self.start_with(limits, retention, None)
+    }
+
+    /// [`TestStore::start_retaining`] with the store and service counted
+    /// in `metrics`.
+    pub fn start_with(
+        &self,
+        limits: Limits,
+        retention: Retention,
+        metrics: Option<ShadowMetrics>,
+    ) -> (Arc<ShadowService>, mpsc::Receiver<Message>) {
+        let (store, committed) = self.open(limits.clone(), retention, metrics.clone());
         let config = ServiceConfig {
             limits,
             ..ServiceConfig::default()
         };
-        ShadowService::start(config, store, committed)
+        ShadowService::start_with_metrics(config, store, committed, metrics)
+    }
+
+    /// Runs `sql` in the store's database, as another program could.
+    pub fn execute(&self, sql: &str) {
+        match self {
+            TestStore::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("shadows.db"))
+                .and_then(|db| db.execute_batch(sql))
+                .expect("run sql on sqlite"),
+            TestStore::Postgres(db) => db.execute(sql),
+        }
     }
 }
