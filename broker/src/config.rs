@@ -55,6 +55,10 @@ pub struct StoreSettings {
     /// A PostgreSQL URL (`postgres://user:password@host/database`): the
     /// store is that database instead of SQLite.
     pub url: Option<String>,
+    /// The CA certificates (PEM) that signed the PostgreSQL server's
+    /// certificate: Umbra then connects over TLS only and verifies the
+    /// server, its name included.
+    pub ca_file: Option<PathBuf>,
     /// Lets `url` name another machine, to which Umbra connects without
     /// TLS (only on a network you trust).
     pub allow_plaintext: bool,
@@ -82,6 +86,7 @@ impl Default for StoreSettings {
         let d = StoreConfig::new("");
         StoreSettings {
             url: None,
+            ca_file: None,
             allow_plaintext: false,
             readers: PostgresConfig::new("").readers,
             synchronous: d.synchronous,
@@ -118,6 +123,7 @@ impl StoreSettings {
             change_retention_bytes: self.change_retention_bytes,
             readers: self.readers,
             resets_presence: true,
+            ca_file: self.ca_file.clone(),
         })
     }
 }
@@ -259,7 +265,8 @@ impl Config {
             }
         }
         if let Some(url) = &self.store.url {
-            if let Err(reason) = PostgresConfig::check_url(url, self.store.allow_plaintext) {
+            let tls = self.store.ca_file.is_some();
+            if let Err(reason) = PostgresConfig::check_url(url, self.store.allow_plaintext, tls) {
                 return invalid("store.url", &reason);
             }
         }

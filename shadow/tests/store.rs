@@ -683,6 +683,51 @@ async fn each_node_sees_every_nodes_changes_once_in_order() {
     }
 }
 
+/// With `ca_file`, the store speaks only TLS and verifies the server: it
+/// works with the CA that signed the server's certificate (every one of
+/// its connections encrypted), and is refused with any other CA.
+/// `.ci/run` gives the test server such a certificate and its CA
+/// (`UMBRA_TEST_POSTGRES_CA`).
+#[test]
+#[ignore = "needs postgresql with TLS (.ci/run sets it up)"]
+fn over_tls_the_store_verifies_the_server() {
+    let ca = std::env::var_os("UMBRA_TEST_POSTGRES_CA")
+        .expect("UMBRA_TEST_POSTGRES_CA: the CA of the test server's certificate");
+    let db = support::TestDatabase::create();
+    let config = |ca_file: std::path::PathBuf| PostgresConfig {
+        ca_file: Some(ca_file),
+        ..PostgresConfig::new(&db.url)
+    };
+    let (store, _committed) =
+        PostgresStore::open(config(ca.into()), unlimited(), None).expect("open over tls");
+    let connections = |ssl: bool| {
+        db.value(&format!(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE datname = '{}' AND ssl = {ssl}",
+            db.name()
+        ))
+    };
+    // The writer's and the follower's connections (readers connect when used).
+    assert!(store.change_log_bounds().is_ok());
+    let encrypted: u64 = connections(true).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(encrypted >= 3, "{encrypted} encrypted connections");
+    assert_eq!(connections(false).as_deref(), Some("0"));
+    store.close().expect("close");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = dir.path().join("other-ca.pem");
+    let stranger =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(&other, stranger.cert.pem()).expect("write ca");
+    match PostgresStore::open(config(other), unlimited(), None) {
+        Err(err) => {
+            let err = err.to_string();
+            assert!(err.to_lowercase().contains("certificate"), "{err}");
+        }
+        Ok(_) => panic!("a server the CA did not sign was trusted"),
+    }
+}
+
 /// A search on one node finds every update another node answered before
 /// it: the read waits for the node's index to take the log up to its last
 /// sequence (the API's fleet routes do this before each read).

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,8 +26,11 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls, Transaction};
+use tokio_postgres::{AsyncMessage, Client, IsolationLevel, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -61,6 +65,10 @@ pub struct PostgresConfig {
     /// connect: then whatever the database says is connected is not, at
     /// open (a server; not an import).
     pub resets_presence: bool,
+    /// The CA certificates (PEM) that signed the server's certificate:
+    /// with them, the store speaks only TLS and verifies the server,
+    /// its name included. Without them, no TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresConfig {
@@ -74,25 +82,32 @@ impl PostgresConfig {
             change_retention_bytes: d.change_retention_bytes,
             readers: 8,
             resets_presence: true,
+            ca_file: None,
         }
     }
 }
 
 impl PostgresConfig {
     /// Checks the URL before anything connects: that it parses, and that
-    /// it does not send a password in the clear to another machine. The
-    /// store speaks to PostgreSQL without TLS, so only a Unix socket or a
-    /// loopback address is taken unless `allow_plaintext` says otherwise.
-    pub fn check_url(url: &str, allow_plaintext: bool) -> Result<(), String> {
+    /// it does not send a password in the clear to another machine. With
+    /// `tls` (a CA file is set) any host is taken; without it, only a Unix
+    /// socket or a loopback address, unless `allow_plaintext` says otherwise.
+    pub fn check_url(url: &str, allow_plaintext: bool, tls: bool) -> Result<(), String> {
         let pg: tokio_postgres::Config = url.parse().map_err(|err| format!("{err}"))?;
-        if allow_plaintext {
+        if pg.get_ssl_mode() == SslMode::Require && !tls {
+            return Err(
+                "sslmode=require needs [store] ca_file, the CA certificates to verify the server with"
+                    .into(),
+            );
+        }
+        if allow_plaintext || tls {
             return Ok(());
         }
         let remote: Vec<String> = pg
             .get_hosts()
             .iter()
             .filter_map(|host| match host {
-                tokio_postgres::config::Host::Tcp(name) if !is_loopback(name) => Some(name.clone()),
+                Host::Tcp(name) if !is_loopback(name) => Some(name.clone()),
                 _ => None,
             })
             .chain(
@@ -105,12 +120,68 @@ impl PostgresConfig {
         match remote.as_slice() {
             [] => Ok(()),
             hosts => Err(format!(
-                "{} is not this machine, and Umbra connects to PostgreSQL without TLS; \
-                 use a Unix socket or a loopback address, or set [store] allow_plaintext = true \
-                 on a network you trust",
+                "{} is not this machine, and without [store] ca_file Umbra connects to \
+                 PostgreSQL without TLS; set ca_file (the CA that signed the server's \
+                 certificate), use a Unix socket or a loopback address, or set \
+                 [store] allow_plaintext = true on a network you trust",
                 hosts.join(", ")
             )),
         }
+    }
+}
+
+/// How this node reaches PostgreSQL: the parsed URL, and TLS when the
+/// settings name a CA (then required, and the server verified by it).
+#[derive(Clone)]
+struct Connector {
+    pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl Connector {
+    fn new(url: &str, ca_file: Option<&Path>) -> Result<Connector, StoreError> {
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|err| StoreError::Postgres(format!("store url: {err}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                pg.ssl_mode(SslMode::Require);
+                let unreadable = |err: &dyn std::fmt::Display| {
+                    StoreError::Postgres(format!("store ca_file {}: {err}", path.display()))
+                };
+                let pem = std::fs::read(path).map_err(|err| unreadable(&err))?;
+                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                    let cert = cert.map_err(|err| unreadable(&err))?;
+                    roots.add(cert).map_err(|err| unreadable(&err))?;
+                }
+                if roots.is_empty() {
+                    return Err(unreadable(&"no certificate in it"));
+                }
+            }
+            // Never a TLS connection that verifies nothing.
+            None => {
+                pg.ssl_mode(SslMode::Disable);
+            }
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Connector {
+            pg,
+            tls: MakeRustlsConnect::new(tls),
+        })
+    }
+
+    /// A connection of its own, driven on the current runtime.
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let (client, connection) = self.pg.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                warn!(cause = %err, "postgresql connection ended");
+            }
+        });
+        Ok(client)
     }
 }
 
@@ -196,10 +267,7 @@ impl PostgresStore {
         limits: Limits,
         metrics: Option<ShadowMetrics>,
     ) -> Result<(PostgresStore, mpsc::Receiver<CommittedBatch>), StoreError> {
-        let pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .map_err(|err| StoreError::Postgres(format!("store url: {err}")))?;
+        let connector = Connector::new(&config.url, config.ca_file.as_deref())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("umbra-postgres")
@@ -208,8 +276,8 @@ impl PostgresStore {
         let handle = runtime.handle().clone();
         let runtime = StoreRuntime(Some(runtime));
         let manager = Manager::from_config(
-            pg.clone(),
-            NoTls,
+            connector.pg.clone(),
+            connector.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -219,10 +287,10 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|err| StoreError::Postgres(err.to_string()))?;
-        let connecting = pg.clone();
+        let connecting = connector.clone();
         let resets_presence = config.resets_presence;
         let (client, log_bytes, entries, last_seq) = run(&handle, async move {
-            let mut client = connect(&connecting).await?;
+            let mut client = connecting.connect().await?;
             migrate(&mut client).await?;
             if resets_presence {
                 // The broker lives in this process: whatever it had connected
@@ -250,7 +318,7 @@ impl PostgresStore {
         let (committed_tx, committed_rx) = mpsc::channel(COMMITTED_BACKLOG);
         let writer = Writer {
             client,
-            pg: pg.clone(),
+            connector: connector.clone(),
             limits,
             max_batch: config.max_batch.max(1),
             retention: config.change_retention,
@@ -262,7 +330,7 @@ impl PostgresStore {
         let (followed_tx, followed_rx) = mpsc::channel(FOLLOW_PAGE as usize);
         let stop_following = CancellationToken::new();
         let follower = Follower {
-            pg,
+            connector,
             after: last_seq,
             changes: followed_tx,
             stop: stop_following.clone(),
@@ -319,16 +387,6 @@ fn run<T: Send + 'static>(
         let _ = done_tx.send(work.await);
     });
     done_rx.recv().map_err(|_| StoreError::Closed)?
-}
-
-async fn connect(pg: &tokio_postgres::Config) -> Result<Client, StoreError> {
-    let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            warn!(cause = %err, "postgresql connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// Applies the migrations the database lacks, one node at a time.
@@ -568,7 +626,7 @@ impl Drop for StoreRuntime {
 /// The writer task: owns the only write connection of this node.
 struct Writer {
     client: Client,
-    pg: tokio_postgres::Config,
+    connector: Connector,
     limits: Limits,
     max_batch: usize,
     retention: Duration,
@@ -626,7 +684,7 @@ impl Writer {
         if !self.client.is_closed() {
             return;
         }
-        match connect(&self.pg).await {
+        match self.connector.connect().await {
             Ok(client) => self.client = client,
             Err(err) => warn!(cause = %err, "store writer cannot reconnect to postgresql"),
         }
@@ -782,7 +840,7 @@ const FOLLOW_POLL: Duration = Duration::from_secs(1);
 /// then see every node's changes, each once and in order (sequences are
 /// committed in order and without gaps, see the module's notes).
 struct Follower {
-    pg: tokio_postgres::Config,
+    connector: Connector,
     /// The last sequence handed on.
     after: u64,
     changes: mpsc::Sender<Change>,
@@ -810,7 +868,8 @@ impl Follower {
     /// Listens and reads until told to stop (then reads what is left) or
     /// until nobody takes changes; an error when the connection fails.
     async fn follow(&mut self) -> Result<(), StoreError> {
-        let (client, mut connection) = self.pg.connect(NoTls).await?;
+        let connector = &self.connector;
+        let (client, mut connection) = connector.pg.connect(connector.tls.clone()).await?;
         let notified = Arc::new(tokio::sync::Notify::new());
         let wake = Arc::clone(&notified);
         tokio::spawn(async move {
@@ -1277,14 +1336,41 @@ mod tests {
             "postgres://u:p@[::1]:5432/db",
             "host=/var/run/postgresql user=umbra dbname=umbra",
         ] {
-            assert_eq!(PostgresConfig::check_url(local, false), Ok(()), "{local}");
+            assert_eq!(
+                PostgresConfig::check_url(local, false, false),
+                Ok(()),
+                "{local}"
+            );
         }
         let remote = "postgres://u:p@db.example.com:5432/db";
-        let refused = PostgresConfig::check_url(remote, false).expect_err("refused");
+        let refused = PostgresConfig::check_url(remote, false, false).expect_err("refused");
         assert!(refused.contains("db.example.com"), "{refused}");
+        assert!(refused.contains("ca_file"), "{refused}");
         assert!(refused.contains("allow_plaintext"), "{refused}");
-        assert_eq!(PostgresConfig::check_url(remote, true), Ok(()));
-        assert!(PostgresConfig::check_url("host=127.0.0.1 hostaddr=10.0.0.5", false).is_err());
-        assert!(PostgresConfig::check_url("postgres://u@h:notaport/db", true).is_err());
+        assert_eq!(PostgresConfig::check_url(remote, true, false), Ok(()));
+        assert_eq!(PostgresConfig::check_url(remote, false, true), Ok(()));
+        assert!(
+            PostgresConfig::check_url("host=127.0.0.1 hostaddr=10.0.0.5", false, false).is_err()
+        );
+        assert!(PostgresConfig::check_url("postgres://u@h:notaport/db", true, false).is_err());
+        // TLS that the URL asks for needs a CA to verify the server with.
+        let required = "postgres://u:p@127.0.0.1/db?sslmode=require";
+        let refused = PostgresConfig::check_url(required, true, false).expect_err("refused");
+        assert!(refused.contains("ca_file"), "{refused}");
+        assert_eq!(PostgresConfig::check_url(required, false, true), Ok(()));
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let err = Connector::new("postgres://u@127.0.0.1/db", Some(&empty))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("no certificate"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        assert!(Connector::new("postgres://u@127.0.0.1/db", Some(&missing)).is_err());
     }
 }

@@ -40,6 +40,17 @@ impl TestDatabase {
     pub fn execute(&self, sql: &str) {
         admin_sql(&self.url, sql);
     }
+
+    /// The first value of the first row `sql` returns, run on the test
+    /// server (`NULL` as `None`).
+    pub fn value(&self, sql: &str) -> Option<String> {
+        admin_sql(&self.admin, sql)
+    }
+
+    /// This database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 impl Drop for TestDatabase {
@@ -52,8 +63,9 @@ impl Drop for TestDatabase {
 }
 
 /// Runs `sql` on the test server, from a thread of its own (so that it
-/// works from sync and async tests alike).
-fn admin_sql(url: &str, sql: &str) {
+/// works from sync and async tests alike): the first value of the first
+/// row it returns.
+fn admin_sql(url: &str, sql: &str) -> Option<String> {
     let (url, statement) = (url.to_string(), sql.to_string());
     let done = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -67,10 +79,15 @@ fn admin_sql(url: &str, sql: &str) {
                     panic!("cannot reach the test PostgreSQL ({err}); set UMBRA_TEST_POSTGRES_URL")
                 });
             tokio::spawn(connection);
-            client.batch_execute(&statement).await
+            client.simple_query(&statement).await
         })
     });
-    if let Err(err) = done.join().expect("admin thread") {
-        panic!("{sql}: {err}");
-    }
+    let messages = done
+        .join()
+        .expect("admin thread")
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    messages.iter().find_map(|message| match message {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
+        _ => None,
+    })?
 }
