@@ -926,6 +926,76 @@ async fn kill_9_of_an_attached_node_loses_no_acknowledged_update() {
     }
 }
 
+/// Attached over TLS to a broker whose certificate its CA did not sign, a
+/// node refuses the connection: it logs why, keeps trying, and is not ready.
+#[tokio::test]
+#[ignore = "needs mosquitto"]
+async fn an_attached_node_refuses_a_broker_its_ca_did_not_sign() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    umbra_broker::certs::make_ca(&certs).expect("ca");
+    let cert = umbra_broker::certs::make_server(&certs, &["localhost".into()]).expect("server");
+    let (mosquitto, tls_port) =
+        umbra_tests::Mosquitto::start_remapping_requests_with_tls(&cert, &certs.join("server.key"));
+    let stranger = umbra_broker::certs::make_ca(&dir.path().join("stranger")).expect("ca");
+    let config = dir.path().join("umbra.toml");
+    let text = format!(
+        "[mqtt]\nattach = \"mqtts://localhost:{tls_port}\"\n[mqtt.attach_client]\n\
+         ca_file = {:?}\nrequest_prefix = {:?}\n",
+        stranger,
+        umbra_tests::REMAPPED_REQUESTS
+    );
+    std::fs::write(&config, text).expect("config");
+    let mut child = Command::new(UMBRA)
+        .arg("--config")
+        .arg(&config)
+        .args(FREE_PORTS)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("umbra starts");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let http: SocketAddr = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = out.next_line().await.ok().flatten().expect("umbra runs");
+            let addr = line.strip_prefix("umbra: http listening on ");
+            if let Some(addr) = addr.and_then(|a| a.split(' ').next()?.parse().ok()) {
+                break addr;
+            }
+        }
+    })
+    .await
+    .expect("http address");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = err.next_line().await.ok().flatten().expect("umbra runs");
+            if line.contains("lost the broker") {
+                break line;
+            }
+        }
+    })
+    .await
+    .expect("the refusal is logged");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    let url = format!("http://{http}/readyz");
+    let status = tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Ok(response) => response.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(other) => panic!("readyz: {other}"),
+    })
+    .await
+    .expect("http call");
+    assert_eq!(status, 503, "not ready without its broker");
+    child.kill().await.expect("kill");
+    drop(mosquitto);
+}
+
 /// A PostgreSQL store that cannot be reached stops the start with a message
 /// that says so (it used to panic while the store's runtime was dropped).
 #[tokio::test]
