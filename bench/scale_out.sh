@@ -11,6 +11,9 @@
 #              per device)  OUT=bench/SCALE_OUT.md  CARGO_TARGET_DIR
 #              PG_ADMIN=postgres://umbra:umbra@127.0.0.1:5432/postgres (a user who may create
 #              databases; made when this script runs as root on Debian)
+#              PG_CA=FILE: the CA that signed the PostgreSQL server's certificate for 127.0.0.1
+#              (.ci/run makes one; defaults to UMBRA_TEST_POSTGRES_CA): adds a row with the
+#              store over TLS. Without it, that row is left out.
 #
 # Everything stays on 127.0.0.1; every device updates its own shadow, so the figures are the
 # store's (group commit under PostgreSQL's fsync), not the broker's.
@@ -25,6 +28,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 SIM=$TARGET/release/device-sim
 UMBRA=$TARGET/release/umbra
 PG_ADMIN=${PG_ADMIN:-postgres://umbra:umbra@127.0.0.1:5432/postgres}
+PG_CA=${PG_CA:-${UMBRA_TEST_POSTGRES_CA:-}}
 WORK=$(mktemp -d)
 PIDS=()
 
@@ -96,7 +100,7 @@ start_umbra() {
     until curl -sf "http://127.0.0.1:$http/readyz" >/dev/null; do sleep 0.1; done
 }
 
-# An attached node's configuration: NAME STORE_URL (empty: SQLite) MOSQUITTO_PORT.
+# An attached node's configuration: NAME STORE_URL (empty: SQLite) MOSQUITTO_PORT [STORE_CA].
 attach_config() {
     local file="$WORK/$1.toml"
     {
@@ -106,6 +110,7 @@ attach_config() {
         if [ -n "$2" ]; then
             echo "[store]"
             echo "url = \"$2\""
+            if [ -n "${4:-}" ]; then echo "ca_file = \"$4\""; fi
         fi
         echo "[mqtt]"
         echo "attach = \"mqtt://127.0.0.1:$3\""
@@ -172,6 +177,16 @@ start_umbra pg-1 --config "$(attach_config pg-1 "$url" "$port")"
 measure pg-1 "mqtt://127.0.0.1:$port"
 stop_all
 
+# One node on PostgreSQL over TLS, attached.
+if [ -n "$PG_CA" ]; then
+    port=$(free_port)
+    start_mosquitto "$port"
+    url=$(database pg1tls)
+    start_umbra pg-1-tls --config "$(attach_config pg-1-tls "$url" "$port" "$PG_CA")"
+    measure pg-1-tls "mqtt://127.0.0.1:$port"
+    stop_all
+fi
+
 # Two nodes on one PostgreSQL database, attached to one Mosquitto.
 port=$(free_port)
 start_mosquitto "$port"
@@ -211,6 +226,7 @@ row() {
     row embedded "one node, SQLite, its own broker"
     row sqlite-1 "one node, SQLite, attached to Mosquitto"
     row pg-1 "one node, PostgreSQL, attached to Mosquitto"
+    if [ -n "$PG_CA" ]; then row pg-1-tls "one node, PostgreSQL over TLS, attached to Mosquitto"; fi
     row pg-2 "two nodes, one PostgreSQL, attached to one Mosquitto"
 } >"$OUT"
 cat "$OUT"
