@@ -931,7 +931,6 @@ async fn kill_9_of_an_attached_node_loses_no_acknowledged_update() {
 #[tokio::test]
 #[ignore = "needs mosquitto"]
 async fn an_attached_node_refuses_a_broker_its_ca_did_not_sign() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     umbra_broker::certs::make_ca(&certs).expect("ca");
@@ -947,34 +946,11 @@ async fn an_attached_node_refuses_a_broker_its_ca_did_not_sign() {
         umbra_tests::REMAPPED_REQUESTS
     );
     std::fs::write(&config, text).expect("config");
-    let mut child = Command::new(UMBRA)
-        .arg("--config")
-        .arg(&config)
-        .args(FREE_PORTS)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("umbra starts");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let http: SocketAddr = tokio::time::timeout(WAIT, async {
-        loop {
-            let line = out.next_line().await.ok().flatten().expect("umbra runs");
-            let addr = line.strip_prefix("umbra: http listening on ");
-            if let Some(addr) = addr.and_then(|a| a.split(' ').next()?.parse().ok()) {
-                break addr;
-            }
-        }
-    })
-    .await
-    .expect("http address");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let config = config.to_str().expect("utf-8");
+    let (node, mut log) = support::spawn_attached_logging(dir.path(), &["--config", config]).await;
     let refused = tokio::time::timeout(WAIT, async {
         loop {
-            let line = err.next_line().await.ok().flatten().expect("umbra runs");
+            let line = log.recv().await.expect("umbra runs");
             if line.contains("lost the broker") {
                 break line;
             }
@@ -983,7 +959,7 @@ async fn an_attached_node_refuses_a_broker_its_ca_did_not_sign() {
     .await
     .expect("the refusal is logged");
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
-    let url = format!("http://{http}/readyz");
+    let url = format!("http://{}/readyz", node.http);
     let status = tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
         Ok(response) => response.status(),
         Err(ureq::Error::Status(code, _)) => code,
@@ -992,7 +968,7 @@ async fn an_attached_node_refuses_a_broker_its_ca_did_not_sign() {
     .await
     .expect("http call");
     assert_eq!(status, 503, "not ready without its broker");
-    child.kill().await.expect("kill");
+    drop(node);
     drop(mosquitto);
 }
 

@@ -61,27 +61,43 @@ pub async fn spawn_with(data_dir: &Path, args: &[&str]) -> Umbra {
 
 /// Starts `umbra` on free ports; its stdout's lines.
 fn launch(data_dir: &Path, args: &[&str]) -> (Child, mpsc::UnboundedReceiver<String>) {
+    launch_with(data_dir, args, Stdio::null())
+}
+
+/// [`launch`], with its log (stderr) going to `log`.
+fn launch_with(
+    data_dir: &Path,
+    args: &[&str],
+    log: Stdio,
+) -> (Child, mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new(UMBRA)
         .args(args)
         .args(FREE_PORTS)
         .arg("--data-dir")
         .arg(data_dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("umbra starts");
-    let stdout = child.stdout.take().expect("stdout");
+    let lines = lines_of(child.stdout.take().expect("stdout"));
+    (child, lines)
+}
+
+/// The lines `output` gives, as they come.
+fn lines_of(
+    output: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> mpsc::UnboundedReceiver<String> {
     let (tx, lines) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut reader = BufReader::new(stdout).lines();
+        let mut reader = BufReader::new(output).lines();
         while let Ok(Some(line)) = reader.next_line().await {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    (child, lines)
+    lines
 }
 
 /// A running `umbra` in attach mode (no MQTT listener of its own).
@@ -94,7 +110,23 @@ pub struct Attached {
 
 /// Starts `umbra` with `args` (which attach it) and waits until it says so.
 pub async fn spawn_attached(data_dir: &Path, args: &[&str]) -> Attached {
-    let (child, mut lines) = launch(data_dir, args);
+    wait_attached(launch(data_dir, args)).await
+}
+
+/// [`spawn_attached`], and the lines of its log (stderr).
+pub async fn spawn_attached_logging(
+    data_dir: &Path,
+    args: &[&str],
+) -> (Attached, mpsc::UnboundedReceiver<String>) {
+    let (mut child, lines) = launch_with(data_dir, args, Stdio::piped());
+    let log = lines_of(child.stderr.take().expect("stderr"));
+    (wait_attached((child, lines)).await, log)
+}
+
+/// Waits until the `umbra` that `launched` says it is attached, and where
+/// its HTTP API listens.
+async fn wait_attached(launched: (Child, mpsc::UnboundedReceiver<String>)) -> Attached {
+    let (child, mut lines) = launched;
     let (mut http, mut attached) = (None, false);
     while http.is_none() || !attached {
         let line = tokio::time::timeout(WAIT, lines.recv())
